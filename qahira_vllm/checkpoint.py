@@ -1,0 +1,178 @@
+"""Reading qahira checkpoints: locate, validate tensor headers, dequantize for reference models."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+
+from .format import (QUANT_TENSOR_SUFFIXES, QWEIGHT, INT4_PER_WORD, QahiraFormatError,
+                     QahiraQuantConfig, validate_layer_tensors)
+from .quant_math import dequantize_packed
+
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I32": torch.int32, "U8": torch.uint8, "I8": torch.int8, "I64": torch.int64,
+              "F64": torch.float64, "I16": torch.int16, "BOOL": torch.bool}
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local folder as is; otherwise a hub repo id through huggingface_hub (cache, offline)."""
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise FileNotFoundError(f"{p} is a file, expected a model folder")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(name_or_path), revision=revision))
+    except Exception as e:  # offline, missing repo, ...: say what was tried
+        raise FileNotFoundError(
+            f"{name_or_path!r} is neither a local folder nor a downloadable hub repo: {e}") from e
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
+    return files
+
+
+class _Meta:
+    __slots__ = ("shape", "dtype", "file")
+
+    def __init__(self, shape, dtype, file):
+        self.shape, self.dtype, self.file = tuple(shape), dtype, file
+
+
+def read_headers(model_dir: Path) -> dict[str, _Meta]:
+    """Tensor name -> shape/dtype/file, from the safetensors headers only (no data read)."""
+    metas = {}
+    for f in safetensors_files(model_dir):
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            metas[name] = _Meta(info["shape"], _ST_DTYPES.get(info["dtype"], info["dtype"]), f)
+    return metas
+
+
+class _ShapeOnly:
+    """Stands in for a tensor in validate_layer_tensors (shape and dtype only)."""
+
+    def __init__(self, meta: _Meta):
+        self.shape, self.dtype = meta.shape, meta.dtype
+
+
+def quantized_layers(metas: dict[str, _Meta]) -> dict[str, dict[str, _Meta]]:
+    layers: dict[str, dict[str, _Meta]] = defaultdict(dict)
+    for name, meta in metas.items():
+        prefix, _, suffix = name.rpartition(".")
+        if suffix in QUANT_TENSOR_SUFFIXES:
+            layers[prefix][suffix] = meta
+    return dict(layers)
+
+
+def layer_dims(layer: str, tensors: dict[str, _Meta], cfg: QahiraQuantConfig) -> tuple[int, int]:
+    """(out, in) of a stored layer, read from its qweight (the one tensor that fixes both)."""
+    q = tensors.get(QWEIGHT)
+    if q is None:
+        raise QahiraFormatError(f"missing tensor {layer + '.' + QWEIGHT!r} (layer has "
+                                f"{sorted(tensors)} but no qweight)")
+    if len(q.shape) != 2:
+        raise QahiraFormatError(f"tensor {layer + '.qweight'!r} has shape {list(q.shape)}: "
+                                "expected 2-D [out, in/8] (4-bit) or [out, in] (8-bit)")
+    out_f, cols = q.shape
+    return out_f, cols * INT4_PER_WORD if cfg.bits == 4 else cols
+
+
+def validate_checkpoint(model_dir: str | os.PathLike, cfg: QahiraQuantConfig) -> int:
+    """Check every quantized layer's tensors (headers only). Returns the number of layers."""
+    model_dir = resolve_model_dir(model_dir)
+    metas = read_headers(model_dir)
+    layers = quantized_layers(metas)
+    if not layers:
+        raise QahiraFormatError(
+            f"{model_dir}: config.json declares quant_method 'qahira' but no tensor ends in "
+            f"{QUANT_TENSOR_SUFFIXES}")
+    for layer, tensors in sorted(layers.items()):
+        out_f, in_f = layer_dims(layer, tensors, cfg)
+        validate_layer_tensors(layer, {k: _ShapeOnly(v) for k, v in tensors.items()},
+                               out_f, in_f, cfg, where=str(tensors[QWEIGHT].file.name))
+        if f"{layer}.weight" in metas:
+            raise QahiraFormatError(
+                f"layer {layer!r} has both a float 'weight' and quantized tensors in {model_dir}")
+    return len(layers)
+
+
+def read_quant_config(model_dir: Path) -> QahiraQuantConfig:
+    cfg_path = model_dir / "config.json"
+    try:
+        qc = json.loads(cfg_path.read_text())["quantization_config"]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{cfg_path} not found: not a model folder") from None
+    except KeyError:
+        raise QahiraFormatError(f"{cfg_path} has no quantization_config: not a qahira checkpoint"
+                                ) from None
+    return QahiraQuantConfig.from_dict(qc, source=str(cfg_path))
+
+
+def iter_tensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    for f in safetensors_files(model_dir):
+        with safe_open(str(f), framework="pt") as fh:
+            for name in fh.keys():
+                yield name, fh.get_tensor(name)
+
+
+def load_quantized_state(model_dir: Path):
+    """(cfg, {layer: {qweight, scales, offsets}}, {other tensor name: tensor})."""
+    cfg = read_quant_config(model_dir)
+    validate_checkpoint(model_dir, cfg)
+    quant: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    other: dict[str, torch.Tensor] = {}
+    for name, t in iter_tensors(model_dir):
+        prefix, _, suffix = name.rpartition(".")
+        if suffix in QUANT_TENSOR_SUFFIXES:
+            quant[prefix][suffix] = t
+        else:
+            other[name] = t
+    return cfg, dict(quant), other
+
+
+def dequantized_state_dict(model_dir: str | os.PathLike,
+                           dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """A plain HF state dict whose converted linear weights are the dequantized W (exact, fp32)."""
+    cfg, quant, other = load_quantized_state(resolve_model_dir(model_dir))
+    sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in other.items()}
+    for layer, t in quant.items():
+        sd[f"{layer}.weight"] = dequantize_packed(t["qweight"], t["scales"], t["offsets"], cfg,
+                                                  dtype)
+    return sd
+
+
+def load_reference_model(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """transformers model running the checkpoint's dequantized weights (the float reference)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_dir = resolve_model_dir(model_dir)
+    config = AutoConfig.from_pretrained(model_dir)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = model.load_state_dict(dequantized_state_dict(model_dir, dtype),
+                                                strict=False)
+    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise QahiraFormatError(
+            f"{model_dir}: reference model mismatch: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model.eval()

@@ -1,0 +1,53 @@
+"""qahira quantize MODEL_DIR OUT_DIR --bits {4,8} --block BOxBI"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def parse_block(text: str) -> tuple[int, int]:
+    try:
+        bo, bi = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--block {text!r}: expected BOxBI, e.g. 1x64 or 8x4")
+    if bo < 1 or bi < 1:
+        raise argparse.ArgumentTypeError(f"--block {text!r}: both sizes must be >= 1")
+    return bo, bi
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="local model folder or hub repo id")
+    p.add_argument("out_dir")
+    p.add_argument("--bits", type=int, choices=(4, 8), default=4)
+    p.add_argument("--block", type=parse_block, default=(1, 64), metavar="BOxBI",
+                   help="block of bo output rows x bi input columns (default 1x64)")
+    p.add_argument("--offset-dtype", choices=("float16", "float32"), default="float16")
+    p.add_argument("--quantizer", choices=("mse_clip", "minmax"), default="mse_clip",
+                   help="mse_clip searches a clipping ratio per block (default; lower error)")
+    p.add_argument("--keep-unconvertible", action="store_true",
+                   help="keep layers the block does not divide in float (listed in "
+                        "modules_not_converted) instead of failing")
+    p.add_argument("--skip", action="append", default=[], metavar="MODULE",
+                   help="keep this linear module in float (repeatable)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--push-to-hub", metavar="REPO", help="upload the result to this hub repo")
+
+
+def run(args) -> int:
+    from ..quantize import quantize_model
+
+    summary = quantize_model(args.model, args.out_dir, bits=args.bits, block_size=args.block,
+                             offset_dtype=args.offset_dtype,
+                             clip_search=args.quantizer == "mse_clip",
+                             keep_unconvertible=args.keep_unconvertible, skip=tuple(args.skip),
+                             overwrite=args.overwrite)
+    if args.push_to_hub:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(args.push_to_hub, exist_ok=True)
+        api.upload_folder(folder_path=args.out_dir, repo_id=args.push_to_hub)
+        summary["pushed_to"] = args.push_to_hub
+    print(json.dumps(summary, indent=2))
+    return 0

@@ -1,0 +1,124 @@
+"""Pure quantization math for the qahira format (no I/O, no model code).
+
+Layouts are those of `qahira_vllm.format`: q is unsigned, W = scales * q + offsets per block.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .format import INT4_PER_WORD, SCALE_DTYPE, QahiraQuantConfig
+
+# Clip ratios tried per block by the MSE search; 1.0 (plain min-max) is always a candidate,
+# so the search never has a larger block error than min-max.
+DEFAULT_CLIP_RATIOS = tuple(1.0 - 0.025 * k for k in range(13))  # 1.0 .. 0.7
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """[out, in] values in 0..15 -> int32 [out, in/8]; column 8w+j in bits 4j..4j+3 of word w."""
+    out_f, in_f = q.shape
+    if in_f % INT4_PER_WORD:
+        raise ValueError(f"pack_int4: in={in_f} is not a multiple of {INT4_PER_WORD}")
+    q = q.to(torch.int64).reshape(out_f, in_f // INT4_PER_WORD, INT4_PER_WORD)
+    shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=q.device)
+    words = (q << shifts).sum(dim=-1)  # < 2**32, fits int64
+    # Reinterpret as signed int32 (two's complement) without overflow errors.
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    return words.to(torch.int32)
+
+
+def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
+    """int32 [out, in/8] -> uint8 [out, in] (inverse of pack_int4)."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=qweight.device)
+    q = (qweight.unsqueeze(-1) >> shifts) & 0xF
+    return q.reshape(qweight.shape[0], -1).to(torch.uint8)
+
+
+def expand_blocks(t: torch.Tensor, block_size: tuple[int, int]) -> torch.Tensor:
+    """[out/bo, in/bi] -> [out, in], each entry repeated over its block."""
+    bo, bi = block_size
+    return t.repeat_interleave(bo, dim=0).repeat_interleave(bi, dim=1)
+
+
+def dequantize(q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+               block_size: tuple[int, int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Unpacked q [out, in] -> W [out, in] in `dtype`, computed in fp32."""
+    w = (q.to(torch.float32) * expand_blocks(scales.to(torch.float32), block_size)
+         + expand_blocks(offsets.to(torch.float32), block_size))
+    return w.to(dtype)
+
+
+def unpack_qweight(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    return unpack_int4(qweight) if bits == 4 else qweight.to(torch.uint8)
+
+
+def pack_qweight(q: torch.Tensor, bits: int) -> torch.Tensor:
+    return pack_int4(q) if bits == 4 else q.to(torch.uint8)
+
+
+def dequantize_packed(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+                      cfg: QahiraQuantConfig, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return dequantize(unpack_qweight(qweight, cfg.bits), scales, offsets, cfg.block_size, dtype)
+
+
+def _to_blocks(w: torch.Tensor, block_size: tuple[int, int]) -> torch.Tensor:
+    """[out, in] -> [out/bo, in/bi, bo*bi] view of each block's values."""
+    bo, bi = block_size
+    out_f, in_f = w.shape
+    return (w.reshape(out_f // bo, bo, in_f // bi, bi).permute(0, 2, 1, 3)
+            .reshape(out_f // bo, in_f // bi, bo * bi))
+
+
+def _params_for_range(lo: torch.Tensor, hi: torch.Tensor, qmax: int, offset_dtype: torch.dtype):
+    """Stored (rounded) scale and offset for blocks spanning [lo, hi]."""
+    scale = (hi - lo) / qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # constant block: any scale
+    # Stay inside fp16's range: tiny scales would flush to zero, which divides badly.
+    scale = scale.clamp(min=2.0**-24, max=65504.0).to(SCALE_DTYPE)
+    offset = lo.to(offset_dtype)
+    return scale, offset
+
+
+def _round_to_grid(blocks: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmax: int):
+    s = scale.to(torch.float32).unsqueeze(-1)
+    z = offset.to(torch.float32).unsqueeze(-1)
+    return torch.clamp(torch.round((blocks - z) / s), 0, qmax)
+
+
+def quantize(w: torch.Tensor, cfg: QahiraQuantConfig, clip_search: bool = True,
+             clip_ratios: tuple[float, ...] = DEFAULT_CLIP_RATIOS):
+    """Asymmetric block-wise quantization of W [out, in].
+
+    Returns (q uint8 [out, in], scales fp16 [out/bo, in/bi], offsets offset_dtype [out/bo, in/bi]).
+    q is rounded against the *stored* (already rounded) scale and offset, so dequantizing the
+    stored tensors gives the nearest grid point of the block's stored grid.
+    With clip_search, each block's range [min, max] is shrunk about its centre by the ratio (from clip_ratios)
+    that minimises that block's squared error after rounding.
+    """
+    w32 = w.detach().to(torch.float32)
+    blocks = _to_blocks(w32, cfg.block_size)
+    lo, hi = blocks.amin(dim=-1), blocks.amax(dim=-1)
+    qmax, odt = cfg.qmax, cfg.offset_torch_dtype
+    ratios = clip_ratios if clip_search else (1.0,)
+
+    best_err = best_scale = best_offset = None
+    mid, half = (lo + hi) / 2, (hi - lo) / 2
+    for r in ratios:
+        scale, offset = _params_for_range(mid - r * half, mid + r * half, qmax, odt)
+        q = _round_to_grid(blocks, scale, offset, qmax)
+        deq = q * scale.to(torch.float32).unsqueeze(-1) + offset.to(torch.float32).unsqueeze(-1)
+        err = (deq - blocks).square().sum(dim=-1)
+        if best_err is None:
+            best_err, best_scale, best_offset = err, scale, offset
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, scale, best_scale)
+            best_offset = torch.where(better, offset, best_offset)
+
+    q = _round_to_grid(blocks, best_scale, best_offset, qmax)
+    bo, bi = cfg.block_size
+    out_f, in_f = w.shape
+    q = (q.reshape(out_f // bo, in_f // bi, bo, bi).permute(0, 2, 1, 3)
+         .reshape(out_f, in_f).to(torch.uint8))
+    return q, best_scale, best_offset

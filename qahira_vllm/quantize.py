@@ -1,0 +1,117 @@
+"""Convert a Hugging Face model folder into a qahira checkpoint (format_version 1)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import __version__
+from .atomic import atomic_dir, write_json
+from .checkpoint import iter_tensors, resolve_model_dir, safetensors_files
+from .format import QahiraFormatError, QahiraQuantConfig, check_divides
+from .quant_math import pack_qweight, quantize
+
+MAX_SHARD_SIZE = "2GB"
+
+
+def linear_module_names(model_dir: Path) -> list[str]:
+    """Names of the nn.Linear modules of the architecture (built on the meta device)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    if hasattr(config, "quantization_config"):
+        raise QahiraFormatError(
+            f"{model_dir}/config.json already has a quantization_config "
+            f"({config.quantization_config.get('quant_method')!r}): quantize a float model")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+def default_targets(linear_names: list[str], skip: tuple[str, ...] = ()) -> list[str]:
+    """All linear layers except lm_head (and any the user skips)."""
+    return [n for n in linear_names if n != "lm_head" and not n.endswith(".lm_head")
+            and not any(n == s or n.endswith("." + s) for s in skip)]
+
+
+def quantize_state_dict(tensors, targets: set[str], cfg: QahiraQuantConfig, clip_search: bool,
+                        keep_unconvertible: bool, progress: bool = True):
+    """Yield (name, tensor) of the quantized checkpoint; also returns kept-in-float layers."""
+    kept: list[str] = []
+    out: dict[str, torch.Tensor] = {}
+    stats = {"layers": 0, "sq_err": 0.0, "sq_ref": 0.0}
+    bar = tqdm(total=len(targets), desc="quantizing", unit="layer", disable=not progress)
+    for name, t in tensors:
+        layer = name[: -len(".weight")] if name.endswith(".weight") else None
+        if layer is None or layer not in targets:
+            out[name] = t
+            continue
+        out_f, in_f = t.shape
+        try:
+            check_divides(layer, out_f, in_f, cfg)
+        except QahiraFormatError as e:
+            if not keep_unconvertible:
+                raise QahiraFormatError(f"{e} (pass --keep-unconvertible to keep it in float)")
+            kept.append(layer)
+            out[name] = t
+            bar.update(1)
+            continue
+        q, scales, offsets = quantize(t, cfg, clip_search=clip_search)
+        out[f"{layer}.qweight"] = pack_qweight(q, cfg.bits)
+        out[f"{layer}.scales"] = scales
+        out[f"{layer}.offsets"] = offsets
+        w = t.float()
+        deq = (q.float() * scales.float().repeat_interleave(cfg.bo, 0).repeat_interleave(cfg.bi, 1)
+               + offsets.float().repeat_interleave(cfg.bo, 0).repeat_interleave(cfg.bi, 1))
+        stats["sq_err"] += (deq - w).square().sum().item()
+        stats["sq_ref"] += w.square().sum().item()
+        stats["layers"] += 1
+        bar.update(1)
+    bar.close()
+    missing = targets - {n.rsplit(".", 1)[0] for n in out if n.endswith(".qweight")} - set(kept)
+    if missing:
+        raise QahiraFormatError(f"linear layers without a stored weight: {sorted(missing)[:5]}")
+    return out, kept, stats
+
+
+def quantize_model(model: str | os.PathLike, out_dir: str | os.PathLike, bits: int = 4,
+                   block_size: tuple[int, int] = (1, 64), offset_dtype: str = "float16",
+                   clip_search: bool = True, keep_unconvertible: bool = False,
+                   skip: tuple[str, ...] = (), overwrite: bool = False,
+                   progress: bool = True) -> dict:
+    """Quantize `model` (folder or hub id) into `out_dir`, written atomically. Returns a summary."""
+    from huggingface_hub import save_torch_state_dict
+
+    t0 = time.time()
+    src = resolve_model_dir(model)
+    cfg0 = QahiraQuantConfig(bits=bits, block_size=tuple(block_size), offset_dtype=offset_dtype)
+    safetensors_files(src)  # clear error early if there are none
+    targets = set(default_targets(linear_module_names(src), skip))
+    state, kept, stats = quantize_state_dict(iter_tensors(src), targets, cfg0, clip_search,
+                                             keep_unconvertible, progress)
+    cfg = QahiraQuantConfig(
+        bits=bits, block_size=tuple(block_size), offset_dtype=offset_dtype,
+        modules_not_converted=tuple(sorted(kept)) + tuple(skip),
+        extra={"quantizer": "mse_clip" if clip_search else "minmax",
+               "source_model": str(model), "created_by": f"qahira-vllm {__version__}"})
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = cfg.to_dict()
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        for f in src.iterdir():  # tokenizer, generation config, chat template, license...
+            if f.is_file() and not (f.name.endswith(".safetensors") or f.name.endswith(
+                    ".safetensors.index.json") or f.name == "config.json"
+                    or f.name.endswith(".bin") or f.name.endswith(".gguf")):
+                shutil.copy2(f, tmp / f.name)
+        save_torch_state_dict({k: v.contiguous() for k, v in state.items()}, tmp,
+                              max_shard_size=MAX_SHARD_SIZE)
+        write_json(tmp / "config.json", config)
+    rel_err = (stats["sq_err"] / max(stats["sq_ref"], 1e-30)) ** 0.5
+    return {"out_dir": str(Path(out_dir).resolve()), "layers_converted": stats["layers"],
+            "modules_not_converted": list(cfg.modules_not_converted),
+            "relative_weight_error": rel_err, "seconds": round(time.time() - t0, 2)}

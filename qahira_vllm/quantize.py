@@ -106,7 +106,8 @@ def quantize_model(model: str | os.PathLike, out_dir: str | os.PathLike, bits: i
         for f in src.iterdir():  # tokenizer, generation config, chat template, license...
             if f.is_file() and not (f.name.endswith(".safetensors") or f.name.endswith(
                     ".safetensors.index.json") or f.name == "config.json"
-                    or f.name.endswith(".bin") or f.name.endswith(".gguf")):
+                    or f.name.endswith(".bin") or f.name.endswith(".gguf")
+                    or f.name == "qahira_model.json"):
                 shutil.copy2(f, tmp / f.name)
         save_torch_state_dict({k: v.contiguous() for k, v in state.items()}, tmp,
                               max_shard_size=MAX_SHARD_SIZE)

@@ -13,7 +13,7 @@ from vllm.model_executor.parameter import PackedvLLMParameter
 from ..format import INT4_PER_WORD, SCALE_DTYPE, QahiraFormatError, QahiraQuantConfig
 from ..linear_kernels import LinearSpec, select_kernel
 
-logger = init_logger(__name__)
+logger = init_logger("vllm.qahira")  # under vLLM's logger so its handlers print it
 _announced: set[str] = set()
 
 

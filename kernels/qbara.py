@@ -1,0 +1,314 @@
+"""Multi-adapter Q-BaRA kernels: y += s * R_q(B A P_p(x)) per token, one launch per stage.
+
+Q-BaRA (docs/PAPER.md): P_p averages adjacent groups of p inputs, A is [R, in/p], B is
+[out/q, R], R_q repeats each output q times. Every adapter loaded in vLLM sits in a slot of
+stacked, zero-padded buffers (the interface the LoRA layer fills):
+
+    A        [slots, R_max, in_max_pooled]   A[s, :rank[s], :in/pool[s]] is slot s's A
+    B        [slots, out_max_rep, R_max]     B[s, :out/repeat[s], :rank[s]] is slot s's B
+    pool, repeat, rank: int32 [slots]; scaling: float32 [slots] (= lora_alpha / r)
+    slot_idx int32/int64 [T]: the slot of each token, -1 = no adapter (its output untouched)
+
+Adapters of different rank, pool and repeat share one launch: the per-slot values are read
+inside the kernel, never specialised on.
+
+- shrink: h[t, r] = sum_k x[t, k] * A[s, r, k // p] / p  (= P_p(x) @ A^T): pooling is fused
+  by reading A at k // p, so x is read once at full width and A is never expanded in memory.
+- expand: y[t, o] += scaling[s] * sum_r h[t, r] * B[s, o // q, r]: the repeat is fused by
+  reading B at o // q.
+
+Tokens are grouped by slot first (`segment_tokens`: a stable sort, no host sync), so each
+program multiplies a tile of tokens that share one adapter with tl.dot. The grid has one
+z-plane per slot; programs beyond a slot's token count exit at once. Only entries inside
+[:rank, :in/p] of A and [:out/q, :rank] of B are read: padding may hold anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_utils import check_act_dtype, next_pow2, sm_count, upcast_dot_operands
+
+
+@dataclass(frozen=True)
+class TokenSegments:
+    """Tokens grouped by slot: order[start[s] : start[s] + count[s]] are slot s's tokens."""
+
+    order: torch.Tensor  # int32 [T]
+    start: torch.Tensor  # int32 [slots]
+    count: torch.Tensor  # int32 [slots]
+
+
+def segment_tokens(slot_idx: torch.Tensor, num_slots: int) -> TokenSegments:
+    """Group tokens by slot without a host sync (so it also works under CUDA graphs).
+
+    Compute once per forward pass and pass to every layer's qbara_* call. A slot outside
+    [-1, num_slots) fails here (scatter index out of range) rather than being ignored.
+    """
+    if slot_idx.dim() != 1:
+        raise ValueError(f"slot_idx must be 1-D [T], got shape {list(slot_idx.shape)}")
+    slot = slot_idx.to(torch.int64)
+    order = torch.sort(slot, stable=True).indices
+    # Bin 0 counts the tokens without adapter; they sort first and belong to no segment.
+    counts = torch.zeros(num_slots + 1, dtype=torch.int64, device=slot.device)
+    counts.scatter_add_(0, slot + 1, torch.ones_like(slot))
+    start = torch.cumsum(counts, 0) - counts
+    return TokenSegments(order.to(torch.int32), start[1:].to(torch.int32).contiguous(),
+                         counts[1:].to(torch.int32).contiguous())
+
+
+@dataclass(frozen=True)
+class QbaraConfig:
+    block_t: int = 16   # tokens per program
+    block_r: int = 16   # rank columns per program (shrink) / per dot step (expand)
+    block_k: int = 64   # input columns per dot step (shrink)
+    block_n: int = 64   # output columns per program (expand)
+    split_k: int = 1    # shrink only: programs per K range, combined with fp32 atomics
+    num_warps: int = 4
+
+    def validate(self) -> None:
+        for name in ("block_t", "block_r", "block_k", "block_n"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"{name}={v}: tl.dot needs a power of two >= 16")
+        if self.split_k < 1:
+            raise ValueError(f"split_k={self.split_k} must be >= 1")
+
+
+def choose_config(num_tokens: int, in_features: int, out_features: int, r_max: int,
+                  num_slots: int, num_sms: int = 132) -> QbaraConfig:
+    """First guesses (untuned): token tile by T, rank tile covering R_max up to 64, split-K
+    for the shrink when few (token tile, rank tile, slot) programs would run."""
+    block_t = 16 if num_tokens <= 16 else 32 if num_tokens <= 64 else 64
+    block_r = min(max(next_pow2(r_max), 16), 64)
+    block_k = 128 if in_features >= 1024 else 64
+    busy = (triton.cdiv(num_tokens, block_t) * triton.cdiv(r_max, block_r)
+            * max(1, min(num_slots, num_tokens)))
+    k_tiles = triton.cdiv(in_features, block_k)
+    split_k = 1
+    if busy < num_sms:
+        split_k = max(1, min(k_tiles // 4, triton.cdiv(num_sms, busy), 32))
+    return QbaraConfig(block_t=block_t, block_r=block_r, block_k=block_k, block_n=64,
+                       split_k=split_k, num_warps=4)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _segment_tokens(order_ptr, start_ptr, count_ptr, slot, pid_t, BLOCK_T: tl.constexpr):
+    """Token ids of this program's tile of slot `slot` (and their mask)."""
+    count = tl.load(count_ptr + slot)
+    start = tl.load(start_ptr + slot)
+    offs = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = offs < count
+    tok = tl.load(order_ptr + start + offs, mask=t_mask, other=0).to(tl.int64)
+    return tok, t_mask
+
+
+@triton.jit
+def _qbara_shrink_kernel(
+    x_ptr, a_ptr, h_ptr, order_ptr, start_ptr, count_ptr, pool_ptr, rank_ptr,
+    K, stride_xt, stride_as, stride_ar, stride_ht, K_TILES_PER_SPLIT,
+    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    ATOMIC: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    pid_tk = tl.program_id(0)    # token tile * split + K split
+    pid_r = tl.program_id(1)
+    slot = tl.program_id(2)
+    num_splits = tl.cdiv(tl.cdiv(K, BLOCK_K), K_TILES_PER_SPLIT)
+    pid_t = pid_tk // num_splits
+    pid_k = pid_tk % num_splits
+    if pid_t * BLOCK_T >= tl.load(count_ptr + slot):
+        return
+    rank = tl.load(rank_ptr + slot)
+    if pid_r * BLOCK_R >= rank:
+        return  # h is zero-initialised: padded rank columns stay 0
+    tok, t_mask = _segment_tokens(order_ptr, start_ptr, count_ptr, slot, pid_t, BLOCK_T)
+    pool = tl.load(pool_ptr + slot)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank
+    a_base = a_ptr + slot.to(tl.int64) * stride_as + offs_r[None, :] * stride_ar
+
+    acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    k_begin = pid_k * K_TILES_PER_SPLIT * BLOCK_K
+    k_end = tl.minimum(k_begin + K_TILES_PER_SPLIT * BLOCK_K, K)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        x = tl.load(x_ptr + tok[:, None] * stride_xt + offs_k[None, :],
+                    mask=t_mask[:, None] & k_mask[None, :], other=0.0)
+        # Fused pooling: input column k meets pooled column k // pool of A.
+        a = tl.load(a_base + (offs_k // pool)[:, None],
+                    mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+        if UPCAST_DOT:
+            acc += tl.dot(x.to(tl.float32), a.to(tl.float32))
+        else:
+            acc += tl.dot(x, a.to(x.dtype))
+    acc = acc / pool.to(tl.float32)
+
+    h_ptrs = h_ptr + tok[:, None] * stride_ht + offs_r[None, :]
+    mask = t_mask[:, None] & r_mask[None, :]
+    if ATOMIC:
+        tl.atomic_add(h_ptrs, acc, mask=mask)
+    else:
+        tl.store(h_ptrs, acc, mask=mask)
+
+
+@triton.jit
+def _qbara_expand_kernel(
+    y_ptr, h_ptr, b_ptr, order_ptr, start_ptr, count_ptr, repeat_ptr, rank_ptr, scaling_ptr,
+    N, stride_yt, stride_ht, stride_bs, stride_bo,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    slot = tl.program_id(2)
+    if pid_t * BLOCK_T >= tl.load(count_ptr + slot):
+        return
+    tok, t_mask = _segment_tokens(order_ptr, start_ptr, count_ptr, slot, pid_t, BLOCK_T)
+    rank = tl.load(rank_ptr + slot)
+    repeat = tl.load(repeat_ptr + slot)
+    scaling = tl.load(scaling_ptr + slot).to(tl.float32)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    # Fused repeat: output column o reads row o // repeat of B.
+    b_base = b_ptr + slot.to(tl.int64) * stride_bs + (offs_n // repeat)[None, :] * stride_bo
+
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, rank, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        r_mask = offs_r < rank
+        h = tl.load(h_ptr + tok[:, None] * stride_ht + offs_r[None, :],
+                    mask=t_mask[:, None] & r_mask[None, :], other=0.0)
+        b = tl.load(b_base + offs_r[:, None], mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        if UPCAST_DOT:
+            acc += tl.dot(h.to(y_ptr.dtype.element_ty).to(tl.float32), b.to(tl.float32))
+        else:
+            # Tensor-core dot in the output dtype (as vLLM's LoRA expand does).
+            acc += tl.dot(h.to(y_ptr.dtype.element_ty), b.to(y_ptr.dtype.element_ty))
+
+    y_ptrs = y_ptr + tok[:, None] * stride_yt + offs_n[None, :]
+    mask = t_mask[:, None] & n_mask[None, :]
+    y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptrs, (y + scaling * acc).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- Python API
+
+def _check_slot_params(A: torch.Tensor | None, B: torch.Tensor | None, **per_slot) -> int:
+    num_slots = (A if A is not None else B).shape[0]
+    for name, t in per_slot.items():
+        if t.shape != (num_slots,):
+            raise ValueError(f"{name} is {list(t.shape)}, expected [{num_slots}] (one per slot)")
+        if t.device != (A if A is not None else B).device:
+            raise ValueError(f"{name} is on {t.device}, the adapter buffers on "
+                             f"{(A if A is not None else B).device}")
+    return num_slots
+
+
+def _rows_contiguous(t: torch.Tensor, name: str) -> torch.Tensor:
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [T, features], got {list(t.shape)}")
+    return t if t.stride(1) == 1 else t.contiguous()
+
+
+def qbara_shrink(x: torch.Tensor, A: torch.Tensor, pool: torch.Tensor, rank: torch.Tensor,
+                 slot_idx: torch.Tensor, *, segments: TokenSegments | None = None,
+                 config: QbaraConfig | None = None) -> torch.Tensor:
+    """h [T, R_max] fp32 = P_p(x) @ A_slot^T per token; rows of slot -1 and columns >= rank
+    are 0. x: fp16/bf16 [T, in]; in must be a multiple of each used slot's pool."""
+    check_act_dtype("x", x)
+    x = _rows_contiguous(x, "x")
+    if A.dim() != 3:
+        raise ValueError(f"A must be [slots, R_max, in_max_pooled], got {list(A.shape)}")
+    if A.stride(2) != 1:
+        A = A.contiguous()
+    num_slots = _check_slot_params(A, None, pool=pool, rank=rank)
+    t_count, k = x.shape
+    if slot_idx.shape != (t_count,):
+        raise ValueError(f"slot_idx is {list(slot_idx.shape)}, expected [{t_count}]")
+    r_max = A.shape[1]
+    h = torch.zeros(t_count, r_max, dtype=torch.float32, device=x.device)
+    if t_count == 0 or num_slots == 0:
+        return h
+    segments = segments or segment_tokens(slot_idx, num_slots)
+    config = config or choose_config(t_count, k, 0, r_max, num_slots, sm_count(x.device))
+    config.validate()
+    k_tiles = triton.cdiv(k, config.block_k)
+    k_tiles_per_split = triton.cdiv(k_tiles, min(config.split_k, k_tiles))
+    splits = triton.cdiv(k_tiles, k_tiles_per_split)
+    grid = (triton.cdiv(t_count, config.block_t) * splits, triton.cdiv(r_max, config.block_r),
+            num_slots)
+    _qbara_shrink_kernel[grid](
+        x, A, h, segments.order, segments.start, segments.count, pool, rank,
+        k, x.stride(0), A.stride(0), A.stride(1), h.stride(0), k_tiles_per_split,
+        BLOCK_T=config.block_t, BLOCK_R=config.block_r, BLOCK_K=config.block_k,
+        ATOMIC=splits > 1, UPCAST_DOT=upcast_dot_operands(_qbara_shrink_kernel, x.dtype),
+        num_warps=config.num_warps)
+    return h
+
+
+def qbara_expand(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, repeat: torch.Tensor,
+                 rank: torch.Tensor, scaling: torch.Tensor, slot_idx: torch.Tensor, *,
+                 segments: TokenSegments | None = None,
+                 config: QbaraConfig | None = None) -> torch.Tensor:
+    """In place: y[t, o] += scaling[s] * (h[t] @ B[s]^T)[o // repeat[s]], s = slot_idx[t].
+
+    y: fp16/bf16 [T, out], may be a column slice of a wider output (row stride free,
+    columns contiguous); out must be a multiple of each used slot's repeat. Returns y.
+    """
+    check_act_dtype("y", y)
+    if y.dim() != 2 or y.stride(1) != 1:
+        raise ValueError("y must be 2-D [T, out] with contiguous columns (it is written in place)")
+    if h.dtype != torch.float32 or h.dim() != 2:
+        raise ValueError(f"h must be fp32 [T, R_max] (from qbara_shrink), got {h.dtype} "
+                         f"{list(h.shape)}")
+    h = _rows_contiguous(h, "h")
+    if B.dim() != 3:
+        raise ValueError(f"B must be [slots, out_max_rep, R_max], got {list(B.shape)}")
+    if B.stride(2) != 1:
+        B = B.contiguous()
+    num_slots = _check_slot_params(None, B, repeat=repeat, rank=rank, scaling=scaling)
+    t_count, n = y.shape
+    if h.shape != (t_count, B.shape[2]) or slot_idx.shape != (t_count,):
+        raise ValueError(f"h is {list(h.shape)} and slot_idx {list(slot_idx.shape)}: expected "
+                         f"[{t_count}, {B.shape[2]}] and [{t_count}]")
+    if t_count == 0 or num_slots == 0:
+        return y
+    segments = segments or segment_tokens(slot_idx, num_slots)
+    config = config or choose_config(t_count, 0, n, B.shape[2], num_slots, sm_count(y.device))
+    config.validate()
+    grid = (triton.cdiv(t_count, config.block_t), triton.cdiv(n, config.block_n), num_slots)
+    _qbara_expand_kernel[grid](
+        y, h, B, segments.order, segments.start, segments.count, repeat, rank, scaling,
+        n, y.stride(0), h.stride(0), B.stride(0), B.stride(1),
+        BLOCK_T=config.block_t, BLOCK_N=config.block_n, BLOCK_R=config.block_r,
+        UPCAST_DOT=upcast_dot_operands(_qbara_expand_kernel, y.dtype),
+        num_warps=config.num_warps)
+    return y
+
+
+def qbara_apply(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                pool: torch.Tensor, repeat: torch.Tensor, rank: torch.Tensor,
+                scaling: torch.Tensor, slot_idx: torch.Tensor, *,
+                segments: TokenSegments | None = None,
+                config: QbaraConfig | None = None) -> torch.Tensor:
+    """In place y += s * R_q(B A P_p(x)) per token's slot (slot -1: untouched). Returns y."""
+    if A.shape[0] != B.shape[0] or A.shape[1] != B.shape[2]:
+        raise ValueError(f"A {list(A.shape)} and B {list(B.shape)} disagree on slots or R_max")
+    segments = segments or segment_tokens(slot_idx, A.shape[0])
+    if config is None:
+        config = choose_config(x.shape[0], x.shape[1], y.shape[1], A.shape[1], A.shape[0],
+                               sm_count(x.device))
+    h = qbara_shrink(x, A, pool, rank, slot_idx, segments=segments, config=config)
+    return qbara_expand(y, h, B, repeat, rank, scaling, slot_idx, segments=segments,
+                        config=config)
+
+
+__all__ = ["QbaraConfig", "TokenSegments", "choose_config", "qbara_apply", "qbara_expand",
+           "qbara_shrink", "segment_tokens"]

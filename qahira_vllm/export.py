@@ -1,0 +1,46 @@
+"""Export a Q-BaRA adapter as the mathematically equal standard LoRA (PEFT / stock vLLM).
+
+    A' = repeat_interleave(A, p, dim=1) / p   [R, in]
+    B' = repeat_interleave(B, q, dim=0)       [out, R]
+    r = R, lora_alpha with lora_alpha / r == scaling exactly (PEFT and vLLM compute
+    scaling = lora_alpha / r when use_rslora is false, which is what we write)
+
+The export costs p times the shrink and q times the expand FLOPs and memory of the compact form.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .adapter_format import (LORA_A, LORA_B, AdapterConfig, AdapterError, load_adapter,
+                             save_adapter)
+from .training.adapters import qbara_to_lora
+
+FORMATS = ("peft-lora",)
+
+
+def export_peft_lora(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                     overwrite: bool = False) -> dict:
+    """Write the equivalent plain LoRA of a Q-BaRA (or LoRA) adapter. Returns a summary."""
+    adapter = load_adapter(adapter_dir)
+    c = adapter.config
+    if c.adapter_type == "qahira":
+        raise AdapterError(
+            f"{adapter.path}: a QA-HiRA adapter has no low-rank form (M is a full matrix, rank "
+            "up to min(out/qo, in/pi)); merge it into the base instead: qahira merge QCKPT "
+            "ADAPTER OUT_DIR")
+    tensors = {}
+    for layer, group in adapter.tensors.items():
+        a, b = qbara_to_lora(group[LORA_A].float(), group[LORA_B].float(), c.pool, c.repeat)
+        tensors[layer] = {LORA_A: a, LORA_B: b}
+    lora = AdapterConfig(
+        adapter_type="lora", target_modules=c.target_modules, scaling=c.scaling, rank=c.rank,
+        base_fingerprint=c.base_fingerprint, base_model_name_or_path=c.base_model_name_or_path,
+        provenance={**c.provenance, "exported_from": {"adapter_type": c.adapter_type,
+                                                      "pool": c.pool, "repeat": c.repeat,
+                                                      "path": str(Path(adapter_dir).resolve())}})
+    out = save_adapter(out_dir, lora, tensors, overwrite=overwrite)
+    return {"out_dir": str(out), "format": "peft-lora", "r": lora.peft_r,
+            "lora_alpha": lora.peft_lora_alpha, "scaling": lora.scaling,
+            "layers": len(tensors), "expanded_from": [c.pool, c.repeat]}

@@ -1,0 +1,270 @@
+"""A transformers model running a qahira checkpoint's own quantized weights, with adapters.
+
+Converted linear layers become QuantLinear (the stored qweight/scales/offsets, dequantized per
+call, never re-quantized); everything else (embeddings, norms, biases, lm_head) is loaded as
+stored. The base is frozen; adapters are injected on the target modules (never lm_head).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..adapter_format import (Adapter, AdapterConfig, AdapterError, check_qahira_geometry,
+                              default_qahira_geometry, load_adapter, matches_targets,
+                              validate_adapter, checkpoint_fingerprint)
+from ..checkpoint import load_quantized_state, resolve_model_dir
+from ..format import QUANT_TENSOR_SUFFIXES, QahiraFormatError, QahiraQuantConfig
+from .adapters import ADAPTER_CLASSES, AdaptedLinear, LoRA, QAHiRA, QBaRA
+from .qlinear import QuantLinear
+
+METHODS = ("qbara", "qahira", "lora")
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SHORT_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
+                 "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+NEVER_ADAPTED = ("lm_head",)
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """What to train. Scaling defaults to lora_alpha / lora_r for every method (the paper's
+    Q-BaRA convention: r is the LoRA rank it replaces, R = 2r is its stored rank)."""
+
+    method: str = "qbara"
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    rank: int | None = None       # Q-BaRA's R (default 2 * lora_r); LoRA's r (default lora_r)
+    pool: int | None = None       # Q-BaRA p (default 2); QA-HiRA pi (default from block shape)
+    repeat: int | None = None     # Q-BaRA q (default 2); QA-HiRA qo (default from block shape)
+    scaling: float | None = None  # explicit multiplier; overrides lora_alpha / lora_r
+    init: str = "zeros"           # QA-HiRA M init: zeros | kaiming
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r}: expected one of {METHODS}")
+        object.__setattr__(self, "targets", normalize_targets(self.targets))
+
+    @property
+    def effective_scaling(self) -> float:
+        return float(self.scaling) if self.scaling is not None else self.lora_alpha / self.lora_r
+
+
+def normalize_targets(targets) -> tuple[str, ...]:
+    """'q,k,v' / ['q_proj', ...] -> ('q_proj', 'k_proj', 'v_proj'); refuses lm_head."""
+    if isinstance(targets, str):
+        targets = [t for t in targets.split(",")]
+    out = []
+    for t in targets:
+        t = t.strip()
+        if not t:
+            continue
+        t = SHORT_TARGETS.get(t, t)
+        if t in NEVER_ADAPTED or t.endswith(".lm_head"):
+            raise ValueError(f"target {t!r}: lm_head is never adapted (it is not quantized and "
+                             "adapting it would change every token's logits)")
+        out.append(t)
+    if not out:
+        raise ValueError("no target modules given")
+    return tuple(dict.fromkeys(out))
+
+
+# ----------------------------------------------------------------------------- base model
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def load_quantized_model(qckpt: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """(model, cfg): HF causal LM with every converted linear a frozen QuantLinear."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    qckpt = resolve_model_dir(qckpt)
+    cfg, quant, other = load_quantized_state(qckpt)
+    config = AutoConfig.from_pretrained(qckpt)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # transformers has no "qahira" quantizer: we build it
+    # Parameters on the meta device (no fp32 copy of the full model); buffers stay real.
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for layer, tensors in sorted(quant.items()):
+        try:
+            old = model.get_submodule(layer)
+        except AttributeError:
+            raise QahiraFormatError(f"{qckpt}: quantized layer {layer!r} is not a module of "
+                                    f"{type(model).__name__}") from None
+        if not isinstance(old, nn.Linear):
+            raise QahiraFormatError(f"{qckpt}: {layer!r} is a {type(old).__name__}, expected "
+                                    "nn.Linear")
+        bias = other.pop(f"{layer}.bias", None)
+        if (bias is None) != (old.bias is None):
+            raise QahiraFormatError(f"{qckpt}: layer {layer!r} bias "
+                                    f"{'missing' if bias is None else 'unexpected'}")
+        _set_submodule(model, layer, QuantLinear(
+            tensors["qweight"], tensors["scales"], tensors["offsets"], cfg, old.in_features,
+            old.out_features, None if bias is None else bias.to(dtype), name=layer))
+    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in other.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    quant_buffers = {f"{layer}.{suffix}" for layer in quant
+                     for suffix in (*QUANT_TENSOR_SUFFIXES, "bias")}
+    missing = [m for m in missing if m not in quant_buffers
+               and not (tied and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise QahiraFormatError(f"{qckpt}: checkpoint does not match {type(model).__name__}: "
+                                f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if tied:
+        model.tie_weights()
+    on_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if on_meta:
+        raise QahiraFormatError(f"{qckpt}: parameters without stored values: {on_meta[:5]}")
+    model.requires_grad_(False)
+    return model.eval(), cfg
+
+
+def quant_layer_dims(model: nn.Module) -> dict[str, tuple[int, int]]:
+    return {n: (m.out_features, m.in_features) for n, m in model.named_modules()
+            if isinstance(m, QuantLinear)}
+
+
+# ----------------------------------------------------------------------------- adapters
+
+def _targeted_layers(model: nn.Module, targets, cfg: QahiraQuantConfig) -> dict[str, tuple]:
+    dims = quant_layer_dims(model)
+    chosen = {n: d for n, d in dims.items() if matches_targets(n, targets)}
+    float_hits = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
+                  and matches_targets(n, targets)]
+    if float_hits:
+        raise ValueError(f"targets {list(targets)} match {float_hits[:3]}, kept in float in this "
+                         f"checkpoint (modules_not_converted {list(cfg.modules_not_converted)}): "
+                         "adapters go on quantized layers only; narrow the targets")
+    if not chosen:
+        raise ValueError(f"targets {list(targets)} match no quantized linear layer (e.g. "
+                         f"{list(dims)[:3]})")
+    return chosen
+
+
+def _valid_divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def plan_adapter(model: nn.Module, cfg: QahiraQuantConfig, spec: AdapterSpec,
+                 base_model_name: str = "", base_fingerprint: str | None = None) -> AdapterConfig:
+    """Resolve defaults and check the geometry against the base; no modules are changed."""
+    import math
+
+    dims = _targeted_layers(model, spec.targets, cfg)
+    provenance = {"lora_r": spec.lora_r, "lora_alpha": spec.lora_alpha, "dropout": spec.dropout}
+    common = dict(target_modules=spec.targets, scaling=spec.effective_scaling,
+                  base_fingerprint=base_fingerprint, base_model_name_or_path=base_model_name,
+                  lora_dropout=spec.dropout)
+    if spec.method == "qahira":
+        if spec.pool is None and spec.repeat is None:
+            pool, repeat = default_qahira_geometry(cfg.block_size, dims)
+        else:
+            d_pool, d_repeat = default_qahira_geometry(cfg.block_size, dims)
+            pool = spec.pool if spec.pool is not None else d_pool
+            repeat = spec.repeat if spec.repeat is not None else d_repeat
+            check_qahira_geometry(pool, repeat, cfg.block_size, dims)
+        provenance["init"] = spec.init
+        return AdapterConfig(adapter_type="qahira", pool=pool, repeat=repeat, rank=None,
+                             peft_r=spec.lora_r, provenance=provenance, **common)
+    if spec.method == "lora":
+        if spec.pool not in (None, 1) or spec.repeat not in (None, 1):
+            raise ValueError("lora: pool and repeat are 1 (use --method qbara to pool)")
+        return AdapterConfig(adapter_type="lora", rank=spec.rank or spec.lora_r,
+                             provenance=provenance, **common)
+    pool = spec.pool if spec.pool is not None else 2
+    repeat = spec.repeat if spec.repeat is not None else 2
+    in_gcd = math.gcd(*[i for _, i in dims.values()])
+    out_gcd = math.gcd(*[o for o, _ in dims.values()])
+    if in_gcd % pool or out_gcd % repeat:
+        raise ValueError(f"qbara: pool p={pool} must divide every target layer's in and repeat "
+                         f"q={repeat} every out; valid p: {_valid_divisors(in_gcd)[:10]}, valid "
+                         f"q: {_valid_divisors(out_gcd)[:10]}")
+    return AdapterConfig(adapter_type="qbara", pool=pool, repeat=repeat,
+                         rank=spec.rank or 2 * spec.lora_r, provenance=provenance, **common)
+
+
+def inject_adapters(model: nn.Module, config: AdapterConfig, init: str = "zeros",
+                    dropout: float = 0.0, seed: int | None = None) -> list[str]:
+    """Wrap each targeted QuantLinear in AdaptedLinear. Returns the adapted layer names."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, QuantLinear) and matches_targets(n, config.target_modules)]
+    for name in names:  # sorted by module order, so initialization is reproducible
+        base = model.get_submodule(name)
+        i, o, s = base.in_features, base.out_features, config.scaling
+        if config.adapter_type == "qbara":
+            adapter = QBaRA(i, o, config.rank, config.pool, config.repeat, s, dropout)
+        elif config.adapter_type == "qahira":
+            adapter = QAHiRA(i, o, config.pool, config.repeat, s, dropout, init=init)
+        else:
+            adapter = LoRA(i, o, config.rank, s, dropout)
+        _set_submodule(model, name, AdaptedLinear(base, adapter))
+    return names
+
+
+def adapted_layers(model: nn.Module) -> dict[str, AdaptedLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, AdaptedLinear)}
+
+
+def adapter_tensors(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """Layer name -> {kind: tensor} (the compact tensors to save)."""
+    return {n: {k: t.detach().to(torch.float32).clone() for k, t in m.adapter.tensors().items()}
+            for n, m in adapted_layers(model).items()}
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def attach_adapter(model: nn.Module, adapter: Adapter) -> None:
+    """Inject a saved adapter into a QuantLinear model (after validating it against the model)."""
+    validate_adapter(adapter, quant_layer_dims(model), None)
+    names = inject_adapters(model, adapter.config)
+    for name in names:
+        model.get_submodule(name).adapter.load_tensors(adapter.tensors[name])
+    for p in trainable_parameters(model):
+        p.requires_grad_(False)
+
+
+def load_model_with_adapter(qckpt: str | os.PathLike, adapter_dir: str | os.PathLike,
+                            dtype: torch.dtype = torch.float32, check_fingerprint: bool = True):
+    """The trainer's forward of base + adapter (eval mode, frozen)."""
+    adapter = load_adapter(adapter_dir)
+    model, cfg = load_quantized_model(qckpt, dtype)
+    fingerprint = checkpoint_fingerprint(qckpt) if check_fingerprint else None
+    validate_adapter(adapter, quant_layer_dims(model), fingerprint)
+    attach_adapter(model, adapter)
+    return model.eval()
+
+
+def build_training_model(qckpt: str | os.PathLike, spec: AdapterSpec,
+                         dtype: torch.dtype = torch.float32, seed: int = 0,
+                         gradient_checkpointing: bool = False):
+    """(model, adapter_config): base frozen, fresh adapters trainable."""
+    qckpt = resolve_model_dir(qckpt)
+    model, cfg = load_quantized_model(qckpt, dtype)
+    config = plan_adapter(model, cfg, spec, base_model_name=str(qckpt),
+                          base_fingerprint=checkpoint_fingerprint(qckpt))
+    inject_adapters(model, config, init=spec.init, dropout=spec.dropout, seed=seed)
+    if gradient_checkpointing:
+        # Non-reentrant checkpointing works with a frozen embedding (no input grads needed).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model, config
+
+
+__all__ = ["AdapterSpec", "METHODS", "DEFAULT_TARGETS", "load_quantized_model", "plan_adapter",
+           "inject_adapters", "adapter_tensors", "attach_adapter", "load_model_with_adapter",
+           "build_training_model", "quant_layer_dims", "trainable_parameters", "AdapterError",
+           "ADAPTER_CLASSES"]

@@ -1,0 +1,76 @@
+"""QuantLinear: a frozen linear layer that keeps a qahira layer's stored tensors packed.
+
+The weight is W = scales * q + offsets per block (qahira_vllm.quant_math.dequantize_packed, fp32),
+rebuilt on every forward and again in backward instead of being saved for it, as QLoRA does, so
+memory stays at ~bits/8 bytes per weight. These are the same stored tensors and the same fp32
+formula vLLM's qahira kernels serve. Gradients flow to the input only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..format import QahiraQuantConfig, validate_layer_tensors
+from ..quant_math import dequantize_packed
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The activation dtype matmuls run in: autocast's when it is on, else the input's."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+class _DequantLinear(torch.autograd.Function):
+    """y = x W^T (+ bias), with W rebuilt from the packed tensors in backward (not saved)."""
+
+    @staticmethod
+    def forward(ctx, x, qweight, scales, offsets, bias, cfg: QahiraQuantConfig):
+        dtype = _compute_dtype(x)
+        w = dequantize_packed(qweight, scales, offsets, cfg, torch.float32).to(dtype)
+        ctx.save_for_backward(qweight, scales, offsets)
+        ctx.cfg, ctx.dtype, ctx.x_dtype = cfg, dtype, x.dtype
+        return F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype))
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 6
+        qweight, scales, offsets = ctx.saved_tensors
+        w = dequantize_packed(qweight, scales, offsets, ctx.cfg, torch.float32).to(ctx.dtype)
+        grad_x = (grad_y.to(ctx.dtype) @ w).to(ctx.x_dtype)
+        return grad_x, None, None, None, None, None
+
+
+class QuantLinear(nn.Module):
+    """Frozen block-quantized linear layer (format_version 1 tensors as buffers)."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+                 cfg: QahiraQuantConfig, in_features: int, out_features: int,
+                 bias: torch.Tensor | None = None, name: str = "layer"):
+        super().__init__()
+        validate_layer_tensors(name, {"qweight": qweight, "scales": scales, "offsets": offsets},
+                               out_features, in_features, cfg)
+        self.cfg = cfg
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("offsets", offsets)
+        # A frozen bias stays a buffer: nothing in the base is trainable.
+        self.register_buffer("bias", None if bias is None else bias.detach())
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The effective weight [out, in] exactly as served (fp32 math)."""
+        return dequantize_packed(self.qweight, self.scales, self.offsets, self.cfg, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _DequantLinear.apply(x, self.qweight, self.scales, self.offsets, self.bias,
+                                    self.cfg)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bits={self.cfg.bits}, block_size={list(self.cfg.block_size)}, "
+                f"bias={self.bias is not None}")

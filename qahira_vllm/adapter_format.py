@@ -64,18 +64,34 @@ class AdapterError(ValueError):
 # ----------------------------------------------------------------------------- config
 
 def peft_alpha_for(scaling: float, r: int) -> float:
-    """A lora_alpha with `lora_alpha / r == scaling` exactly in float64 (PEFT's and vLLM's math)."""
+    """A lora_alpha with `lora_alpha / r == scaling` exactly in float64 (PEFT's and vLLM's math).
+
+    Not every (scaling, r) has one (e.g. 0.1 with r = 3); `peft_compatible_scaling` picks the
+    nearest scaling that does. The paper's convention s = alpha / (R / 2) with lora_alpha =
+    2 * alpha always has one.
+    """
     alpha = scaling * r
     if alpha / r == scaling:
         return alpha
-    # Correctly rounded division is monotone in alpha: walk to the neighbouring floats.
+    # Correctly rounded division is monotone in alpha: try the neighbouring floats.
     for direction in (math.inf, -math.inf):
         a = alpha
-        for _ in range(64):
+        for _ in range(4):
             a = math.nextafter(a, direction)
             if a / r == scaling:
                 return a
-    raise AdapterError(f"no float lora_alpha gives lora_alpha / {r} == {scaling!r} exactly")
+    raise AdapterError(f"no float lora_alpha gives lora_alpha / {r} == {scaling!r} exactly "
+                       "(use peft_compatible_scaling)")
+
+
+def peft_compatible_scaling(scaling: float, r: int) -> float:
+    """`scaling` itself when PEFT's lora_alpha / r can express it exactly, else the float
+    within one ulp that can (the adapter is then trained and served with that value)."""
+    try:
+        peft_alpha_for(scaling, r)
+        return scaling
+    except AdapterError:
+        return (scaling * r) / r
 
 
 @dataclass(frozen=True)
@@ -126,26 +142,42 @@ class AdapterConfig:
         object.__setattr__(self, "scaling", float(self.scaling))
         if self.peft_r is None:
             object.__setattr__(self, "peft_r", self.rank if self.rank is not None else 1)
+        if self.adapter_type != "qahira" and self.peft_r != self.rank:
+            raise AdapterError(f"{src}: PEFT r={self.peft_r} must equal the stored rank "
+                               f"{self.rank} for a {self.adapter_type!r} adapter")
+
 
     @property
     def peft_lora_alpha(self) -> float:
-        return peft_alpha_for(self.scaling, self.peft_r)
+        """lora_alpha with lora_alpha / peft_r == scaling exactly (raises if none exists)."""
+        try:
+            return peft_alpha_for(self.scaling, self.peft_r)
+        except AdapterError:
+            raise AdapterError(
+                f"scaling={self.scaling!r} is not exactly lora_alpha / r for any float "
+                f"lora_alpha with r={self.peft_r}; use peft_compatible_scaling(scaling, r) = "
+                f"{peft_compatible_scaling(self.scaling, self.peft_r)!r}") from None
 
-    def to_json_dict(self) -> dict[str, Any]:
+    def to_json_dict(self, include_qahira: bool = True) -> dict[str, Any]:
+        """adapter_config.json content; include_qahira=False gives a plain PEFT LoRA config
+        (no unknown key for PEFT to warn about), valid only for adapter_type 'lora'."""
         qahira = {"adapter_type": self.adapter_type, "format_version": self.format_version,
                   "pool": self.pool, "repeat": self.repeat, "rank": self.rank,
                   "scaling": self.scaling, "base_fingerprint": self.base_fingerprint}
         if self.provenance:
             qahira["provenance"] = self.provenance
-        return {
+        if not include_qahira and self.adapter_type != "lora":
+            raise AdapterError(f"a {self.adapter_type!r} adapter needs its qahira section "
+                               "(pool/repeat change the tensor shapes)")
+        peft = {
             "peft_type": "LORA", "task_type": "CAUSAL_LM",
             "r": self.peft_r, "lora_alpha": self.peft_lora_alpha,
             "target_modules": sorted(self.target_modules), "lora_dropout": self.lora_dropout,
             "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
             "init_lora_weights": True, "modules_to_save": None,
             "base_model_name_or_path": self.base_model_name_or_path, "inference_mode": True,
-            "qahira": qahira,
         }
+        return {**peft, "qahira": qahira} if include_qahira else peft
 
     @classmethod
     def from_json_dict(cls, d: dict[str, Any], source: str = CONFIG_NAME) -> "AdapterConfig":
@@ -194,7 +226,10 @@ class AdapterConfig:
             raise AdapterError(f"{source}: use_rslora=true contradicts qahira.scaling (PEFT "
                                "would compute lora_alpha / sqrt(r))")
         scaling = q["scaling"]
-        if isinstance(scaling, (int, float)) and not math.isclose(peft_scaling, scaling,
+        if (not isinstance(scaling, (int, float)) or isinstance(scaling, bool)
+                or not math.isfinite(scaling)):
+            raise AdapterError(f"{source}: qahira.scaling={scaling!r}, expected a finite number")
+        if not math.isclose(peft_scaling, scaling,
                                                                   rel_tol=1e-12, abs_tol=0.0):
             raise AdapterError(
                 f"{source}: lora_alpha / r = {alpha} / {r} = {peft_scaling!r} but "
@@ -287,8 +322,13 @@ def load_adapter(adapter_dir: str | os.PathLike) -> Adapter:
 
 def save_adapter(out_dir: str | os.PathLike, config: AdapterConfig,
                  tensors: dict[str, dict[str, torch.Tensor]], overwrite: bool = False,
-                 extra_files: dict[str, str | bytes] | None = None) -> Path:
-    """Write config + tensors (float32 unless already float) atomically. Returns the folder."""
+                 extra_files: dict[str, str | bytes] | None = None,
+                 include_qahira: bool = True) -> Path:
+    """Write config + tensors atomically. Returns the folder.
+
+    include_qahira=False writes a plain PEFT LoRA config (for 'lora' adapters meant for other
+    tools); load_adapter then reads it as a LoRA with scaling lora_alpha / r and no fingerprint.
+    """
     from safetensors.torch import save_file
 
     kinds = TENSOR_KINDS[config.adapter_type]
@@ -301,7 +341,7 @@ def save_adapter(out_dir: str | os.PathLike, config: AdapterConfig,
             flat[tensor_name(module, kind)] = t.detach().to("cpu").contiguous()
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         save_file(flat, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        write_json(tmp / CONFIG_NAME, config.to_json_dict())
+        write_json(tmp / CONFIG_NAME, config.to_json_dict(include_qahira))
         for name, content in (extra_files or {}).items():
             (tmp / name).write_bytes(content if isinstance(content, bytes) else content.encode())
     return Path(out_dir).resolve()

@@ -10,6 +10,7 @@ The export costs p times the shrink and q times the expand FLOPs and memory of t
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -18,11 +19,15 @@ from .adapter_format import (LORA_A, LORA_B, AdapterConfig, AdapterError, load_a
 from .training.adapters import qbara_to_lora
 
 FORMATS = ("peft-lora",)
+EXPORT_INFO_NAME = "qahira_export.json"
 
 
 def export_peft_lora(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike,
                      overwrite: bool = False) -> dict:
-    """Write the equivalent plain LoRA of a Q-BaRA (or LoRA) adapter. Returns a summary."""
+    """Write the equivalent plain LoRA of a Q-BaRA (or LoRA) adapter. Returns a summary.
+
+    out_dir gets a plain PEFT adapter_config.json (no qahira section) and
+    qahira_export.json (the qahira section: base fingerprint, where it came from)."""
     adapter = load_adapter(adapter_dir)
     c = adapter.config
     if c.adapter_type == "qahira":
@@ -40,7 +45,11 @@ def export_peft_lora(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike,
         provenance={**c.provenance, "exported_from": {"adapter_type": c.adapter_type,
                                                       "pool": c.pool, "repeat": c.repeat,
                                                       "path": str(Path(adapter_dir).resolve())}})
-    out = save_adapter(out_dir, lora, tensors, overwrite=overwrite)
+    # A plain PEFT config (PEFT warns about unknown keys); provenance and the base fingerprint
+    # go to a side file that PEFT and vLLM ignore.
+    sidecar = json.dumps(lora.to_json_dict()["qahira"], indent=2) + "\n"
+    out = save_adapter(out_dir, lora, tensors, overwrite=overwrite, include_qahira=False,
+                       extra_files={EXPORT_INFO_NAME: sidecar})
     return {"out_dir": str(out), "format": "peft-lora", "r": lora.peft_r,
             "lora_alpha": lora.peft_lora_alpha, "scaling": lora.scaling,
             "layers": len(tensors), "expanded_from": [c.pool, c.repeat]}

@@ -54,7 +54,7 @@ class QahiraQuantConfig:
         if self.bits not in SUPPORTED_BITS:
             raise QahiraFormatError(
                 f"quantization_config.bits={self.bits!r}: expected one of {SUPPORTED_BITS}")
-        bs = tuple(self.block_size) if self.block_size is not None else ()
+        bs = tuple(self.block_size) if isinstance(self.block_size, (list, tuple)) else ()
         if len(bs) != 2 or not all(isinstance(b, int) and b >= 1 for b in bs):
             raise QahiraFormatError(
                 f"quantization_config.block_size={self.block_size!r}: expected [bo, bi], "
@@ -64,7 +64,12 @@ class QahiraQuantConfig:
             raise QahiraFormatError(
                 f"quantization_config.offset_dtype={self.offset_dtype!r}: expected one of "
                 f"{sorted(OFFSET_DTYPES)}")
-        object.__setattr__(self, "modules_not_converted", tuple(self.modules_not_converted))
+        mnc = self.modules_not_converted
+        if not isinstance(mnc, (list, tuple)) or not all(isinstance(m, str) for m in mnc):
+            raise QahiraFormatError(
+                f"quantization_config.modules_not_converted={mnc!r}: expected a list of module "
+                "names")
+        object.__setattr__(self, "modules_not_converted", tuple(mnc))
 
     @property
     def bo(self) -> int:
@@ -96,9 +101,9 @@ class QahiraQuantConfig:
                 raise QahiraFormatError(f"{source}: missing required field {key!r}")
         known = {"quant_method", "format_version", "bits", "block_size", "offset_dtype",
                  "modules_not_converted"}
-        return cls(bits=d["bits"], block_size=tuple(d["block_size"]),
+        return cls(bits=d["bits"], block_size=d["block_size"],
                    offset_dtype=d.get("offset_dtype", "float16"),
-                   modules_not_converted=tuple(d.get("modules_not_converted", ())),
+                   modules_not_converted=d.get("modules_not_converted", ()),
                    extra={k: v for k, v in d.items() if k not in known})
 
     def to_dict(self) -> dict[str, Any]:

@@ -84,10 +84,12 @@ class DequantLinearKernel(LinearKernel):
 
 # torch's CPU int4 kernel: W = (q - 8) * scale + zero per group of `g` input columns.
 CPU_INT4_GROUP_SIZES = (32, 64, 128, 256)
+CPU_INT4_OUT_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu: "expect N to be dividable by 16"
 
 
 class CpuInt4PackKernel(LinearKernel):
-    """torch.ops.aten._weight_int4pack_mm_for_cpu for 4-bit, bi in {32,64,128,256}, any bo.
+    """torch.ops.aten._weight_int4pack_mm_for_cpu for 4-bit, bi in {32,64,128,256}, any bo,
+    out a multiple of 16.
 
     Repacks at load: q -> torch's opaque int4 layout, and per row/group
     (scale, zero = offset + 8*scale) in the activation dtype (2-D blocks are expanded along the
@@ -108,6 +110,9 @@ class CpuInt4PackKernel(LinearKernel):
             return False, f"bi must be one of {CPU_INT4_GROUP_SIZES}"
         if spec.act_dtype not in (torch.bfloat16, torch.float16):
             return False, "bf16/fp16 activations only (fp32 is slower than dequant + GEMM)"
+        if spec.out_features % CPU_INT4_OUT_MULTIPLE:
+            return False, (f"out_features={spec.out_features} is not a multiple of "
+                           f"{CPU_INT4_OUT_MULTIPLE} (torch's int4pack layout)")
         if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
             return False, "this torch has no _weight_int4pack_mm_for_cpu"
         return True, None

@@ -104,7 +104,9 @@ def quantize(w: torch.Tensor, cfg: QahiraQuantConfig, clip_search: bool = True,
     best_err = best_scale = best_offset = None
     mid, half = (lo + hi) / 2, (hi - lo) / 2
     for r in ratios:
-        scale, offset = _params_for_range(mid - r * half, mid + r * half, qmax, odt)
+        # r == 1 is min-max itself: use lo/hi as is (mid -/+ half can miss them by an fp32 ulp)
+        r_lo, r_hi = (lo, hi) if r == 1.0 else (mid - r * half, mid + r * half)
+        scale, offset = _params_for_range(r_lo, r_hi, qmax, odt)
         q = _round_to_grid(blocks, scale, offset, qmax)
         deq = q * scale.to(torch.float32).unsqueeze(-1) + offset.to(torch.float32).unsqueeze(-1)
         err = (deq - blocks).square().sum(dim=-1)

@@ -89,6 +89,9 @@ def quantize_model(model: str | os.PathLike, out_dir: str | os.PathLike, bits: i
     from huggingface_hub import save_torch_state_dict
 
     t0 = time.time()
+    if Path(out_dir).exists() and not overwrite:  # fail before quantizing, not after
+        raise FileExistsError(f"output folder {Path(out_dir).resolve()} already exists "
+                              "(pass --overwrite to replace)")
     src = resolve_model_dir(model)
     cfg0 = QahiraQuantConfig(bits=bits, block_size=tuple(block_size), offset_dtype=offset_dtype)
     safetensors_files(src)  # clear error early if there are none

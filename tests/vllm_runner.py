@@ -5,7 +5,7 @@ its own environment (tensor parallel needs its own OpenMP binding) and is torn d
 
     python tests/vllm_runner.py SPEC.json OUT.json
 
-SPEC: {"model": path, "llm_kwargs": {...}, "prompts": [...], "max_tokens": 16,
+SPEC: {"model": path, "llm_kwargs": {...}, "prompts": [str | [token ids]], "max_tokens": 16,
        "logprobs": 5, "lora": [{"name", "id", "path"} | null per prompt] (optional)}
 OUT:  {"outputs": [{"token_ids": [...], "text": str,
                     "first_logprobs": {token_id: logprob}}], "seconds_startup": float}
@@ -31,7 +31,9 @@ def main(spec_path: str, out_path: str) -> None:
 
         lora_requests = [LoRARequest(r["name"], r["id"], r["path"]) if r else None
                          for r in spec["lora"]]
-    outs = llm.generate(spec["prompts"], params, lora_request=lora_requests, use_tqdm=False)
+    # Prompts given as token id lists reach the model exactly as the reference sees them.
+    prompts = [{"prompt_token_ids": p} if isinstance(p, list) else p for p in spec["prompts"]]
+    outs = llm.generate(prompts, params, lora_request=lora_requests, use_tqdm=False)
     result = {"seconds_startup": startup, "outputs": []}
     for o in outs:
         c = o.outputs[0]

@@ -36,7 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     verb = argv[0]
     if verb not in VERBS:
         parser.error(f"unknown verb {verb!r}; choose from {', '.join(VERBS)}")
-    module = importlib.import_module(f"qahira_vllm.cli.{verb}")
+    try:
+        module = importlib.import_module(f"qahira_vllm.cli.{verb}")
+    except ModuleNotFoundError as e:
+        if e.name != f"qahira_vllm.cli.{verb}":
+            raise  # a missing dependency of the verb: keep the real error
+        parser.error(f"verb {verb!r} is not implemented in this installation "
+                     f"(no module qahira_vllm.cli.{verb})")
     sub = argparse.ArgumentParser(prog=f"qahira {verb}", description=VERBS[verb],
                                   add_help=verb != "serve")
     module.add_arguments(sub)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..adapter_format import (Adapter, AdapterConfig, AdapterError, check_qahira_geometry,
+                              peft_compatible_scaling,
                               default_qahira_geometry, load_adapter, matches_targets,
                               validate_adapter, checkpoint_fingerprint)
 from ..checkpoint import load_quantized_state, resolve_model_dir
@@ -162,7 +163,10 @@ def plan_adapter(model: nn.Module, cfg: QahiraQuantConfig, spec: AdapterSpec,
 
     dims = _targeted_layers(model, spec.targets, cfg)
     provenance = {"lora_r": spec.lora_r, "lora_alpha": spec.lora_alpha, "dropout": spec.dropout}
-    common = dict(target_modules=spec.targets, scaling=spec.effective_scaling,
+    peft_r = spec.lora_r if spec.method == "qahira" else (
+        spec.rank or (spec.lora_r if spec.method == "lora" else 2 * spec.lora_r))
+    common = dict(target_modules=spec.targets,
+                  scaling=peft_compatible_scaling(spec.effective_scaling, peft_r),
                   base_fingerprint=base_fingerprint, base_model_name_or_path=base_model_name,
                   lora_dropout=spec.dropout)
     if spec.method == "qahira":

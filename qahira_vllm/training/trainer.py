@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -254,7 +255,9 @@ def train(cfg: TrainConfig) -> dict:
             ev = evaluate(model, eval_set, cfg.eval_batch_size, pad_id, cfg.bf16)
             last.update(ev)
             log.write({"step": step, **ev})
-            bar.write(f"step {step}: eval loss {ev['eval_loss']:.4f}, ppl {ev['eval_ppl']:.2f}")
+            if cfg.progress:
+                bar.write(f"step {step}: eval loss {ev['eval_loss']:.4f}, ppl "
+                          f"{ev['eval_ppl']:.2f}", file=sys.stderr)
         if cfg.save_steps and step % cfg.save_steps == 0 and step < max_steps:
             _save_checkpoint(run_dir / "checkpoints" / f"step-{step:06d}", cfg, step, params,
                              optimizer, scheduler, stream)

@@ -1,0 +1,131 @@
+"""The real vLLM engine (CPU build) serving qahira checkpoints of SmolLM2-135M.
+
+Reference: transformers running the checkpoint's dequantized weights in fp32. The engine runs
+in fp32 too, so both compute the same function: greedy tokens must match exactly, and the
+first-token logprobs of vLLM's top-5 within LOGPROB_TOL (observed ~1e-4; the bound leaves room
+for different attention/GEMM summation orders).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine import CPU_ENGINE, TP2_ENV, EngineFailed, run_engine
+from hf_reference import PROMPTS, greedy_reference
+
+pytestmark = pytest.mark.vllm
+
+MAX_TOKENS = 16
+LOGPROB_TOL = 1e-2
+
+
+def _engine_spec(model, prompt_ids, **llm_kwargs):
+    return {"model": str(model), "prompts": prompt_ids, "max_tokens": MAX_TOKENS, "logprobs": 5,
+            "llm_kwargs": {**CPU_ENGINE, "dtype": "float32", **llm_kwargs}}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tokenizer):
+    return [tokenizer(p).input_ids for p in PROMPTS]
+
+
+def _compare_to_reference(result, ckpt, prompt_ids):
+    from qahira_vllm.checkpoint import load_reference_model
+
+    ref = load_reference_model(ckpt, torch.float32)
+    worst = 0.0
+    for ids, out in zip(prompt_ids, result["outputs"]):
+        ref_tokens, ref_lp = greedy_reference(ref, ids, MAX_TOKENS)
+        assert out["token_ids"] == ref_tokens, (ckpt, ids)
+        for tok, lp in out["first_logprobs"].items():
+            worst = max(worst, abs(lp - ref_lp[int(tok)].item()))
+    assert worst < LOGPROB_TOL
+    return worst
+
+
+@pytest.mark.parametrize("bits,block", [(4, (1, 64)), (8, (1, 64)), (4, (8, 4))],
+                         ids=["int4-1x64", "int8-1x64", "int4-8x4"])
+def test_engine_matches_dequantized_reference(bits, block, smollm2_quantized, prompt_ids,
+                                              tmp_path):
+    ckpt = smollm2_quantized(bits, block)
+    # No quantization argument: the method is auto-detected from config.json.
+    result = run_engine(_engine_spec(ckpt, prompt_ids), tmp_path)
+    _compare_to_reference(result, ckpt, prompt_ids)
+
+
+@pytest.fixture(scope="module")
+def tiny_tp_int4(tiny_llama_tp, tmp_path_factory):
+    from qahira_vllm.quantize import quantize_model
+
+    out = tmp_path_factory.mktemp("tiny-tp-int4") / "ckpt"
+    quantize_model(tiny_llama_tp, out, bits=4, block_size=(1, 64), progress=False)
+    return out
+
+
+def test_tensor_parallel_2_matches_tp1(tiny_tp_int4, prompt_ids, tmp_path):
+    (tmp_path / "tp1").mkdir()
+    (tmp_path / "tp2").mkdir()
+    tp1 = run_engine(_engine_spec(tiny_tp_int4, prompt_ids, quantization="qahira"),
+                     tmp_path / "tp1")
+    tp2 = run_engine(_engine_spec(tiny_tp_int4, prompt_ids, quantization="qahira",
+                                  tensor_parallel_size=2), tmp_path / "tp2", env=TP2_ENV)
+    for a, b in zip(tp1["outputs"], tp2["outputs"]):
+        assert a["token_ids"] == b["token_ids"]
+        for tok, lp in a["first_logprobs"].items():
+            assert abs(lp - b["first_logprobs"][tok]) < LOGPROB_TOL
+    _compare_to_reference(tp2, tiny_tp_int4, prompt_ids)
+
+
+def test_tensor_parallel_block_straddling_shard_is_refused(tiny_llama_tp, prompt_ids,
+                                                           tmp_path):
+    # o_proj has 256 input columns: 128 per rank at TP=2, not a multiple of bi=256.
+    from qahira_vllm.quantize import quantize_model
+
+    ckpt = tmp_path / "int4-1x256"
+    quantize_model(tiny_llama_tp, ckpt, bits=4, block_size=(1, 256), progress=False)
+    with pytest.raises(EngineFailed) as err:
+        run_engine(_engine_spec(ckpt, prompt_ids[:1], tensor_parallel_size=2), tmp_path,
+                   env=TP2_ENV)
+    log = err.value.log
+    assert "o_proj" in log and "input shard of 128 columns" in log and "bi=256" in log, log[-3000:]
+
+
+def test_misshaped_tensor_is_refused_before_serving(smollm2_quantized, prompt_ids, tmp_path):
+    import shutil
+
+    src = smollm2_quantized(4, (1, 64))
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    sd = load_file(bad / "model.safetensors")
+    name = "model.layers.3.mlp.down_proj.scales"
+    sd[name] = sd[name][:, :-1].contiguous()  # [576, 24] -> [576, 23]
+    save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(EngineFailed) as err:
+        run_engine(_engine_spec(bad, prompt_ids[:1]), tmp_path)
+    log = err.value.log
+    assert name in log and "[576, 24]" in log and "torch.float16" in log, log[-3000:]
+
+
+def test_unknown_bits_is_refused(smollm2_quantized, prompt_ids, tmp_path):
+    import shutil
+
+    src = smollm2_quantized(4, (1, 64))
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["quantization_config"]["bits"] = 3
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(EngineFailed) as err:
+        run_engine(_engine_spec(bad, prompt_ids[:1]), tmp_path)
+    assert "bits=3" in err.value.log and "(4, 8)" in err.value.log

@@ -6,7 +6,6 @@ import functools
 
 import torch
 import triton
-import triton.language as tl
 
 # Activation dtypes the kernels take. fp32 activations go to the torch paths instead.
 ACT_DTYPES = (torch.float16, torch.bfloat16)
@@ -40,19 +39,16 @@ def _cuda_sm_count(index: int) -> int:
 
 
 def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of `device` (132 for an H100/H200; used for the CPU interpreter)."""
+    """Streaming multiprocessors of `device`; 132 (H100/H200) for the CPU interpreter."""
     if device.type == "cuda":
-        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _cuda_sm_count(index)
     return 132
 
 
 def check_act_dtype(name: str, t: torch.Tensor) -> None:
     if t.dtype not in ACT_DTYPES:
         raise ValueError(f"{name} is {t.dtype}: the Triton kernels take fp16 or bf16")
-
-
-def triton_dtype(dtype: torch.dtype):
-    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
 
 
 def next_pow2(n: int) -> int:

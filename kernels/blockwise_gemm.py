@@ -102,7 +102,7 @@ class GemmConfig:
     num_warps: int = 4
     num_stages: int = 3
 
-    def validate(self, bits: int) -> None:
+    def validate(self) -> None:
         for name in ("block_m", "block_n", "block_k"):
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
@@ -132,7 +132,8 @@ def uses_scale_per_tile(block_k: int, bi: int) -> bool:
 
 
 def _pick_block_k(bi: int, largest: int) -> int:
-    """Largest power of two <= `largest` dividing bi (per-tile path), else `largest`."""
+    """Largest power of two in [16, largest] dividing bi (per-tile path), else
+    min(largest, 64) (per-element path)."""
     bk = largest
     while bk >= 16:
         if bi % bk == 0:
@@ -141,7 +142,7 @@ def _pick_block_k(bi: int, largest: int) -> int:
     return min(largest, 64)
 
 
-def choose_config(m: int, n: int, k: int, bits: int, block_size: tuple[int, int],
+def choose_config(m: int, n: int, k: int, block_size: tuple[int, int],
                   num_sms: int = 132) -> GemmConfig:
     """Tile sizes by M bucket, block_k by the block width, split-K to fill the SMs at small M."""
     for max_m, bm, bn, largest_bk, warps, stages in _M_BUCKETS:
@@ -213,6 +214,7 @@ def _fused_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
+    rows = offs_m.to(tl.int64)   # M * K can pass 2^31 in long prefills
 
     k_tiles = tl.cdiv(K, BLOCK_K)
     t_begin = pid_k * K_TILES_PER_SPLIT
@@ -222,7 +224,7 @@ def _fused_gemm_kernel(
     for t in range(t_begin, t_end):
         k0 = t * BLOCK_K
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :],
                     mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
         q = _load_q_tile(qw_ptr, stride_qn, offs_n, n_mask, k0, K, BITS, BLOCK_K)
         if SCALE_PER_TILE:
@@ -245,7 +247,7 @@ def _fused_gemm_kernel(
         else:
             acc += part
 
-    out_offs = offs_m[:, None] * stride_om + offs_n[None, :]
+    out_offs = rows[:, None] * stride_om + offs_n[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
     if WRITE_PARTIAL:
         tl.store(out_ptr + pid_k * stride_split + out_offs, acc, mask=out_mask)
@@ -259,11 +261,11 @@ def _fused_gemm_kernel(
 def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, MN, N, SPLIT_K,
                           HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     """out[m, n] = sum_s part[s, m, n] (+ bias[n]); all contiguous."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for s in range(0, SPLIT_K):
-        acc = tl.load(part_ptr + s * MN + offs, mask=mask, other=0.0)
+        acc += tl.load(part_ptr + s * MN + offs, mask=mask, other=0.0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -280,7 +282,8 @@ def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, NB, stride_qn,
     n_mask = offs_n < N
     q = _load_q_tile(qw_ptr, stride_qn, offs_n, n_mask, k0, K, BITS, BLOCK_K)
     w = _dequant_tile(q, s_ptr, z_ptr, offs_n, n_mask, k0, K, NB, BO, BI, BLOCK_K)
-    tl.store(w_ptr + offs_n[:, None] * K + offs_k[None, :], w.to(w_ptr.dtype.element_ty),
+    w_offs = offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
+    tl.store(w_ptr + w_offs, w.to(w_ptr.dtype.element_ty),
              mask=n_mask[:, None] & (offs_k < K)[None, :])
 
 
@@ -303,7 +306,9 @@ def dequantize_weight(weight: PackedBlockwiseWeight, dtype: torch.dtype,
 def fused_gemm(x2: torch.Tensor, weight: PackedBlockwiseWeight, bias: torch.Tensor | None,
                config: GemmConfig) -> torch.Tensor:
     """[M, K] @ W^T (+ bias) -> [M, N] in x2.dtype with the fused dequant kernel."""
-    config.validate(weight.bits)
+    config.validate()
+    if x2.dim() != 2 or x2.stride(1) != 1:
+        raise ValueError("fused_gemm takes a 2-D x with contiguous rows")
     m, k = x2.shape
     n = weight.out_features
     bo, bi = weight.block_size
@@ -365,7 +370,7 @@ def blockwise_gemm(x: torch.Tensor, weight: PackedBlockwiseWeight,
                      None if bias is None else bias.to(x2.dtype))
     else:
         if config is None:
-            config = choose_config(m, n, k, weight.bits, weight.block_size, sm_count(x2.device))
+            config = choose_config(m, n, k, weight.block_size, sm_count(x2.device))
         y = fused_gemm(x2, weight, bias, config)
     return y.reshape(*lead, n)
 

@@ -31,7 +31,8 @@ class TritonBlockwiseLinearKernel(LinearKernel):
     bi the per-element path (see qahira_kernels.blockwise_gemm).
 
     prepare() keeps `qweight` as stored and replaces `scales`/`offsets` with transposed
-    copies `scales_t`/`offsets_t` [in/bi, out/bo] (dtypes kept).
+    copies `scales_t`/`offsets_t` [in/bi, out/bo] (dtypes kept). apply() calls the custom op
+    torch.ops.qahira.blockwise_gemm (qahira_kernels.torch_ops), registered by prepare().
     """
 
     name = "triton_blockwise"
@@ -58,6 +59,7 @@ class TritonBlockwiseLinearKernel(LinearKernel):
         return True, None
 
     def prepare(self, layer: torch.nn.Module) -> None:
+        from . import torch_ops  # noqa: F401  (registers torch.ops.qahira.*, imports triton)
         from .blockwise_gemm import pack_blockwise_weight
 
         spec = self.spec
@@ -72,21 +74,14 @@ class TritonBlockwiseLinearKernel(LinearKernel):
         _set_buffer(layer, "scales_t", w.scales_t)
         _set_buffer(layer, "offsets_t", w.offsets_t)
 
-    def packed_weight(self, layer: torch.nn.Module):
-        from .blockwise_gemm import PackedBlockwiseWeight
-
-        return PackedBlockwiseWeight(
-            qweight=layer.qweight, scales_t=layer.scales_t, offsets_t=layer.offsets_t,
-            bits=self.spec.bits, block_size=tuple(self.spec.block_size),
-            out_features=self.spec.out_features, in_features=self.spec.in_features)
-
     def apply(self, layer: torch.nn.Module, x: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
-        from .blockwise_gemm import blockwise_gemm
-
+        # Through the custom op: torch.compile sees one node, not the launch code.
         act = self.spec.act_dtype
+        bo, bi = self.spec.block_size
         x_act = x if x.dtype == act else x.to(act)
-        y = blockwise_gemm(x_act, self.packed_weight(layer), bias)
+        y = torch.ops.qahira.blockwise_gemm(x_act, layer.qweight, layer.scales_t,
+                                            layer.offsets_t, bias, self.spec.bits, bo, bi)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
 

@@ -1,8 +1,8 @@
 """Multi-adapter Q-BaRA kernels: y += s * R_q(B A P_p(x)) per token, one launch per stage.
 
-Q-BaRA (docs/PAPER.md): P_p averages adjacent groups of p inputs, A is [R, in/p], B is
-[out/q, R], R_q repeats each output q times. Every adapter loaded in vLLM sits in a slot of
-stacked, zero-padded buffers (the interface the LoRA layer fills):
+Q-BaRA (Shen et al., arXiv 2407.17029): P_p averages adjacent groups of p inputs, A is
+[R, in/p], B is [out/q, R], R_q repeats each output q times. Every adapter loaded in vLLM sits
+in a slot of stacked, zero-padded buffers (the interface the LoRA layer fills):
 
     A        [slots, R_max, in_max_pooled]   A[s, :rank[s], :in/pool[s]] is slot s's A
     B        [slots, out_max_rep, R_max]     B[s, :out/repeat[s], :rank[s]] is slot s's B
@@ -16,6 +16,12 @@ inside the kernel, never specialised on.
   by reading A at k // p, so x is read once at full width and A is never expanded in memory.
 - expand: y[t, o] += scaling[s] * sum_r h[t, r] * B[s, o // q, r]: the repeat is fused by
   reading B at o // q.
+
+Per-slot values are not checked on the host (that would sync): for every slot that tokens
+use, pool and repeat must be >= 1, in % pool == 0, out % repeat == 0, in / pool <=
+in_max_pooled, out / repeat <= out_max_rep and rank <= R_max. The shrink casts A to x's dtype
+for the dot and returns fp32 h; the expand rounds h to y's dtype for the dot (as vLLM's LoRA
+expand does) and accumulates in fp32.
 
 Tokens are grouped by slot first (`segment_tokens`: a stable sort, no host sync), so each
 program multiplies a tile of tokens that share one adapter with tl.dot. The grid has one
@@ -79,8 +85,8 @@ class QbaraConfig:
             raise ValueError(f"split_k={self.split_k} must be >= 1")
 
 
-def choose_config(num_tokens: int, in_features: int, out_features: int, r_max: int,
-                  num_slots: int, num_sms: int = 132) -> QbaraConfig:
+def choose_config(num_tokens: int, in_features: int, r_max: int, num_slots: int,
+                  num_sms: int = 132) -> QbaraConfig:
     """First guesses (untuned): token tile by T, rank tile covering R_max up to 64, split-K
     for the shrink when few (token tile, rank tile, slot) programs would run."""
     block_t = 16 if num_tokens <= 16 else 32 if num_tokens <= 64 else 64
@@ -200,14 +206,14 @@ def _qbara_expand_kernel(
 
 # ----------------------------------------------------------------------------- Python API
 
-def _check_slot_params(A: torch.Tensor | None, B: torch.Tensor | None, **per_slot) -> int:
-    num_slots = (A if A is not None else B).shape[0]
+def _check_slot_params(buffer: torch.Tensor, **per_slot: torch.Tensor) -> int:
+    """Each per-slot tensor is [slots] on the adapter buffer's device; returns slots."""
+    num_slots = buffer.shape[0]
     for name, t in per_slot.items():
         if t.shape != (num_slots,):
             raise ValueError(f"{name} is {list(t.shape)}, expected [{num_slots}] (one per slot)")
-        if t.device != (A if A is not None else B).device:
-            raise ValueError(f"{name} is on {t.device}, the adapter buffers on "
-                             f"{(A if A is not None else B).device}")
+        if t.device != buffer.device:
+            raise ValueError(f"{name} is on {t.device}, the adapter buffers on {buffer.device}")
     return num_slots
 
 
@@ -228,7 +234,7 @@ def qbara_shrink(x: torch.Tensor, A: torch.Tensor, pool: torch.Tensor, rank: tor
         raise ValueError(f"A must be [slots, R_max, in_max_pooled], got {list(A.shape)}")
     if A.stride(2) != 1:
         A = A.contiguous()
-    num_slots = _check_slot_params(A, None, pool=pool, rank=rank)
+    num_slots = _check_slot_params(A, pool=pool, rank=rank)
     t_count, k = x.shape
     if slot_idx.shape != (t_count,):
         raise ValueError(f"slot_idx is {list(slot_idx.shape)}, expected [{t_count}]")
@@ -237,7 +243,7 @@ def qbara_shrink(x: torch.Tensor, A: torch.Tensor, pool: torch.Tensor, rank: tor
     if t_count == 0 or num_slots == 0:
         return h
     segments = segments or segment_tokens(slot_idx, num_slots)
-    config = config or choose_config(t_count, k, 0, r_max, num_slots, sm_count(x.device))
+    config = config or choose_config(t_count, k, r_max, num_slots, sm_count(x.device))
     config.validate()
     k_tiles = triton.cdiv(k, config.block_k)
     k_tiles_per_split = triton.cdiv(k_tiles, min(config.split_k, k_tiles))
@@ -264,7 +270,7 @@ def qbara_expand(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, repeat: torc
     """
     check_act_dtype("y", y)
     if y.dim() != 2 or y.stride(1) != 1:
-        raise ValueError("y must be 2-D [T, out] with contiguous columns (it is written in place)")
+        raise ValueError("y must be 2-D [T, out] with contiguous columns (written in place)")
     if h.dtype != torch.float32 or h.dim() != 2:
         raise ValueError(f"h must be fp32 [T, R_max] (from qbara_shrink), got {h.dtype} "
                          f"{list(h.shape)}")
@@ -273,7 +279,7 @@ def qbara_expand(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, repeat: torc
         raise ValueError(f"B must be [slots, out_max_rep, R_max], got {list(B.shape)}")
     if B.stride(2) != 1:
         B = B.contiguous()
-    num_slots = _check_slot_params(None, B, repeat=repeat, rank=rank, scaling=scaling)
+    num_slots = _check_slot_params(B, repeat=repeat, rank=rank, scaling=scaling)
     t_count, n = y.shape
     if h.shape != (t_count, B.shape[2]) or slot_idx.shape != (t_count,):
         raise ValueError(f"h is {list(h.shape)} and slot_idx {list(slot_idx.shape)}: expected "
@@ -281,7 +287,8 @@ def qbara_expand(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, repeat: torc
     if t_count == 0 or num_slots == 0:
         return y
     segments = segments or segment_tokens(slot_idx, num_slots)
-    config = config or choose_config(t_count, 0, n, B.shape[2], num_slots, sm_count(y.device))
+    # in_features only shapes the shrink's K tiling: 0 here.
+    config = config or choose_config(t_count, 0, B.shape[2], num_slots, sm_count(y.device))
     config.validate()
     grid = (triton.cdiv(t_count, config.block_t), triton.cdiv(n, config.block_n), num_slots)
     _qbara_expand_kernel[grid](
@@ -303,7 +310,7 @@ def qbara_apply(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tens
         raise ValueError(f"A {list(A.shape)} and B {list(B.shape)} disagree on slots or R_max")
     segments = segments or segment_tokens(slot_idx, A.shape[0])
     if config is None:
-        config = choose_config(x.shape[0], x.shape[1], y.shape[1], A.shape[1], A.shape[0],
+        config = choose_config(x.shape[0], x.shape[1], A.shape[1], A.shape[0],
                                sm_count(x.device))
     h = qbara_shrink(x, A, pool, rank, slot_idx, segments=segments, config=config)
     return qbara_expand(y, h, B, repeat, rank, scaling, slot_idx, segments=segments,

@@ -35,10 +35,6 @@ def blockwise_gemm_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
 #   pool, repeat, rank: int [slots]; scaling: float [slots]; slot_idx: int [T], -1 = no adapter.
 
 
-def _slot_params(s: int, pool, repeat, rank, scaling):
-    return int(pool[s]), int(repeat[s]), int(rank[s]), float(scaling[s])
-
-
 def qbara_shrink_ref(x: torch.Tensor, A: torch.Tensor, pool: torch.Tensor, rank: torch.Tensor,
                      slot_idx: torch.Tensor) -> torch.Tensor:
     """h [T, R_max] fp32: h[t, :rank] = P_p(x[t]) @ A[slot, :rank, :in/p]^T, zero elsewhere."""

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import torch
 
+# Tiny models: one thread is faster than two that spin against other processes on a shared CPU.
+torch.set_num_threads(1)
+
 _ROOT = Path(tempfile.mkdtemp(prefix="qahira-tiny-"))
 atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
 _CACHE: dict[tuple, Path] = {}
@@ -115,3 +118,31 @@ def dequant_reference(qweight, scales, offsets, block_size, bits=4) -> torch.Ten
     s = scales.double().repeat_interleave(bo, 0).repeat_interleave(bi, 1)
     o = offsets.double().repeat_interleave(bo, 0).repeat_interleave(bi, 1)
     return q.double() * s + o
+
+
+def random_adapter(qckpt: Path, out_dir: Path, adapter_type: str = "qbara", pool: int = 2,
+                   repeat: int = 2, rank: int | None = 4, scaling: float = 2.0,
+                   std: float = 0.05, seed: int = 0, targets=("q_proj", "k_proj", "v_proj",
+                   "o_proj", "gate_proj", "up_proj", "down_proj")) -> Path:
+    """An adapter folder with random (non-zero) tensors for every targeted quantized layer."""
+    from qahira_vllm.adapter_format import (AdapterConfig, base_layer_dims,
+                                            checkpoint_fingerprint, expected_shapes,
+                                            matches_targets, peft_compatible_scaling,
+                                            save_adapter)
+
+    if adapter_type == "qahira":
+        rank = None
+    if adapter_type == "lora":
+        pool = repeat = 1
+    scaling = peft_compatible_scaling(scaling, rank or 1)
+    config = AdapterConfig(adapter_type=adapter_type, target_modules=tuple(targets),
+                           scaling=scaling, pool=pool, repeat=repeat, rank=rank,
+                           base_fingerprint=checkpoint_fingerprint(qckpt),
+                           base_model_name_or_path=str(qckpt))
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer, (out_f, in_f) in base_layer_dims(qckpt).items():
+        if matches_targets(layer, targets):
+            tensors[layer] = {k: torch.randn(shape, generator=g) * std
+                              for k, shape in expected_shapes(config, out_f, in_f).items()}
+    return save_adapter(out_dir, config, tensors)

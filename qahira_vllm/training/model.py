@@ -7,20 +7,19 @@ stored. The base is frozen; adapters are injected on the target modules (never l
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..adapter_format import (Adapter, AdapterConfig, AdapterError, check_qahira_geometry,
-                              peft_compatible_scaling,
-                              default_qahira_geometry, load_adapter, matches_targets,
-                              validate_adapter, checkpoint_fingerprint)
+from ..adapter_format import (Adapter, AdapterConfig, check_qahira_geometry,
+                              checkpoint_fingerprint, default_qahira_geometry, load_adapter,
+                              matches_targets, peft_compatible_scaling, validate_adapter)
 from ..checkpoint import load_quantized_state, resolve_model_dir
 from ..format import QUANT_TENSOR_SUFFIXES, QahiraFormatError, QahiraQuantConfig
-from .adapters import ADAPTER_CLASSES, AdaptedLinear, LoRA, QAHiRA, QBaRA
+from .adapters import AdaptedLinear, LoRA, QAHiRA, QBaRA
 from .qlinear import QuantLinear
 
 METHODS = ("qbara", "qahira", "lora")
@@ -159,8 +158,6 @@ def _valid_divisors(n: int) -> list[int]:
 def plan_adapter(model: nn.Module, cfg: QahiraQuantConfig, spec: AdapterSpec,
                  base_model_name: str = "", base_fingerprint: str | None = None) -> AdapterConfig:
     """Resolve defaults and check the geometry against the base; no modules are changed."""
-    import math
-
     dims = _targeted_layers(model, spec.targets, cfg)
     provenance = {"lora_r": spec.lora_r, "lora_alpha": spec.lora_alpha, "dropout": spec.dropout}
     peft_r = spec.lora_r if spec.method == "qahira" else (
@@ -170,13 +167,10 @@ def plan_adapter(model: nn.Module, cfg: QahiraQuantConfig, spec: AdapterSpec,
                   base_fingerprint=base_fingerprint, base_model_name_or_path=base_model_name,
                   lora_dropout=spec.dropout)
     if spec.method == "qahira":
-        if spec.pool is None and spec.repeat is None:
-            pool, repeat = default_qahira_geometry(cfg.block_size, dims)
-        else:
-            d_pool, d_repeat = default_qahira_geometry(cfg.block_size, dims)
-            pool = spec.pool if spec.pool is not None else d_pool
-            repeat = spec.repeat if spec.repeat is not None else d_repeat
-            check_qahira_geometry(pool, repeat, cfg.block_size, dims)
+        default_pool, default_repeat = default_qahira_geometry(cfg.block_size, dims)
+        pool = spec.pool if spec.pool is not None else default_pool
+        repeat = spec.repeat if spec.repeat is not None else default_repeat
+        check_qahira_geometry(pool, repeat, cfg.block_size, dims)
         provenance["init"] = spec.init
         return AdapterConfig(adapter_type="qahira", pool=pool, repeat=repeat, rank=None,
                              peft_r=spec.lora_r, provenance=provenance, **common)
@@ -270,5 +264,4 @@ def build_training_model(qckpt: str | os.PathLike, spec: AdapterSpec,
 
 __all__ = ["AdapterSpec", "METHODS", "DEFAULT_TARGETS", "load_quantized_model", "plan_adapter",
            "inject_adapters", "adapter_tensors", "attach_adapter", "load_model_with_adapter",
-           "build_training_model", "quant_layer_dims", "trainable_parameters", "AdapterError",
-           "ADAPTER_CLASSES"]
+           "build_training_model", "quant_layer_dims", "trainable_parameters"]

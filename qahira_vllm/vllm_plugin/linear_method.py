@@ -17,6 +17,16 @@ logger = init_logger("vllm.qahira")  # under vLLM's logger so its handlers print
 _announced: set[str] = set()
 
 
+def _register_triton_kernels() -> None:
+    """CUDA -> the Triton kernels (qahira_kernels) where they can implement the layer."""
+    try:
+        from qahira_kernels.linear import register
+    except ImportError as e:  # no triton: the torch general path still serves every layer
+        logger.warning("qahira: Triton kernels unavailable (%s); using torch paths", e)
+        return
+    register()
+
+
 @register_weight_loader_v2_supported_method
 class QahiraLinearMethod(LinearMethodBase):
 
@@ -86,6 +96,8 @@ class QahiraLinearMethod(LinearMethodBase):
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         spec = layer.qahira_spec
         spec = dataclasses.replace(spec, device_type=layer.qweight.device.type)
+        if spec.device_type == "cuda":
+            _register_triton_kernels()
         kernel_cls = select_kernel(spec)
         if kernel_cls.name not in _announced:
             _announced.add(kernel_cls.name)

@@ -1,19 +1,25 @@
 """Kernel tests run every Triton kernel on CPU tensors, in Triton's interpreter.
 
-The project's test command sets TRITON_INTERPRET=1 for the whole suite (see docs/KERNELS.md);
-it is set here as well so `pytest tests/kernels` works on its own. It must stay set while the
-tests run (Triton checks it again inside constexpr helpers), so it is not restored.
+Run them with TRITON_INTERPRET=1 in the environment of the pytest command (the project's test
+command sets it for the whole suite; see docs/KERNELS.md):
 
-Triton decides "interpret or compile" when @triton.jit runs, i.e. when a kernel module is first
-imported. If another test module imported one of them earlier without the variable, that
-module is reloaded here so its kernels are interpreted.
+    TRITON_INTERPRET=1 .venv/bin/python -m pytest tests/kernels -q
+
+Triton decides "interpret or compile" when @triton.jit runs, and its own library functions
+(tl.zeros, tl.sum, tl.cdiv, ...) are decorated when triton is first imported. So the variable
+must be set before anything imports triton. This conftest sets it too, which is enough when
+`pytest tests/kernels` runs alone; it also reloads our kernel modules if another test module
+imported them earlier. If triton itself was imported earlier without the variable, the kernel
+tests fail with a message saying so (nothing can repair that inside the process).
 """
 
 import importlib
 import os
 import sys
 
-os.environ["TRITON_INTERPRET"] = "1"
+import pytest
+
+os.environ["TRITON_INTERPRET"] = "1"   # stays set: Triton reads it again while kernels run
 
 from qahira_kernels._triton_utils import is_interpreted  # noqa: E402
 
@@ -22,7 +28,23 @@ _KERNEL_MODULES = {
     "qahira_kernels.qbara": "_qbara_shrink_kernel",
 }
 
-for _name, _kernel in _KERNEL_MODULES.items():
-    _mod = sys.modules.get(_name)
-    if _mod is not None and not is_interpreted(getattr(_mod, _kernel)):
-        importlib.reload(_mod)
+
+def _triton_library_interpreted() -> bool:
+    import triton.language as tl
+
+    return is_interpreted(tl.zeros)
+
+
+if _triton_library_interpreted():
+    for _name, _kernel in _KERNEL_MODULES.items():
+        _mod = sys.modules.get(_name)
+        if _mod is not None and not is_interpreted(getattr(_mod, _kernel)):
+            importlib.reload(_mod)
+
+
+@pytest.fixture(autouse=True)
+def _require_triton_interpreter():
+    if not _triton_library_interpreted():
+        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set, so its kernels "
+                    "cannot run on CPU: run pytest with TRITON_INTERPRET=1 in the environment",
+                    pytrace=False)

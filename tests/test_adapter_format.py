@@ -1,0 +1,211 @@
+"""adapter_config.json, tensor layout, fingerprint, and every validation error."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import helpers_tiny
+from qahira_vllm.adapter_format import (CONFIG_NAME, WEIGHTS_NAME, AdapterConfig, AdapterError,
+                                        base_layer_dims, checkpoint_fingerprint, load_adapter,
+                                        peft_alpha_for, peft_compatible_scaling,
+                                        validate_adapter)
+
+LAYER = "model.layers.0.self_attn.q_proj"
+
+
+@pytest.fixture(scope="module")
+def qckpt():
+    return helpers_tiny.tiny_qckpt("llama", hidden=64, intermediate=128, heads=2, kv_heads=1)
+
+
+@pytest.fixture
+def qbara_dir(qckpt, tmp_path):
+    return helpers_tiny.random_adapter(qckpt, tmp_path / "qbara", "qbara", rank=4)
+
+
+def _edit_config(adapter_dir, fn):
+    path = adapter_dir / CONFIG_NAME
+    d = json.loads(path.read_text())
+    fn(d)
+    path.write_text(json.dumps(d))
+
+
+def _edit_tensors(adapter_dir, fn):
+    path = adapter_dir / WEIGHTS_NAME
+    tensors = load_file(str(path))
+    fn(tensors)
+    save_file(tensors, str(path))
+
+
+def _check(adapter_dir, qckpt, **kw):
+    validate_adapter(load_adapter(adapter_dir), base_layer_dims(qckpt),
+                     checkpoint_fingerprint(qckpt), **kw)
+
+
+@pytest.mark.parametrize("scaling", [2.0, 0.1, 1 / 3, 0.7, 1e-3, 12.345])
+@pytest.mark.parametrize("r", [1, 3, 7, 16, 48, 100])
+def test_peft_arithmetic_gives_scaling_exactly(scaling, r):
+    usable = peft_compatible_scaling(scaling, r)
+    assert abs(usable - scaling) <= math.ulp(scaling)
+    assert peft_alpha_for(usable, r) / r == usable
+
+
+@pytest.mark.parametrize("alpha, r_lora", [(16, 8), (16, 64), (7, 3), (1, 6), (32, 12)])
+def test_paper_convention_is_always_exact(alpha, r_lora):
+    # Q-BaRA: s = alpha / r_lora, stored rank R = 2 r_lora, lora_alpha = 2 alpha.
+    assert peft_alpha_for(alpha / r_lora, 2 * r_lora) / (2 * r_lora) == alpha / r_lora
+
+
+def test_config_fields_and_round_trip(qbara_dir, qckpt):
+    d = json.loads((qbara_dir / CONFIG_NAME).read_text())
+    assert d["peft_type"] == "LORA" and d["task_type"] == "CAUSAL_LM" and d["bias"] == "none"
+    assert d["r"] == 4 and d["lora_alpha"] / d["r"] == d["qahira"]["scaling"] == 2.0
+    q = d["qahira"]
+    assert (q["adapter_type"], q["format_version"], q["pool"], q["repeat"], q["rank"]) == \
+        ("qbara", 1, 2, 2, 4)
+    assert q["base_fingerprint"] == checkpoint_fingerprint(qckpt)
+    cfg = load_adapter(qbara_dir).config
+    assert AdapterConfig.from_json_dict(cfg.to_json_dict()) == cfg
+    keys = load_file(str(qbara_dir / WEIGHTS_NAME))
+    assert keys[f"base_model.model.{LAYER}.lora_A.weight"].shape == (4, 32)   # [R, in/p]
+    assert keys[f"base_model.model.{LAYER}.lora_B.weight"].shape == (32, 4)   # [out/q, R]
+    _check(qbara_dir, qckpt, max_rank=4)
+
+
+def test_plain_peft_lora_uses_peft_scaling():
+    base = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}
+    assert AdapterConfig.from_json_dict(base).scaling == 2.0
+    rs = AdapterConfig.from_json_dict({**base, "use_rslora": True})
+    assert rs.scaling == 16 / math.sqrt(8) and rs.adapter_type == "lora"
+
+
+def test_fingerprint_is_deterministic_and_tracks_weights(qckpt, tmp_path):
+    fp = checkpoint_fingerprint(qckpt)
+    assert fp == checkpoint_fingerprint(qckpt)
+    copy = tmp_path / "copy"
+    shutil.copytree(qckpt, copy)
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg["quantization_config"]["created_by"] = "someone else"   # provenance only
+    (copy / "config.json").write_text(json.dumps(cfg))
+    assert checkpoint_fingerprint(copy) == fp
+    tensors = load_file(str(copy / "model.safetensors"))
+    tensors[f"{LAYER}.offsets"][0, 0] += 0.001
+    save_file(tensors, str(copy / "model.safetensors"))
+    assert checkpoint_fingerprint(copy) != fp
+
+
+def test_fingerprint_ignores_sharding(qckpt, tmp_path):
+    from huggingface_hub import save_torch_state_dict
+
+    sharded = tmp_path / "sharded"
+    shutil.copytree(qckpt, sharded)
+    tensors = load_file(str(sharded / "model.safetensors"))
+    (sharded / "model.safetensors").unlink()
+    save_torch_state_dict(tensors, sharded, max_shard_size="20KB")
+    assert len(list(sharded.glob("*.safetensors"))) > 1
+    assert checkpoint_fingerprint(sharded) == checkpoint_fingerprint(qckpt)
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda d: d["qahira"].update(adapter_type="dora"), "qahira.adapter_type='dora'"),
+    (lambda d: d["qahira"].update(format_version=2), "qahira.format_version=2, this build reads 1"),
+    (lambda d: d["qahira"].pop("scaling"), "qahira section misses ['scaling']"),
+    (lambda d: d.update(lora_alpha=d["lora_alpha"] * 2), "would apply different scalings"),
+    (lambda d: d.update(use_dora=True), "unsupported PEFT features ['use_dora']"),
+    (lambda d: d.update(use_rslora=True), "use_rslora=true contradicts qahira.scaling"),
+    (lambda d: d["qahira"].update(pool=0), "pool=0, expected a positive integer"),
+    (lambda d: d["qahira"].update(scaling=float("nan")), "qahira.scaling=nan, expected a finite"),
+])
+def test_config_errors(qbara_dir, edit, expected):
+    _edit_config(qbara_dir, edit)
+    with pytest.raises(AdapterError) as e:
+        load_adapter(qbara_dir)
+    assert expected in str(e.value) and CONFIG_NAME in str(e.value)
+
+
+def test_folder_errors(tmp_path, qbara_dir):
+    with pytest.raises(AdapterError, match="does not exist"):
+        load_adapter(tmp_path / "missing")
+    (qbara_dir / WEIGHTS_NAME).unlink()
+    with pytest.raises(AdapterError, match="adapter_model.safetensors not found"):
+        load_adapter(qbara_dir)
+    (qbara_dir / CONFIG_NAME).write_text("{oops")
+    with pytest.raises(AdapterError, match="invalid JSON"):
+        load_adapter(qbara_dir)
+    (qbara_dir / CONFIG_NAME).unlink()
+    with pytest.raises(AdapterError, match="adapter_config.json not found"):
+        load_adapter(qbara_dir)
+
+
+def test_unexpected_tensor_name(qbara_dir):
+    _edit_tensors(qbara_dir, lambda t: t.update(
+        {f"base_model.model.{LAYER}.qahira_M.weight": torch.zeros(2, 2)}))
+    with pytest.raises(AdapterError, match="unexpected tensor .*qahira_M.* in a 'qbara' adapter"):
+        load_adapter(qbara_dir)
+
+
+def test_fingerprint_mismatch(qbara_dir, qckpt):
+    other = helpers_tiny.tiny_qckpt("llama", offset_dtype="float32", hidden=64, intermediate=128,
+                                    heads=2, kv_heads=1)
+    with pytest.raises(AdapterError, match="trained on a base with fingerprint"):
+        _check(qbara_dir, other)
+
+
+def test_missing_tensor(qbara_dir, qckpt):
+    _edit_tensors(qbara_dir, lambda t: t.pop(f"base_model.model.{LAYER}.lora_B.weight"))
+    with pytest.raises(AdapterError) as e:
+        _check(qbara_dir, qckpt)
+    assert f"missing tensor 'base_model.model.{LAYER}.lora_B.weight': expected [32, 4]" in str(e.value)
+
+
+def test_wrong_compact_shape(qbara_dir, qckpt):
+    key = f"base_model.model.{LAYER}.lora_A.weight"
+    _edit_tensors(qbara_dir, lambda t: t.update({key: torch.zeros(4, 64)}))  # expanded, not [4, 32]
+    with pytest.raises(AdapterError) as e:
+        _check(qbara_dir, qckpt)
+    assert f"tensor {key!r} has shape [4, 64]: expected [4, 32]" in str(e.value)
+
+
+def test_pool_repeat_must_divide(qckpt, tmp_path):
+    path = helpers_tiny.random_adapter(qckpt, tmp_path / "a", "qbara", rank=4)
+    _edit_config(path, lambda d: d["qahira"].update(pool=3))
+    with pytest.raises(AdapterError, match=r"layer 'model\.layers\.0\.mlp\.down_proj' "
+                                           r"\[out=64, in=128\]: pool=3 does not divide in=128"):
+        _check(path, qckpt)
+    _edit_config(path, lambda d: d["qahira"].update(pool=2, repeat=5))
+    with pytest.raises(AdapterError, match="repeat=5 does not divide out=64"):
+        _check(path, qckpt)
+
+
+def test_rank_above_max(qbara_dir, qckpt):
+    with pytest.raises(AdapterError, match="rank 4 is above the maximum 2"):
+        _check(qbara_dir, qckpt, max_rank=2)
+
+
+def test_non_finite(qbara_dir, qckpt):
+    key = f"base_model.model.{LAYER}.lora_B.weight"
+
+    def poison(t):
+        t[key][0, 0] = float("inf")
+    _edit_tensors(qbara_dir, poison)
+    with pytest.raises(AdapterError, match=f"{key}' has 1 non-finite values"):
+        _check(qbara_dir, qckpt)
+
+
+def test_tensor_for_unknown_layer(qbara_dir, qckpt):
+    _edit_tensors(qbara_dir, lambda t: t.update({
+        "base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight": torch.zeros(4, 32),
+        "base_model.model.model.layers.9.self_attn.q_proj.lora_B.weight": torch.zeros(32, 4)}))
+    with pytest.raises(AdapterError, match="targets layer 'model.layers.9.self_attn.q_proj', "
+                                           "which is not a quantized linear layer"):
+        _check(qbara_dir, qckpt)
+
+
+def test_wrong_adapter_type_for_tensors(qbara_dir, qckpt):
+    _edit_config(qbara_dir, lambda d: d["qahira"].update(adapter_type="qahira", rank=None))
+    with pytest.raises(AdapterError, match="unexpected tensor .*lora_A.* in a 'qahira' adapter"):
+        load_adapter(qbara_dir)

@@ -1,0 +1,154 @@
+"""qahira_vllm.checkpoint: header validation on corrupted copies of a real tiny checkpoint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import tiny_models as tm  # noqa: E402
+from qahira_vllm.checkpoint import (read_headers, read_quant_config,  # noqa: E402
+                                    resolve_model_dir, validate_checkpoint)
+from qahira_vllm.format import QahiraFormatError, QahiraQuantConfig  # noqa: E402
+from qahira_vllm.quantize import quantize_model  # noqa: E402
+
+LAYER = "model.layers.1.self_attn.k_proj"  # [out=64, in=128]
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    src = tm.make_model_dir(root / "src", "qwen2", seed=3)
+    out = {"src": src}
+    for name, bits, block, odt in [("q4", 4, (1, 64), "float16"),
+                                   ("q8", 8, (8, 4), "float32")]:
+        out[name] = root / name
+        quantize_model(src, out[name], bits=bits, block_size=block, offset_dtype=odt,
+                       progress=False)
+    return out
+
+
+def _corrupt(base: Path, dst: Path, edit) -> Path:
+    """Copy `base` to `dst`, applying edit(state_dict) to its tensors before re-saving."""
+    shutil.copytree(base, dst)
+    sd = tm.load_safetensors_dir(dst)
+    edit(sd)
+    for f in dst.glob("*.safetensors"):
+        f.unlink()
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(dst / "model.safetensors"))
+    return dst
+
+
+def test_valid_checkpoints(ckpts):
+    for name in ("q4", "q8"):
+        cfg = read_quant_config(ckpts[name])
+        assert validate_checkpoint(ckpts[name], cfg) == 14
+        assert validate_checkpoint(str(ckpts[name]), cfg) == 14  # str paths too
+    cfg8 = read_quant_config(ckpts["q8"])
+    assert (cfg8.bits, cfg8.block_size, cfg8.offset_dtype) == (8, (8, 4), "float32")
+    metas = read_headers(ckpts["q4"])
+    assert metas[f"{LAYER}.qweight"].shape == (64, 16)
+    assert metas[f"{LAYER}.qweight"].dtype == torch.int32
+    assert metas[f"{LAYER}.bias"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("name,edit,fragments", [
+    ("scales_shape",
+     lambda sd: sd.__setitem__(f"{LAYER}.scales", torch.ones(64, 3, dtype=torch.float16)),
+     [f"'{LAYER}.scales'", "torch.float16 [64, 3]", "expected torch.float16 [64, 2]"]),
+    ("scales_transposed",
+     lambda sd: sd.__setitem__(f"{LAYER}.scales", sd[f"{LAYER}.scales"].t()),
+     [f"'{LAYER}.scales'", "expected torch.float16 [64, 2]"]),
+    ("offsets_dtype",
+     lambda sd: sd.__setitem__(f"{LAYER}.offsets", sd[f"{LAYER}.offsets"].float()),
+     [f"'{LAYER}.offsets'", "is torch.float32 [64, 2]", "expected torch.float16 [64, 2]"]),
+    ("qweight_dtype",
+     lambda sd: sd.__setitem__(f"{LAYER}.qweight", sd[f"{LAYER}.qweight"].to(torch.int64)),
+     [f"'{LAYER}.qweight'", "is torch.int64 [64, 16]", "expected torch.int32 [64, 16]"]),
+    ("qweight_unpacked",
+     lambda sd: sd.__setitem__(f"{LAYER}.qweight", torch.zeros(64, 128, dtype=torch.uint8)),
+     [f"'{LAYER}.qweight'", "expected torch.int32"]),
+    ("missing_offsets",
+     lambda sd: sd.pop(f"{LAYER}.offsets"),
+     [f"missing tensor '{LAYER}.offsets'", "expected torch.float16 [64, 2]"]),
+    ("missing_qweight",
+     lambda sd: sd.pop(f"{LAYER}.qweight"),
+     [f"'{LAYER}.qweight'"]),
+    ("weight_and_qweight",
+     lambda sd: sd.__setitem__(f"{LAYER}.weight", torch.zeros(64, 128)),
+     [f"'{LAYER}'", "float 'weight'", "quantized tensors"]),
+])
+def test_corrupted_4bit(ckpts, tmp_path, name, edit, fragments):
+    bad = _corrupt(ckpts["q4"], tmp_path / name, edit)
+    cfg = read_quant_config(bad)
+    with pytest.raises(QahiraFormatError) as ei:
+        validate_checkpoint(bad, cfg)
+    msg = str(ei.value)
+    for f in fragments:
+        assert f in msg, (f, msg)
+
+
+@pytest.mark.parametrize("name,edit,fragments", [
+    ("qweight_int32",
+     lambda sd: sd.__setitem__(f"{LAYER}.qweight", sd[f"{LAYER}.qweight"].to(torch.int32)),
+     [f"'{LAYER}.qweight'", "is torch.int32 [64, 128]", "expected torch.uint8 [64, 128]"]),
+    ("offsets_fp16",
+     lambda sd: sd.__setitem__(f"{LAYER}.offsets", sd[f"{LAYER}.offsets"].half()),
+     [f"'{LAYER}.offsets'", "expected torch.float32 [8, 32]"]),
+    ("scales_per_row",
+     lambda sd: sd.__setitem__(f"{LAYER}.scales", torch.ones(64, 32, dtype=torch.float16)),
+     [f"'{LAYER}.scales'", "expected torch.float16 [8, 32]"]),
+])
+def test_corrupted_8bit_2d_block(ckpts, tmp_path, name, edit, fragments):
+    bad = _corrupt(ckpts["q8"], tmp_path / name, edit)
+    with pytest.raises(QahiraFormatError) as ei:
+        validate_checkpoint(bad, read_quant_config(bad))
+    for f in fragments:
+        assert f in str(ei.value), (f, str(ei.value))
+
+
+def test_config_that_disagrees_with_tensors(ckpts):
+    """Validating a 4-bit 1x64 checkpoint against an 8-bit or 8x4 config must fail."""
+    with pytest.raises(QahiraFormatError, match="expected torch.uint8"):
+        validate_checkpoint(ckpts["q4"], QahiraQuantConfig(bits=8, block_size=(1, 8)))
+    with pytest.raises(QahiraFormatError,
+                       match=r"down_proj.scales.*expected torch.float16 \[16, 64\]"):
+        validate_checkpoint(ckpts["q4"], QahiraQuantConfig(bits=4, block_size=(8, 4)))
+
+
+def test_float_model_has_no_quantized_tensors(ckpts):
+    with pytest.raises(QahiraFormatError, match="no tensor ends in"):
+        validate_checkpoint(ckpts["src"], QahiraQuantConfig())
+
+
+def test_read_quant_config_errors(ckpts, tmp_path):
+    with pytest.raises(QahiraFormatError, match="has no quantization_config"):
+        read_quant_config(ckpts["src"])
+    with pytest.raises(FileNotFoundError, match="config.json not found"):
+        read_quant_config(tmp_path)
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpts["q4"], bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["quantization_config"]["format_version"] = 2
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(QahiraFormatError, match=r"config\.json.*format_version=2"):
+        read_quant_config(bad)
+    cfg["quantization_config"].update(format_version=1, block_size=[3])
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(QahiraFormatError, match="block_size"):
+        read_quant_config(bad)
+
+
+def test_resolve_model_dir(tmp_path):
+    assert resolve_model_dir(tmp_path) == tmp_path
+    f = tmp_path / "x.json"
+    f.write_text("{}")
+    with pytest.raises(FileNotFoundError, match="is a file"):
+        resolve_model_dir(f)

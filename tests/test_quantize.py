@@ -1,0 +1,355 @@
+"""qahira_vllm.quantize (+ checkpoint.dequantized_state_dict / load_reference_model) on tiny
+random Llama and Qwen2 models."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import tiny_models as tm  # noqa: E402
+from qahira_vllm.checkpoint import (dequantized_state_dict, load_reference_model,  # noqa: E402
+                                    validate_checkpoint, read_quant_config)
+from qahira_vllm.format import QahiraFormatError  # noqa: E402
+from qahira_vllm.quantize import quantize_model  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = [(4, (1, 64)), (8, (1, 64)), (4, (8, 4)), (4, (2, 16))]
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    """Float source folders: 'llama' (untied lm_head), 'qwen2' (q/k/v bias, tied embeddings),
+    'llama_nd' (intermediate 96: down_proj [128, 96] not divisible by bi=64)."""
+    root = tmp_path_factory.mktemp("src")
+    return {
+        "llama": tm.make_model_dir(root / "llama", "llama", seed=0),
+        "qwen2": tm.make_model_dir(root / "qwen2", "qwen2", seed=1, tie=True),
+        "llama_nd": tm.make_model_dir(root / "llama_nd", "llama", seed=2, **tm.NON_DIVIDING),
+    }
+
+
+@pytest.fixture(scope="module")
+def quantized(src, tmp_path_factory):
+    """get(arch, bits, block, clip=True) -> (out_dir, summary), built once per combination."""
+    root = tmp_path_factory.mktemp("q")
+    built = {}
+
+    def get(arch, bits, block, clip=True):
+        key = (arch, bits, tuple(block), clip)
+        if key not in built:
+            out = root / f"{arch}-{bits}-{block[0]}x{block[1]}-{clip}"
+            summary = quantize_model(src[arch], out, bits=bits, block_size=block,
+                                     clip_search=clip, progress=False)
+            built[key] = (out, summary)
+        return built[key]
+
+    return get
+
+
+def _leftovers(parent: Path, name: str) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{name}.")
+                  or p.name == name)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("bits,block", CONFIGS)
+def test_quantized_checkpoint_contents(src, quantized, arch, bits, block):
+    out, summary = quantized(arch, bits, block)
+    bo, bi = block
+    source = tm.load_safetensors_dir(src[arch])
+    got = tm.load_safetensors_dir(out)
+
+    # config.json
+    config = json.loads((out / "config.json").read_text())
+    src_config = json.loads((src[arch] / "config.json").read_text())
+    qc = config.pop("quantization_config")
+    assert config == src_config  # everything else unchanged
+    assert qc["quant_method"] == "qahira" and qc["format_version"] == 1
+    assert qc["bits"] == bits and qc["block_size"] == [bo, bi]
+    assert qc["offset_dtype"] == "float16" and qc["modules_not_converted"] == []
+    assert qc["quantizer"] == "mse_clip" and qc["source_model"] == str(src[arch])
+    assert qc["created_by"].startswith("qahira-vllm ")
+    # other files copied
+    assert (out / "tokenizer_config.json").read_text() == (
+        src[arch] / "tokenizer_config.json").read_text()
+    assert (out / "generation_config.json").exists()
+
+    # every converted layer: exactly qweight/scales/offsets with the format's shapes/dtypes
+    layers = tm.linear_layer_names()
+    assert summary["layers_converted"] == len(layers) == 14
+    for layer in layers:
+        out_f, in_f = source[f"{layer}.weight"].shape
+        assert f"{layer}.weight" not in got
+        qw = got[f"{layer}.qweight"]
+        if bits == 4:
+            assert qw.dtype == torch.int32 and qw.shape == (out_f, in_f // 8)
+        else:
+            assert qw.dtype == torch.uint8 and qw.shape == (out_f, in_f)
+        assert got[f"{layer}.scales"].dtype == torch.float16
+        assert got[f"{layer}.scales"].shape == (out_f // bo, in_f // bi)
+        assert got[f"{layer}.offsets"].dtype == torch.float16
+        assert got[f"{layer}.offsets"].shape == (out_f // bo, in_f // bi)
+        assert (got[f"{layer}.scales"] > 0).all()
+
+    # biases, embeddings, norms (and lm_head): byte-identical, nothing else added
+    others = {k for k in source if k.rsplit(".", 1)[0] not in layers or k.endswith(".bias")}
+    assert {k for k in got if not k.endswith((".qweight", ".scales", ".offsets"))} == others
+    for k in others:
+        a, b = source[k], got[k]
+        assert a.dtype == b.dtype and a.shape == b.shape, k
+        assert torch.equal(a.contiguous().view(-1).view(torch.uint8),
+                           b.contiguous().view(-1).view(torch.uint8)), k
+    if arch == "qwen2":
+        assert sum(k.endswith(".bias") for k in others) == 6  # q/k/v of 2 layers
+    else:
+        assert "lm_head.weight" in others
+    assert not any(k.startswith("lm_head.") and k != "lm_head.weight" for k in got)
+
+    # the checkpoint validates and reads back
+    assert validate_checkpoint(out, read_quant_config(out)) == 14
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("bits,block", CONFIGS)
+def test_dequantized_weights_within_bound(src, quantized, arch, bits, block):
+    out, summary = quantized(arch, bits, block)
+    source = tm.load_safetensors_dir(src[arch])
+    deq = dequantized_state_dict(out)
+    stored = tm.load_safetensors_dir(out)
+    sq_err = sq_ref = 0.0
+    for layer in tm.linear_layer_names():
+        w = source[f"{layer}.weight"]
+        d = deq[f"{layer}.weight"]
+        assert d.dtype == torch.float32 and d.shape == w.shape
+        # dequantized_state_dict must equal the independent dequantization of the stored
+        # tensors up to fp32 rounding of s*q + o (2^-23 relative to |s*q| + |o|, + fp32 of it)
+        ref = tm.dequant_packed_ref(stored[f"{layer}.qweight"], stored[f"{layer}.scales"],
+                                    stored[f"{layer}.offsets"], block, bits)
+        assert torch.allclose(d.double(), ref, rtol=2.0**-22, atol=1e-9), layer
+        # mse_clip: |err| <= s'/2 + 0.15*(hi - lo) + fp16 rounding terms (tiny_models.error_bound)
+        err = (ref - w.double()).abs()
+        assert (err <= tm.error_bound(w, block, bits, "float16", clip=True)).all(), layer
+        sq_err += (ref - w.double()).square().sum().item()
+        sq_ref += w.double().square().sum().item()
+    # summary's relative error matches ours (1e-4 relative: it accumulates in fp32 per layer)
+    assert summary["relative_weight_error"] == pytest.approx((sq_err / sq_ref) ** 0.5, rel=1e-4)
+    # N(0, 0.08) weights: uniform-grid error ~ range/(qmax*sqrt(12)); loose sanity bound
+    assert summary["relative_weight_error"] < (0.15 if bits == 4 else 0.01)
+    for k in source:  # non-linear tensors come back as they were (fp32 source)
+        if k.rsplit(".", 1)[0] not in tm.linear_layer_names() or k.endswith(".bias"):
+            assert torch.equal(deq[k], source[k].float()), k
+
+
+@pytest.mark.parametrize("bits,block", [(4, (1, 64)), (8, (8, 4))])
+def test_minmax_quantizer_tight_bound(src, quantized, bits, block):
+    out, _ = quantized("llama", bits, block, clip=False)
+    assert read_quant_config(out).extra["quantizer"] == "minmax"
+    source = tm.load_safetensors_dir(src["llama"])
+    deq = dequantized_state_dict(out)
+    for layer in tm.linear_layer_names():
+        w = source[f"{layer}.weight"]
+        # min-max: |err| <= s'/2 + |o' - lo| + qmax*|s' - s| (+ fp32 slack), see error_bound
+        err = (deq[f"{layer}.weight"].double() - w.double()).abs()
+        assert (err <= tm.error_bound(w, block, bits, "float16", clip=False)).all(), layer
+
+
+def test_offset_dtype_float32(src, tmp_path):
+    out = tmp_path / "o32"
+    quantize_model(src["llama"], out, bits=4, block_size=(1, 32), offset_dtype="float32",
+                   progress=False)
+    cfg = read_quant_config(out)
+    assert cfg.offset_dtype == "float32"
+    got = tm.load_safetensors_dir(out)
+    assert got["model.layers.0.mlp.up_proj.offsets"].dtype == torch.float32
+    assert got["model.layers.0.mlp.up_proj.scales"].dtype == torch.float16
+
+
+def test_skip_keeps_module_float(src, tmp_path):
+    out = tmp_path / "skip"
+    summary = quantize_model(src["llama"], out, skip=("o_proj",), progress=False)
+    got = tm.load_safetensors_dir(out)
+    source = tm.load_safetensors_dir(src["llama"])
+    assert summary["layers_converted"] == 12
+    for i in range(2):
+        name = f"model.layers.{i}.self_attn.o_proj"
+        assert torch.equal(got[f"{name}.weight"], source[f"{name}.weight"])
+        assert f"{name}.qweight" not in got
+    cfg = read_quant_config(out)
+    assert "o_proj" in cfg.modules_not_converted
+    assert not cfg.is_converted("model.layers.1.self_attn.o_proj")
+
+
+# ---- layers that the block does not divide ----------------------------------------------------
+
+def test_non_dividing_layer_raises_naming_layer(src, tmp_path):
+    out = tmp_path / "nd"
+    with pytest.raises(QahiraFormatError) as ei:
+        quantize_model(src["llama_nd"], out, bits=4, block_size=(1, 64), progress=False)
+    msg = str(ei.value)
+    assert "model.layers.0.mlp.down_proj" in msg or "model.layers.1.mlp.down_proj" in msg
+    assert "[out=128, in=96]" in msg
+    assert "in=96 is not a multiple of bi=64" in msg
+    assert "--keep-unconvertible" in msg
+    assert list(tmp_path.iterdir()) == []  # no output folder, no temp folder
+
+
+def test_keep_unconvertible(src, tmp_path):
+    out = tmp_path / "keep"
+    summary = quantize_model(src["llama_nd"], out, bits=4, block_size=(1, 64),
+                             keep_unconvertible=True, progress=False)
+    kept = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert summary["modules_not_converted"] == kept
+    assert summary["layers_converted"] == 12
+    cfg = read_quant_config(out)
+    assert list(cfg.modules_not_converted) == kept
+    got = tm.load_safetensors_dir(out)
+    source = tm.load_safetensors_dir(src["llama_nd"])
+    for name in kept:
+        assert torch.equal(got[f"{name}.weight"], source[f"{name}.weight"])
+        assert got[f"{name}.weight"].dtype == source[f"{name}.weight"].dtype
+        assert f"{name}.qweight" not in got and not cfg.is_converted(name)
+    assert "model.layers.0.mlp.up_proj.qweight" in got  # the others are converted
+    assert validate_checkpoint(out, cfg) == 12
+    deq = dequantized_state_dict(out)
+    assert torch.equal(deq[f"{kept[0]}.weight"], source[f"{kept[0]}.weight"])
+    load_reference_model(out)  # loads without missing/unexpected keys
+
+
+# ---- output folder handling -------------------------------------------------------------------
+
+def test_existing_output_needs_overwrite(src, tmp_path):
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="exists"):
+        quantize_model(src["llama"], out, progress=False)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert _leftovers(tmp_path, "exists") == ["exists"]
+    quantize_model(src["llama"], out, overwrite=True, progress=False)
+    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    assert _leftovers(tmp_path, "exists") == ["exists"]  # no .tmp- / .old- folders
+
+
+def test_existing_output_is_checked_before_quantizing(src, tmp_path):
+    """The out-dir check comes first: with a model that would fail to quantize, the error is
+    FileExistsError (no minutes of quantization before finding the folder exists)."""
+    out = tmp_path / "early"
+    out.mkdir()
+    with pytest.raises(FileExistsError):
+        quantize_model(src["llama_nd"], out, block_size=(1, 64), progress=False)
+
+
+def test_failure_while_writing_leaves_nothing(src, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full (simulated)")
+
+    monkeypatch.setattr(huggingface_hub, "save_torch_state_dict", boom)
+    out = tmp_path / "fail"
+    with pytest.raises(RuntimeError, match="simulated"):
+        quantize_model(src["llama"], out, progress=False)
+    assert list(tmp_path.iterdir()) == []
+    # an existing folder survives a failed overwrite untouched
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError, match="simulated"):
+        quantize_model(src["llama"], out, overwrite=True, progress=False)
+    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    assert _leftovers(tmp_path, "fail") == ["fail"]
+
+
+def test_failure_with_overwrite_keeps_existing(src, tmp_path):
+    out = tmp_path / "nd"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(QahiraFormatError):
+        quantize_model(src["llama_nd"], out, block_size=(1, 64), overwrite=True, progress=False)
+    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    assert _leftovers(tmp_path, "nd") == ["nd"]
+
+
+def test_source_errors(src, tmp_path):
+    f = tmp_path / "file.txt"
+    f.write_text("x")
+    with pytest.raises(FileNotFoundError, match="is a file"):
+        quantize_model(f, tmp_path / "o1", progress=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text((src["llama"] / "config.json").read_text())
+    with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
+        quantize_model(empty, tmp_path / "o2", progress=False)
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_requantizing_a_checkpoint_is_refused(quantized, tmp_path):
+    out, _ = quantized("llama", 4, (1, 64))
+    with pytest.raises(QahiraFormatError, match="already has a quantization_config"):
+        quantize_model(out, tmp_path / "again", progress=False)
+
+
+def test_hub_id_offline_gives_clear_error(tmp_path):
+    """A repo id that is not a local folder goes through huggingface_hub; offline and not cached
+    it must fail with FileNotFoundError naming the id (subprocess: HF_HUB_OFFLINE is read at
+    huggingface_hub import)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"),
+               HF_HUB_CACHE=str(tmp_path / "hf" / "hub"))
+    code = ("from qahira_vllm.quantize import quantize_model\n"
+            "try:\n"
+            "    quantize_model('qahira-test-org/no-such-model', 'outdir', progress=False)\n"
+            "except FileNotFoundError as e:\n"
+            "    print('FNF:', e)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "FNF:" in r.stdout and "'qahira-test-org/no-such-model'" in r.stdout
+    assert "neither a local folder nor a downloadable hub repo" in r.stdout
+    assert not (tmp_path / "outdir").exists()
+
+
+# ---- reference model ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch,bits,block", [("llama", 4, (1, 64)), ("qwen2", 4, (8, 4)),
+                                             ("llama", 8, (2, 16))])
+def test_reference_model_logits(src, quantized, arch, bits, block):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out, _ = quantized(arch, bits, block)
+    ref_model = load_reference_model(out)
+    assert not hasattr(ref_model.config, "quantization_config")
+
+    # our own model: float config, weights set from the independent dequantization
+    config = AutoConfig.from_pretrained(src[arch])
+    mine = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    source = tm.load_safetensors_dir(src[arch])
+    stored = tm.load_safetensors_dir(out)
+    sd = dict(source)
+    for layer in tm.linear_layer_names():
+        sd[f"{layer}.weight"] = tm.dequant_packed_ref(
+            stored[f"{layer}.qweight"], stored[f"{layer}.scales"], stored[f"{layer}.offsets"],
+            block, bits).float()
+    missing, unexpected = mine.load_state_dict(sd, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    if config.tie_word_embeddings:
+        mine.tie_weights()
+        assert torch.equal(ref_model.lm_head.weight, source["model.embed_tokens.weight"])
+
+    ids = torch.randint(0, tm.VOCAB, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = ref_model(ids).logits
+        b = mine(ids).logits
+        f = AutoModelForCausalLM.from_pretrained(src[arch], dtype=torch.float32).eval()(ids).logits
+    # same weights up to fp32 rounding of s*q + o (1 ulp) -> logits agree to 1e-5 abs/rel (fp32)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # and the quantized model is not the float one, but close to it
+    assert not torch.allclose(a, f, atol=1e-3)
+    cos = torch.nn.functional.cosine_similarity(a.flatten(), f.flatten(), dim=0)
+    assert cos > (0.9 if bits == 4 else 0.999)

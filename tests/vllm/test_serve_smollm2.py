@@ -1,0 +1,76 @@
+"""`qahira serve` with SmolLM2-135M quantized to INT4, over HTTP on 127.0.0.1, via `openai`.
+
+The server runs in bf16 (vLLM's CPU default), so it exercises the cpu_int4pack kernel.
+Perplexity bound (from the issue): INT4 served perplexity <= 1.10 x the bf16 model's
+perplexity on the same held-out text (bf16 weights, computed by transformers in fp32).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from server import qahira_server
+
+pytestmark = pytest.mark.vllm
+
+
+@pytest.fixture(scope="module")
+def int4_server(smollm2_quantized, tmp_path_factory):
+    # 1x32: the embedded SmolLM2 weights come from a Q4_1 GGUF whose 32-wide asymmetric
+    # blocks this block shape reproduces (measured: held-out perplexity 16.955 vs 16.959 bf16;
+    # 1x64 re-quantizes onto a misaligned grid and measured 21.73, +28%).
+    ckpt = smollm2_quantized(4, (1, 32))
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    with qahira_server([str(ckpt), "--served-model-name", "smollm2-int4",
+                        "--quantization", "qahira", "--gpu-memory-utilization", "0.3",
+                        "--max-model-len", "1024", "--enforce-eager"], log) as url:
+        yield url, log
+
+
+@pytest.fixture(scope="module")
+def client(int4_server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=int4_server[0] + "/v1", api_key="unused")
+
+
+def test_kernel_in_use_is_int4pack(int4_server, client):
+    client.models.list()
+    assert "qahira: using kernel cpu_int4pack" in int4_server[1].read_text()
+
+
+def test_chat_answers_coherently(client):
+    r = client.chat.completions.create(
+        model="smollm2-int4", temperature=0, max_tokens=24,
+        messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert "Paris" in r.choices[0].message.content
+
+
+def test_completion_answers_coherently(client):
+    r = client.completions.create(model="smollm2-int4", prompt="The capital of France is",
+                                  temperature=0, max_tokens=8)
+    assert "Paris" in r.choices[0].text
+
+
+def test_int4_perplexity_within_10_percent_of_bf16(client, smollm2_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qahira_vllm.models import HELDOUT_TEXT
+
+    r = client.completions.create(model="smollm2-int4", prompt=HELDOUT_TEXT, max_tokens=1,
+                                  temperature=0, echo=True, logprobs=0)
+    lps = [lp for lp in r.choices[0].logprobs.token_logprobs if lp is not None]
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    ids = tok(HELDOUT_TEXT, return_tensors="pt").input_ids
+    lps = lps[: ids.shape[1] - 1]  # drop the one generated token's logprob
+    assert len(lps) == ids.shape[1] - 1
+    ppl_int4 = math.exp(-sum(lps) / len(lps))
+
+    bf16 = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ppl_bf16 = math.exp(bf16(ids, labels=ids).loss.item())
+    print(f"held-out perplexity: bf16 {ppl_bf16:.3f}, served INT4 {ppl_int4:.3f}")
+    assert ppl_int4 <= 1.10 * ppl_bf16

@@ -156,14 +156,21 @@ def run(args) -> dict:
                                                     pad_id)
     timings["baselines_s"] = round(time.time() - t, 1)
 
+    int4_loss = results["baselines"]["INT4 base"]["eval_loss"]
     for name in args.methods:
         t = time.time()
         out = work / f"adapter-{run_tag}-{name}"
-        summary = train(TrainConfig(out=str(out), **common, **METHODS[name]))
+        # A zero-initialized adapter is exactly the INT4 base: its step-0 loss is known.
+        zero_init = METHODS[name].get("init", "zeros") == "zeros"
+        summary = train(TrainConfig(out=str(out), eval_at_start=not zero_init, **common,
+                                    **METHODS[name]))
+        curve = _curve(Path(f"{out}.run"))
+        if zero_init:
+            curve = [{"step": 0, "eval_loss": int4_loss}] + curve
         results["methods"][name] = {"trainable_params": summary["trainable_params"],
                                     "final": {"eval_loss": summary["eval_loss"],
                                               "eval_ppl": summary["eval_ppl"]},
-                                    "curve": _curve(Path(f"{out}.run")), "adapter": str(out)}
+                                    "curve": curve, "adapter": str(out)}
         timings[f"train_{name}_s"] = round(time.time() - t, 1)
 
     for name in [m for m in args.methods if m.startswith("qahira")]:

@@ -12,6 +12,9 @@ from qahira_vllm.cli import main as cli_main
 from qahira_vllm.export import export_peft_lora
 from qahira_vllm.training.model import load_model_with_adapter
 
+# Our own adapters carry a "qahira" key that PEFT does not know (it warns, then ignores it).
+pytestmark = pytest.mark.filterwarnings("ignore:Unexpected keyword arguments")
+
 TINY = dict(hidden=64, intermediate=128, heads=2, kv_heads=1)
 IDS = torch.tensor([[3, 17, 99, 250, 64, 8, 120, 45, 200, 31, 7, 77]])
 

@@ -89,14 +89,17 @@ def test_dequant_kernel_bf16_and_3d_input():
 @pytest.mark.parametrize("act_dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m", [1, 3, 17])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_int4pack_kernel(block, out_f, in_f, act_dtype, m, with_bias):
-    y, y_ref, layer = _run(lk.CpuInt4PackKernel, out_f, in_f, 4, block, act_dtype, m, with_bias,
-                           seed=m + out_f)
-    # scale/zero rounded to bf16/fp16 (zero = offset + 8*scale, 2^-9 relative) and bf16/fp16
+@pytest.mark.parametrize("bits", [4, 8])
+def test_int4pack_kernel(bits, block, out_f, in_f, act_dtype, m, with_bias):
+    y, y_ref, layer = _run(lk.CpuInt4PackKernel, out_f, in_f, bits, block, act_dtype, m,
+                           with_bias, seed=m + out_f)
+    # scale/zero rounded to bf16/fp16 (zero = offset + 8*scale, 2^-9 relative; 8-bit: the
+    # high plane's 16*scale times n <= 15 carries the same relative rounding) and bf16/fp16
     # accumulation/output: bound 2e-2 of max|y| (observed ~3e-3)
     assert (y - y_ref).abs().max() <= 2e-2 * y_ref.abs().max()
     assert not hasattr(layer, "qweight")  # repacked in memory
-    assert layer.int4_scale_zero.shape == (in_f // block[1], out_f, 2)
+    assert layer.int4_scale_zero_0.shape == (in_f // block[1], out_f, 2)
+    assert hasattr(layer, "int4_packed_1") == (bits == 8)  # INT8 = two int4 planes
 
 
 def test_int4pack_3d_input_and_matches_dequant_path():
@@ -114,7 +117,7 @@ def test_int4pack_blocks_differ_along_output():
     spec = lk.LinearSpec(4, (2, 32), 32, 64, torch.bfloat16, "cpu")
     k = lk.CpuInt4PackKernel(spec)
     k.prepare(layer)
-    sz = layer.int4_scale_zero.float()
+    sz = layer.int4_scale_zero_0.float()
     assert torch.equal(sz[:, 0::2], sz[:, 1::2])  # each pair of rows shares (scale, zero)
     x = torch.eye(64, dtype=torch.bfloat16)       # y = W^T: reads back the dequantized weights
     w_back = k.apply(layer, x).double().t()
@@ -130,7 +133,7 @@ def _spec(bits=4, block=(1, 64), act=torch.bfloat16, dev="cpu", out_f=128, in_f=
 
 
 @pytest.mark.parametrize("spec,reason", [
-    (_spec(bits=8), "4-bit"),
+    (_spec(bits=3), "4-bit or 8-bit"),
     (_spec(block=(1, 16)), "bi must be one of"),
     (_spec(block=(8, 4)), "bi must be one of"),
     (_spec(block=(1, 512)), "bi must be one of"),
@@ -146,8 +149,10 @@ def test_int4pack_refuses(spec, reason):
 
 @pytest.mark.parametrize("block", [(1, 32), (1, 64), (1, 128), (1, 256), (4, 64)])
 @pytest.mark.parametrize("act", [torch.bfloat16, torch.float16])
-def test_int4pack_accepts(block, act):
-    assert lk.CpuInt4PackKernel.can_implement(_spec(block=block, act=act)) == (True, None)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_int4pack_accepts(block, act, bits):
+    spec = _spec(block=block, act=act, bits=bits)
+    assert lk.CpuInt4PackKernel.can_implement(spec) == (True, None)
 
 
 @pytest.fixture
@@ -161,7 +166,8 @@ def builtin_kernels(monkeypatch):
 def test_select_kernel(builtin_kernels):
     assert lk.select_kernel(_spec()) is lk.CpuInt4PackKernel
     assert lk.select_kernel(_spec(act=torch.float16)) is lk.CpuInt4PackKernel
-    for spec in (_spec(bits=8), _spec(act=torch.float32), _spec(dev="cuda"),
+    assert lk.select_kernel(_spec(bits=8)) is lk.CpuInt4PackKernel
+    for spec in (_spec(act=torch.float32), _spec(dev="cuda"),
                  _spec(block=(8, 4)), _spec(block=(1, 16)), _spec(out_f=40, in_f=64)):
         assert lk.select_kernel(spec) is lk.DequantLinearKernel
 

@@ -64,6 +64,7 @@ class TrainConfig:
     bf16: bool = False
     gradient_checkpointing: bool = False
     eval_steps: int = 50           # 0: only before and after training
+    eval_at_start: bool = True     # evaluate before the first step (a zero-init adapter = base)
     eval_batch_size: int = 8
     save_steps: int = 0            # 0: no intermediate checkpoints
     run_dir: str | None = None
@@ -74,7 +75,7 @@ class TrainConfig:
     overwrite: bool = False
     # Everything above except these affects the numbers; resume refuses to change those.
     _NOT_STATE = ("out", "run_dir", "resume", "progress", "overwrite", "eval_steps",
-                  "eval_batch_size", "save_steps", "threads")
+                  "eval_at_start", "eval_batch_size", "save_steps", "threads")
 
     def spec(self) -> AdapterSpec:
         return AdapterSpec(method=self.method, targets=tuple(self.targets), lora_r=self.lora_r,
@@ -221,7 +222,7 @@ def train(cfg: TrainConfig) -> dict:
                    "trainable_params": n_params, "train_sequences": len(train_set),
                    "eval_sequences": len(eval_set), "max_steps": max_steps,
                    "adapter": adapter_config.to_json_dict()["qahira"]})
-        if eval_set:
+        if eval_set and cfg.eval_at_start:
             log.write({"step": 0, **evaluate(model, eval_set, cfg.eval_batch_size, pad_id,
                                              cfg.bf16)})
 

@@ -2,7 +2,8 @@
 
 vLLM calls register() in every process it starts, possibly more than once: it must be
 idempotent and cheap. It imports only the config module, which in turn imports the vLLM
-quantization base classes that vLLM has already loaded.
+quantization base classes that vLLM has already loaded, and installs the Q-BaRA LoRA
+hooks (qahira_vllm.lora.install), which patch vLLM's LoRA modules only as vLLM imports them.
 """
 
 _registered = False
@@ -13,5 +14,8 @@ def register() -> None:
     if _registered:
         return
     from . import config  # noqa: F401  (the decorator registers "qahira" with vLLM)
+    from ..lora.install import install as install_qbara_lora
+
+    install_qbara_lora()
 
     _registered = True

@@ -1,0 +1,179 @@
+"""vLLM offline decode throughput and weight memory: bf16 vs qahira INT4 vs INT8 (CPU).
+
+    .venv/bin/python benchmarks/decode_throughput.py [--quick] [--out benchmarks/results]
+
+Models: SmolLM2-135M (embedded) and a randomly initialised 1B-shaped Llama (hidden 2048,
+16 layers, intermediate 8192, 32 heads / 8 KV heads, SmolLM2's 49152-token vocabulary), where
+decode is weight-bound. Each (model, format) runs in its own engine in a child process, one
+after the other; all ratios come from this one run. Throughput = generated tokens / wall time
+of `LLM.generate` for `batch` prompts of 8 tokens, each decoding `--tokens` tokens
+(ignore_eos). Weight memory = bytes of the checkpoint's tensors (safetensors payload).
+Engines run with enforce_eager=True (torch.compile costs minutes per engine on CPU) and the
+vLLM CPU default VLLM_CPU_NUM_OF_RESERVED_CPU (unset: one core computes, one serves the front
+end) unless the environment sets it; the JSON records both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BATCHES = (1, 8, 32)
+
+
+def build_1b_llama(out: Path, tokenizer_src: Path) -> Path:
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if (out / "config.json").exists():
+        return out
+    cfg = AutoConfig.from_pretrained(tokenizer_src)
+    cfg.update(dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                    num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                    tie_word_embeddings=True, dtype="bfloat16"))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    for f in tokenizer_src.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "chat_template.jinja":
+            shutil.copy2(f, tmp / f.name)
+    tmp.rename(out)
+    return out
+
+
+def weight_bytes(model_dir: Path) -> int:
+    from qahira_vllm.checkpoint import read_headers
+    import math
+
+    import torch
+
+    total = 0
+    for meta in read_headers(model_dir).values():
+        total += math.prod(meta.shape) * torch.empty((), dtype=meta.dtype).element_size()
+    return total
+
+
+def run_one(model_dir: str, batches: list[int], tokens: int) -> dict:
+    """Child process: one engine, every batch size."""
+    from vllm import LLM, SamplingParams
+
+    t0 = time.time()
+    llm = LLM(model_dir, gpu_memory_utilization=0.3, max_model_len=256, enforce_eager=True,
+              max_num_seqs=max(batches))
+    startup = time.time() - t0
+    prompt = {"prompt_token_ids": [1, 504, 3458, 5145, 6355, 281, 260, 1029]}
+    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+    llm.generate([prompt], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    out = {"startup_s": startup, "tok_per_s": {}}
+    for b in batches:
+        t = time.perf_counter()
+        res = llm.generate([prompt] * b, params, use_tqdm=False)
+        dt = time.perf_counter() - t
+        n = sum(len(r.outputs[0].token_ids) for r in res)
+        out["tok_per_s"][str(b)] = n / dt
+    return out
+
+
+def engine_run(model_dir: Path, batches, tokens) -> dict:
+    cmd = [sys.executable, __file__, "--child", str(model_dir), "--batches",
+           ",".join(map(str, batches)), "--tokens", str(tokens)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"engine run failed for {model_dir}:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(results["models"])
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    for ax, m in zip(axes[0], models):
+        fmts = results["models"][m]
+        width = 0.8 / len(fmts)
+        for k, (fmt, r) in enumerate(fmts.items()):
+            xs = [i + k * width for i in range(len(BATCHES))]
+            ax.bar(xs, [r["tok_per_s"].get(str(b), 0) for b in BATCHES], width,
+                   label=f"{fmt} ({r['weight_gib']:.2f} GiB)")
+        ax.set_xticks([i + width * (len(fmts) - 1) / 2 for i in range(len(BATCHES))])
+        ax.set_xticklabels([f"batch {b}" for b in BATCHES])
+        ax.set_ylabel("decode tok/s")
+        ax.set_title(m)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"vLLM CPU decode, {results['reserved_cpu_note']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="SmolLM2 only, fewer tokens")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--child")
+    ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    if args.child:
+        print("RESULT " + json.dumps(run_one(args.child, batches, args.tokens)), flush=True)
+        return
+
+    from qahira_vllm.models import cache_root, fetch_model
+    from qahira_vllm.quantize import quantize_model
+
+    smol = fetch_model("smollm2-135m", verbose=False)
+    work = cache_root() / "bench"
+    work.mkdir(parents=True, exist_ok=True)
+    models = {"SmolLM2-135M": smol}
+    if not args.quick:
+        models["Llama-1B-shape (random)"] = build_1b_llama(work / "llama-1b-random", smol)
+    # SmolLM2 INT4 uses 1x32: its weights come from a 32-block Q4_1 GGUF (see README).
+    formats = {"bf16": None, "qahira INT4": (4, (1, 32)), "qahira INT8": (8, (1, 64))}
+    tokens = 8 if args.quick else args.tokens
+    results = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or
+               platform.machine(), "cpus": os.cpu_count(), "tokens_per_request": tokens,
+               "enforce_eager": True,
+               "VLLM_CPU_NUM_OF_RESERVED_CPU": os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU"),
+               "reserved_cpu_note": "VLLM_CPU_NUM_OF_RESERVED_CPU="
+               + os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "unset (1 compute core)"),
+               "models": {}}
+    for mname, mdir in models.items():
+        results["models"][mname] = {}
+        for fmt, q in formats.items():
+            path = mdir
+            if q is not None:
+                path = work / f"{mdir.name}-int{q[0]}-{q[1][0]}x{q[1][1]}"
+                if not (path / "config.json").exists():
+                    quantize_model(mdir, path, bits=q[0], block_size=q[1], progress=False)
+            r = engine_run(path, batches, tokens)
+            r["weight_gib"] = weight_bytes(path) / 2**30
+            results["models"][mname][fmt] = r
+            print(mname, fmt, json.dumps(r), flush=True)
+        base = results["models"][mname]["bf16"]["tok_per_s"]
+        for fmt, r in results["models"][mname].items():
+            r["speedup_vs_bf16"] = {b: r["tok_per_s"][b] / base[b] for b in base}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = "decode_throughput_quick" if args.quick else "decode_throughput"
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2))
+    plot(results, out / f"{name}.png")
+    print(json.dumps({m: {f: r["speedup_vs_bf16"] for f, r in v.items()}
+                      for m, v in results["models"].items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Install Q-BaRA LoRA serving into vLLM, without editing vLLM's files. Idempotent and cheap.
+
+Three hooks, each applied when vLLM imports the module (or at once if it is already imported),
+so that plugin registration itself imports nothing heavy:
+
+  vllm.lora.utils._all_lora_classes           our layer classes first; they claim only layers
+                                              whose quant method is qahira's (from_layer walks
+                                              this tuple in order)
+  vllm.lora.worker_manager.WorkerLoRAManager  create_lora_manager: remember the served model
+                                              folder; _load_adapter: our checks run first
+  vllm.entrypoints.openai.models.serving.OpenAIServingModels.load_lora_adapter
+                                              a rejected adapter is answered 400, not 500
+
+QAHIRA_NATIVE_LORA=0 in the environment keeps vLLM's stock LoRA layers (for comparisons).
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import os
+import sys
+
+_applied: set[str] = set()
+
+
+def _patch_lora_classes(utils) -> None:
+    from . import layers
+
+    if os.environ.get("QAHIRA_NATIVE_LORA", "1") == "0":
+        layers.ENABLED = False
+        return
+    ours = tuple(c for c in layers.QBARA_LORA_CLASSES if c not in utils._all_lora_classes)
+    utils._all_lora_classes = ours + tuple(utils._all_lora_classes)
+
+
+def _patch_worker_manager(worker_manager) -> None:
+    cls = worker_manager.WorkerLoRAManager
+    original_create, original_load = cls.create_lora_manager, cls._load_adapter
+
+    def create_lora_manager(self, model, vllm_config):
+        self._qahira_model_dir = str(vllm_config.model_config.model)
+        return original_create(self, model, vllm_config)
+
+    def _load_adapter(self, lora_request):
+        from .loader import validate_lora_request
+
+        validate_lora_request(self, lora_request)
+        return original_load(self, lora_request)
+
+    cls.create_lora_manager, cls._load_adapter = create_lora_manager, _load_adapter
+
+
+def _patch_serving(serving) -> None:
+    from http import HTTPStatus
+
+    cls = serving.OpenAIServingModels
+    original = cls.load_lora_adapter
+
+    async def load_lora_adapter(self, request, base_model_name=None):
+        from .loader import REJECTED
+
+        result = await original(self, request, base_model_name)
+        error = getattr(result, "error", None)
+        if error is not None and REJECTED in str(error.message):
+            # vLLM answers every engine-side load failure with 500; ours is the client's fault.
+            message = str(error.message)
+            return serving.create_error_response(
+                message=message[message.index(REJECTED):], err_type="BadRequestError",
+                status_code=HTTPStatus.BAD_REQUEST)
+        return result
+
+    cls.load_lora_adapter = load_lora_adapter
+
+
+_HOOKS = {
+    "vllm.lora.utils": _patch_lora_classes,
+    "vllm.lora.worker_manager": _patch_worker_manager,
+    "vllm.entrypoints.openai.models.serving": _patch_serving,
+}
+
+
+def _apply(name: str, module) -> None:
+    if name not in _applied:
+        _applied.add(name)
+        _HOOKS[name](module)
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    """Runs the real loader, then our hook on the fresh module."""
+
+    def __init__(self, loader, name: str):
+        self._loader, self._name = loader, name
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def __getattr__(self, attr):  # get_source, get_resource_reader, ...: the real loader's
+        return getattr(self._loader, attr)
+
+    def exec_module(self, module) -> None:
+        self._loader.exec_module(module)
+        _apply(self._name, module)
+
+
+class _AfterImportFinder(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name not in _HOOKS or name in _applied:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None:
+            return None
+        spec.loader = _PatchingLoader(spec.loader, name)
+        return spec
+
+
+_finder = _AfterImportFinder()
+
+
+def install() -> None:
+    for name in _HOOKS:
+        if name in sys.modules:
+            _apply(name, sys.modules[name])
+    if _finder not in sys.meta_path and any(n not in _applied for n in _HOOKS):
+        sys.meta_path.insert(0, _finder)

@@ -1,0 +1,281 @@
+"""vLLM LoRA layer classes for qahira-quantized linear layers, holding Q-BaRA adapters compactly.
+
+Each class subclasses vLLM's own LoRA wrapper of the same parallel layer (so forward, gather and
+all-reduce stay vLLM's) and replaces the adapter storage and math:
+
+    lora_a_stacked[i]  [slots, R_max, in_local]      slot s, slice i: A[:rank, :in_local/p]
+    lora_b_stacked[i]  [slots, out_local_i, R_max]   slot s, slice i: B[:out_local_i/q, :rank]
+    geometry[i][s]     SlotGeometry(pool, repeat, rank) or None (slot empty for this slice)
+
+Slices: 1 (column / row parallel), 2 (gate_up), 3 (q, k, v). Geometry is read from the compact
+tensor shapes at set_lora (p = in / A.cols, q = out / B.rows), so a plain LoRA is p = q = 1 and
+vLLM's adapter pipeline carries Q-BaRA tensors unchanged. vLLM folds the scaling into B once
+(LoRALayerWeights.optimize), so the per-slot scaling is 1.
+
+Tensor parallel: B rows are sharded like the base's output rows (column parallel), A columns
+like its input columns (row parallel), in compact units: a shard boundary must fall on a
+multiple of q (outputs) or p (inputs), else `check_geometry` raises AdapterError.
+
+Token -> slot comes from vLLM's punica wrapper (`_token_lora_indices`, -1 = no adapter); the
+punica ops themselves are not used, which is what keeps base-only tokens adapter-free on CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.lora.layers import (ColumnParallelLinearWithLoRA, MergedColumnParallelLinearWithLoRA,
+                              MergedQKVParallelLinearWithLoRA, RowParallelLinearWithLoRA)
+from vllm.model_executor.custom_op import maybe_get_oot_by_class
+from vllm.model_executor.layers.linear import (ColumnParallelLinear,
+                                               MergedColumnParallelLinear, QKVParallelLinear,
+                                               RowParallelLinear)
+
+from ..adapter_format import AdapterError
+from .batch import slot_batch
+from .ops import SlotGeometry, add_qbara_segments
+
+# Set by install.py; False keeps vLLM's stock LoRA classes (e.g. to compare against them).
+ENABLED = True
+
+
+def _is_qahira_layer(layer) -> bool:
+    from ..vllm_plugin.linear_method import QahiraLinearMethod
+
+    return isinstance(getattr(layer, "quant_method", None), QahiraLinearMethod)
+
+
+def _ours(source_layer, lora_config, base_cls) -> bool:
+    return (ENABLED and not lora_config.fully_sharded_loras
+            and type(source_layer) is maybe_get_oot_by_class(base_cls)
+            and _is_qahira_layer(source_layer))
+
+
+class QbaraSlotsMixin:
+    """Compact per-slot adapter storage and the segment math; mixed into vLLM's wrappers.
+
+    Subclasses set in __init__: slice_full (full out per slice), slice_shard (start, size) of
+    this rank's rows per slice, in_full, in_shard (start, size) of this rank's input columns.
+    """
+
+    slice_full: tuple[int, ...]
+    slice_shard: tuple[tuple[int, int], ...]
+    in_full: int
+    in_shard: tuple[int, int]
+
+    # ------------------------------------------------------------------ storage
+
+    def create_lora_weights(self, max_loras, lora_config, model_config=None) -> None:
+        self.lora_config = lora_config
+        r_max, dtype = lora_config.max_lora_rank, lora_config.lora_dtype
+        in_local = self.in_shard[1]
+        # Width `in_local` (not in/p) so that plain LoRAs (p = 1) fit in the same slots; a
+        # Q-BaRA slot fills only its [:rank, :in/p] corner and the math reads only that.
+        self.lora_a_stacked = tuple(
+            torch.zeros(max_loras, r_max, in_local, dtype=dtype, device=self.device)
+            for _ in self.slice_full)
+        self.lora_b_stacked = tuple(
+            torch.zeros(max_loras, size, r_max, dtype=dtype, device=self.device)
+            for _, size in self.slice_shard)
+        self.geometry: list[list[SlotGeometry | None]] = [
+            [None] * max_loras for _ in self.slice_full]
+        self._device_geometry = None  # int32/fp32 per-slot tensors for the CUDA kernels
+
+    def reset_lora(self, index: int) -> None:
+        for i in range(len(self.slice_full)):
+            self.lora_a_stacked[i][index] = 0
+            self.lora_b_stacked[i][index] = 0
+            self.geometry[i][index] = None
+        self._device_geometry = None
+
+    def check_geometry(self, i: int, pool: int, repeat: int, rank: int,
+                       where: str = "") -> None:
+        """Raise AdapterError unless (pool, repeat, rank) fits slice i and this rank's shard."""
+        where = where or f"layer {self.base_layer.prefix!r}"
+        out_full = self.slice_full[i]
+        r_max = self.lora_config.max_lora_rank
+        if rank > r_max:
+            raise AdapterError(f"{where}: rank {rank} is above --max-lora-rank {r_max}")
+        if pool < 1 or self.in_full % pool:
+            raise AdapterError(f"{where}: pool={pool} does not divide in={self.in_full}")
+        if repeat < 1 or out_full % repeat:
+            raise AdapterError(f"{where}: repeat={repeat} does not divide out={out_full}")
+        start, size = self.slice_shard[i]
+        if start % repeat or size % repeat:
+            raise AdapterError(
+                f"{where}: tensor-parallel shard of output rows [{start}, {start + size}) of "
+                f"{out_full} (tp_size={self.tp_size}) is not aligned to repeat={repeat}: a "
+                "repeated output group would straddle two ranks; use a smaller "
+                "tensor-parallel size or an adapter whose repeat divides every shard")
+        in_start, in_size = self.in_shard
+        if in_start % pool or in_size % pool:
+            raise AdapterError(
+                f"{where}: tensor-parallel shard of input columns [{in_start}, "
+                f"{in_start + in_size}) of {self.in_full} (tp_size={self.tp_size}) is not "
+                f"aligned to pool={pool}: a pooled input group would straddle two ranks; use "
+                "a smaller tensor-parallel size or an adapter whose pool divides every shard")
+
+    def slice_geometry(self, i: int, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                       where: str = "") -> SlotGeometry:
+        """(pool, repeat, rank) of a compact (full, unsharded) A/B pair for slice i."""
+        where = where or f"layer {self.base_layer.prefix!r} slice {i}"
+        rank, in_pooled = lora_a.shape
+        out_rep, rank_b = lora_b.shape
+        if rank_b != rank or in_pooled == 0 or out_rep == 0:
+            raise AdapterError(f"{where}: lora_A {list(lora_a.shape)} and lora_B "
+                               f"{list(lora_b.shape)} do not form a rank-r pair")
+        if self.in_full % in_pooled or self.slice_full[i] % out_rep:
+            raise AdapterError(
+                f"{where}: lora_A {list(lora_a.shape)} / lora_B {list(lora_b.shape)} do not "
+                f"tile the layer [out={self.slice_full[i]}, in={self.in_full}]")
+        g = SlotGeometry(self.in_full // in_pooled, self.slice_full[i] // out_rep, rank)
+        self.check_geometry(i, g.pool, g.repeat, g.rank, where)
+        return g
+
+    def set_lora(self, index: int, lora_a, lora_b) -> None:
+        self.reset_lora(index)
+        if isinstance(lora_a, torch.Tensor):
+            lora_a, lora_b = [lora_a], [lora_b]
+        if len(lora_a) != len(self.slice_full):
+            raise AdapterError(f"layer {self.base_layer.prefix!r}: adapter has "
+                               f"{len(lora_a)} packed parts, the layer {len(self.slice_full)}")
+        in_start, in_size = self.in_shard
+        for i, (a, b) in enumerate(zip(lora_a, lora_b)):
+            if a is None or b is None:
+                continue
+            g = self.slice_geometry(i, a, b)
+            start, size = self.slice_shard[i]
+            a = a[:, in_start // g.pool:(in_start + in_size) // g.pool]
+            b = b[start // g.repeat:(start + size) // g.repeat]
+            self.lora_a_stacked[i][index, :g.rank, :a.shape[1]].copy_(a, non_blocking=True)
+            self.lora_b_stacked[i][index, :b.shape[0], :g.rank].copy_(b, non_blocking=True)
+            self.geometry[i][index] = g
+
+    def set_mapping(self, punica_wrapper) -> None:
+        super().set_mapping(punica_wrapper)
+        slot_batch(punica_wrapper)  # start caching segments before the first batch
+
+    # vLLM's set_lora paths call these for TP; ours shards inside set_lora in compact units.
+    def slice_lora_a(self, lora_a):
+        return lora_a
+
+    def slice_lora_b(self, lora_b):
+        return lora_b
+
+    # ------------------------------------------------------------------ math
+
+    def apply(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        out = self._get_quant_method().apply(self.base_layer, x, bias)
+        x2 = x.reshape(-1, x.shape[-1])
+        out2 = out.view(-1, out.shape[-1])
+        batch = slot_batch(self.punica_wrapper)
+        if out2.is_cuda:
+            self._apply_cuda(out2, x2, batch)
+        else:
+            segments = batch.segments(x2.shape[0])
+            if segments:
+                offset = 0
+                for i, (_, size) in enumerate(self.slice_shard):
+                    add_qbara_segments(out2[:, offset:offset + size], x2, segments,
+                                       self.lora_a_stacked[i], self.lora_b_stacked[i],
+                                       self.geometry[i])
+                    offset += size
+        return out
+
+    def _apply_cuda(self, out2: torch.Tensor, x2: torch.Tensor, batch) -> None:
+        from qahira_kernels.qbara import qbara_apply  # Triton: CUDA only, imported lazily
+
+        slot_idx, segments = batch.kernel_segments(x2.shape[0], self.lora_a_stacked[0].shape[0])
+        if self._device_geometry is None:
+            self._device_geometry = self._geometry_tensors(out2.device)
+        offset = 0
+        for i, (_, size) in enumerate(self.slice_shard):
+            pool, repeat, rank, scaling = self._device_geometry[i]
+            qbara_apply(out2[:, offset:offset + size], x2, self.lora_a_stacked[i],
+                        self.lora_b_stacked[i], pool, repeat, rank, scaling, slot_idx,
+                        segments=segments)
+            offset += size
+
+    def _geometry_tensors(self, device):
+        """Per slice: pool, repeat, rank (int32) and scaling (fp32) per slot; empty slot =
+        rank 0 (the kernels then add nothing)."""
+        result = []
+        for geo in self.geometry:
+            rows = [(g.pool, g.repeat, g.rank) if g else (1, 1, 0) for g in geo]
+            t = torch.tensor(rows, dtype=torch.int32).t().contiguous().to(device)
+            scaling = torch.tensor([g.scaling if g else 0.0 for g in geo],
+                                   dtype=torch.float32, device=device)
+            result.append((t[0], t[1], t[2], scaling))
+        return result
+
+
+class QbaraColumnParallelLinearWithLoRA(QbaraSlotsMixin, ColumnParallelLinearWithLoRA):
+    def __init__(self, base_layer) -> None:
+        super().__init__(base_layer)
+        size = self.base_layer.output_size_per_partition
+        self.slice_full = (self.base_layer.output_size,)
+        self.slice_shard = ((self.tp_rank * size, size),)
+        self.in_full, self.in_shard = self.input_size, (0, self.input_size)
+        self.output_slices = (size,)
+
+    @classmethod
+    def can_replace_layer(cls, source_layer, lora_config, packed_modules_list,
+                          model_config=None, **_) -> bool:
+        return _ours(source_layer, lora_config, ColumnParallelLinear)
+
+
+class QbaraMergedColumnParallelLinearWithLoRA(QbaraSlotsMixin,
+                                              MergedColumnParallelLinearWithLoRA):
+    def __init__(self, base_layer) -> None:
+        super().__init__(base_layer)
+        self.slice_full = tuple(self.base_layer.output_sizes)
+        self.slice_shard = tuple((self.tp_rank * (s // self.tp_size), s // self.tp_size)
+                                 for s in self.slice_full)
+        self.in_full, self.in_shard = self.input_size, (0, self.input_size)
+
+    @classmethod
+    def can_replace_layer(cls, source_layer, lora_config, packed_modules_list,
+                          model_config=None, **_) -> bool:
+        return (_ours(source_layer, lora_config, MergedColumnParallelLinear)
+                and len(packed_modules_list) == len(source_layer.output_sizes))
+
+
+class QbaraQKVParallelLinearWithLoRA(QbaraSlotsMixin, MergedQKVParallelLinearWithLoRA):
+    def __init__(self, base_layer) -> None:
+        super().__init__(base_layer)
+        bl = self.base_layer
+        q_total = bl.total_num_heads * bl.head_size
+        k_total = bl.total_num_kv_heads * bl.head_size
+        v_total = bl.total_num_kv_heads * bl.v_head_size
+        q_size, k_size = bl.num_heads * bl.head_size, bl.num_kv_heads * bl.head_size
+        v_size = bl.num_kv_heads * bl.v_head_size
+        kv_id = self.tp_rank // bl.num_kv_head_replicas
+        self.slice_full = (q_total, k_total, v_total)
+        self.slice_shard = ((self.tp_rank * q_size, q_size), (kv_id * k_size, k_size),
+                            (kv_id * v_size, v_size))
+        self.in_full, self.in_shard = self.input_size, (0, self.input_size)
+        self.output_slices = (q_size, k_size, v_size)
+
+    @classmethod
+    def can_replace_layer(cls, source_layer, lora_config, packed_modules_list,
+                          model_config=None, **_) -> bool:
+        return (_ours(source_layer, lora_config, QKVParallelLinear)
+                and len(packed_modules_list) == 3)
+
+
+class QbaraRowParallelLinearWithLoRA(QbaraSlotsMixin, RowParallelLinearWithLoRA):
+    def __init__(self, base_layer) -> None:
+        super().__init__(base_layer)
+        size = self.base_layer.input_size_per_partition
+        self.slice_full = (self.base_layer.output_size,)
+        self.slice_shard = ((0, self.base_layer.output_size),)
+        self.in_full, self.in_shard = self.base_layer.input_size, (self.tp_rank * size, size)
+        self.output_slices = (self.base_layer.output_size,)
+
+    @classmethod
+    def can_replace_layer(cls, source_layer, lora_config, packed_modules_list,
+                          model_config=None, **_) -> bool:
+        return _ours(source_layer, lora_config, RowParallelLinear)
+
+
+QBARA_LORA_CLASSES = (QbaraColumnParallelLinearWithLoRA, QbaraMergedColumnParallelLinearWithLoRA,
+                      QbaraQKVParallelLinearWithLoRA, QbaraRowParallelLinearWithLoRA)

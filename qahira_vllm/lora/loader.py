@@ -1,0 +1,105 @@
+"""Adapter checks that run in vLLM's worker before an adapter is used (load request, --lora-modules).
+
+A qahira engine (one whose linear layers are our Q-BaRA LoRA layers) accepts an adapter only if:
+  adapter_format.load_adapter     type / format version / config / tensor names
+  adapter_format.validate_adapter base fingerprint, every targeted tensor present with its exact
+                                  compact shape, rank <= --max-lora-rank, pool/repeat dividing
+                                  the layer dims, finite values
+  check_engine_fit                the adapter's geometry fits the engine's layers, including
+                                  tensor-parallel shard boundaries
+Failures raise AdapterRejected, whose message starts with REJECTED so the HTTP layer can answer
+400 instead of vLLM's generic 500 (install.py). vLLM's own loader runs afterwards, unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from ..adapter_format import (LORA_A, LORA_B, Adapter, AdapterError, base_layer_dims,
+                              checkpoint_fingerprint, load_adapter, validate_adapter)
+from .layers import QbaraSlotsMixin
+
+REJECTED = "qahira: adapter rejected"
+
+
+class AdapterRejected(ValueError):
+    """An adapter that must not be served on this engine (the message says why)."""
+
+
+@functools.lru_cache(maxsize=4)
+def _base_layer_dims(model_dir: str) -> dict[str, tuple[int, int]]:
+    return base_layer_dims(model_dir)
+
+
+@functools.lru_cache(maxsize=4)
+def _base_fingerprint(model_dir: str) -> str:
+    return checkpoint_fingerprint(model_dir)  # reads the quantized tensors once per process
+
+
+def find_engine_layer(modules: dict, packed_modules_mapping: dict, module: str):
+    """(engine layer, slice index) serving HF module `module`, or (None, None)."""
+    if module in modules:
+        return modules[module], 0
+    parent, _, leaf = module.rpartition(".")
+    for packed, parts in packed_modules_mapping.items():
+        name = f"{parent}.{packed}" if parent else packed
+        if leaf in parts and name in modules:
+            return modules[name], parts.index(leaf)
+    return None, None
+
+
+def check_engine_fit(adapter: Adapter, modules: dict, packed_modules_mapping: dict) -> None:
+    """Every adapted layer is served by one of our layers (any geometry) or by a stock vLLM
+    LoRA layer (plain LoRA only), and its geometry fits that layer's tensor-parallel shard."""
+    cfg = adapter.config
+    for module, group in sorted(adapter.tensors.items()):
+        layer, i = find_engine_layer(modules, packed_modules_mapping, module)
+        if layer is None:
+            raise AdapterError(f"layer {module!r} has no LoRA slot in this engine (check "
+                               "--lora-target-modules)")
+        if isinstance(layer, QbaraSlotsMixin):
+            layer.slice_geometry(i, group[LORA_A], group[LORA_B], where=f"layer {module!r}")
+        elif (cfg.pool, cfg.repeat) != (1, 1):
+            raise AdapterError(
+                f"layer {module!r} is served by vLLM's {type(layer).__name__}, which holds "
+                f"only plain LoRA; this adapter has pool={cfg.pool}, repeat={cfg.repeat}")
+
+
+def check_adapter_for_engine(lora_path: str, lora_name: str, model_dir: str, max_rank: int,
+                             modules: dict, packed_modules_mapping: dict) -> Adapter:
+    """Run every check; raise AdapterRejected with a message naming the adapter and the fault."""
+    try:
+        adapter = load_adapter(lora_path)
+        if adapter.config.adapter_type == "qahira":
+            raise AdapterError("a QA-HiRA adapter is merged into the base (qahira merge), not "
+                               "served as a LoRA")
+        validate_adapter(adapter, _base_layer_dims(model_dir), _base_fingerprint(model_dir),
+                         max_rank=max_rank)
+        check_engine_fit(adapter, modules, packed_modules_mapping)
+    except AdapterError as e:
+        raise AdapterRejected(f"{REJECTED} {lora_name!r} ({lora_path}): {e}") from None
+    return adapter
+
+
+def engine_serves_qbara(lora_model_manager) -> bool:
+    return any(isinstance(m, QbaraSlotsMixin) for m in lora_model_manager.modules.values())
+
+
+def validate_lora_request(worker_lora_manager, lora_request) -> None:
+    """The check run by the patched WorkerLoRAManager._load_adapter (install.py)."""
+    from vllm.lora.utils import get_adapter_absolute_path
+
+    manager = worker_lora_manager._adapter_manager
+    if not engine_serves_qbara(manager):
+        return  # not a qahira engine: vLLM's stock behaviour
+    path = get_adapter_absolute_path(lora_request.lora_path)
+    if not Path(path).is_dir():
+        return  # vLLM answers "not found" itself (404)
+    model_dir = getattr(worker_lora_manager, "_qahira_model_dir", None)
+    if model_dir is None:
+        raise AdapterRejected(f"{REJECTED} {lora_request.lora_name!r}: the served model folder "
+                              "is unknown (LoRA manager created outside create_lora_manager)")
+    check_adapter_for_engine(path, lora_request.lora_name, model_dir,
+                             worker_lora_manager.lora_config.max_lora_rank, manager.modules,
+                             manager.packed_modules_mapping)

@@ -1,0 +1,102 @@
+"""Segment math of the native Q-BaRA LoRA path vs a dense float64 reference (pure torch)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qahira_vllm.lora.ops import (Segment, SlotGeometry, add_qbara_per_token, add_qbara_segments,
+                                  dense_reference, segment_by_slot)
+
+IN, OUT, R_MAX, SLOTS = 64, 96, 16, 4
+GEOMETRY = [SlotGeometry(2, 2, 8, 2.0), SlotGeometry(4, 1, 16, 0.5), None,
+            SlotGeometry(1, 1, 4, 1.5)]  # slot 2 empty; slot 3 a plain LoRA
+
+
+def _stacked(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a_stacked = torch.zeros(SLOTS, R_MAX, IN)
+    b_stacked = torch.zeros(SLOTS, OUT, R_MAX)
+    a_list, b_list = [None] * SLOTS, [None] * SLOTS
+    for s, geo in enumerate(GEOMETRY):
+        if geo is None:
+            continue
+        a = torch.randn(geo.rank, IN // geo.pool, generator=g)
+        b = torch.randn(OUT // geo.repeat, geo.rank, generator=g)
+        a_stacked[s, :geo.rank, :a.shape[1]] = a
+        b_stacked[s, :b.shape[0], :geo.rank] = b
+        a_list[s], b_list[s] = a, b
+    # Padding outside each slot's corner must never be read: fill it with garbage.
+    a_stacked[a_stacked == 0] = 1e6
+    b_stacked[b_stacked == 0] = 1e6
+    for s, geo in enumerate(GEOMETRY):
+        if geo is not None:
+            a_stacked[s, :geo.rank, :IN // geo.pool] = a_list[s]
+            b_stacked[s, :OUT // geo.repeat, :geo.rank] = b_list[s]
+    return a_stacked, b_stacked, a_list, b_list
+
+
+SLOT_PATTERNS = {
+    "mixed_runs": [-1, -1, 0, 0, 0, 1, 1, -1, 3, 3, 0, 2, 2, -1],
+    "interleaved_decode": [0, 1, -1, 3, 0, 1, -1, 3, 0],
+    "all_base": [-1] * 5,
+    "one_adapter": [1] * 7,
+}
+
+
+@pytest.mark.parametrize("pattern", list(SLOT_PATTERNS))
+@pytest.mark.parametrize("impl", ["segments", "per_token"])
+def test_matches_dense_reference(pattern, impl):
+    a_stacked, b_stacked, a_list, b_list = _stacked()
+    slot_idx = torch.tensor(SLOT_PATTERNS[pattern])
+    x = torch.randn(len(slot_idx), IN, generator=torch.Generator().manual_seed(1))
+    base = torch.randn(len(slot_idx), OUT)
+    y = base.clone()
+    if impl == "segments":
+        add_qbara_segments(y, x, segment_by_slot(slot_idx), a_stacked, b_stacked, GEOMETRY)
+    else:
+        add_qbara_per_token(y, x, slot_idx, a_stacked, b_stacked, GEOMETRY)
+    expected = base.double() + dense_reference(x, slot_idx, a_list, b_list, GEOMETRY, OUT)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-4, atol=1e-3)
+    # Base-only (-1) and empty-slot tokens are bit-for-bit untouched.
+    untouched = [t for t, s in enumerate(slot_idx.tolist()) if s < 0 or GEOMETRY[s] is None]
+    assert torch.equal(y[untouched], base[untouched])
+
+
+def test_segments_are_slices_for_contiguous_runs():
+    segs = segment_by_slot(torch.tensor([-1, 0, 0, 1, 1, 1, 0]))
+    by_slot = {s.slot: s for s in segs}
+    assert set(by_slot) == {0, 1}
+    assert by_slot[1].rows == slice(3, 6)
+    assert by_slot[0].rows.tolist() == [1, 2, 6]  # not dense: gathered
+
+
+def test_column_slice_output_and_trainer_equivalence():
+    """y may be a column slice of a wider output (merged q/k/v); delta == trainer's QBaRA."""
+    from qahira_vllm.training.adapters import QBaRA
+
+    torch.manual_seed(0)
+    adapter = QBaRA(IN, OUT, rank=8, pool=2, repeat=4, scaling=2.0)
+    with torch.no_grad():
+        adapter.lora_B.normal_()
+    a_stacked = torch.zeros(1, R_MAX, IN)
+    b_stacked = torch.zeros(1, OUT, R_MAX)
+    a_stacked[0, :8, :IN // 2] = adapter.lora_A.detach()
+    b_stacked[0, :OUT // 4, :8] = adapter.lora_B.detach()
+    x = torch.randn(5, IN)
+    wide = torch.zeros(5, OUT + 32)
+    add_qbara_segments(wide[:, 16:16 + OUT], x, segment_by_slot(torch.zeros(5, dtype=torch.long)),
+                       a_stacked, b_stacked, [SlotGeometry(2, 4, 8, 2.0)])
+    torch.testing.assert_close(wide[:, 16:16 + OUT], adapter(x).detach(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(wide[:, :16], torch.zeros(5, 16))
+    assert torch.equal(wide[:, 16 + OUT:], torch.zeros(5, 16))
+
+
+def test_bf16_activations():
+    a_stacked, b_stacked, a_list, b_list = _stacked()
+    slot_idx = torch.tensor([0, 1, 3, -1])
+    x = torch.randn(4, IN)
+    y = torch.zeros(4, OUT, dtype=torch.bfloat16)
+    add_qbara_segments(y, x.bfloat16(), segment_by_slot(slot_idx), a_stacked, b_stacked, GEOMETRY)
+    expected = dense_reference(x.bfloat16().float(), slot_idx, a_list, b_list, GEOMETRY, OUT)
+    torch.testing.assert_close(y.double(), expected, rtol=2e-2, atol=0.5)

@@ -35,12 +35,19 @@ def _patch_lora_classes(utils) -> None:
 
 
 def _patch_worker_manager(worker_manager) -> None:
-    cls = worker_manager.WorkerLoRAManager
-    original_create, original_load = cls.create_lora_manager, cls._load_adapter
+    def remember_model_dir(original):
+        def create_lora_manager(self, model, vllm_config):
+            self._qahira_model_dir = str(vllm_config.model_config.model)
+            return original(self, model, vllm_config)
+        return create_lora_manager
 
-    def create_lora_manager(self, model, vllm_config):
-        self._qahira_model_dir = str(vllm_config.model_config.model)
-        return original_create(self, model, vllm_config)
+    # The LRU subclass (the one vLLM's model runners use) overrides create_lora_manager.
+    for cls in (worker_manager.WorkerLoRAManager, worker_manager.LRUCacheWorkerLoRAManager):
+        if "create_lora_manager" in cls.__dict__:
+            cls.create_lora_manager = remember_model_dir(cls.__dict__["create_lora_manager"])
+
+    cls = worker_manager.WorkerLoRAManager
+    original_load = cls._load_adapter
 
     def _load_adapter(self, lora_request):
         from .loader import validate_lora_request
@@ -48,7 +55,7 @@ def _patch_worker_manager(worker_manager) -> None:
         validate_lora_request(self, lora_request)
         return original_load(self, lora_request)
 
-    cls.create_lora_manager, cls._load_adapter = create_lora_manager, _load_adapter
+    cls._load_adapter = _load_adapter
 
 
 def _patch_serving(serving) -> None:

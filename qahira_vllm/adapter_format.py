@@ -146,7 +146,6 @@ class AdapterConfig:
             raise AdapterError(f"{src}: PEFT r={self.peft_r} must equal the stored rank "
                                f"{self.rank} for a {self.adapter_type!r} adapter")
 
-
     @property
     def peft_lora_alpha(self) -> float:
         """lora_alpha with lora_alpha / peft_r == scaling exactly (raises if none exists)."""
@@ -308,7 +307,11 @@ def load_adapter(adapter_dir: str | os.PathLike) -> Adapter:
         raise AdapterError(f"{weights} not found (adapter tensors; .bin files are not read)")
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     kinds = TENSOR_KINDS[config.adapter_type]
-    for name, t in load_file(str(weights)).items():
+    try:
+        stored = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise AdapterError(f"{weights}: not a readable safetensors file ({e})") from None
+    for name, t in stored.items():
         parsed = parse_tensor_name(name)
         if parsed is None or parsed[1] not in kinds:
             expected = " / ".join(f"{TENSOR_PREFIX}{{P}}.{k}.weight" for k in kinds)
@@ -474,7 +477,8 @@ def _divisors(n: int) -> list[int]:
 
 def valid_qahira_geometry(block_size: tuple[int, int],
                           dims: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
-    """(valid pools pi, valid repeats qo): pi % bi == 0 and pi | every in; qo % bo == 0, qo | out."""
+    """(valid pools pi, valid repeats qo): pi % bi == 0 and pi divides every in;
+    qo % bo == 0 and qo divides every out."""
     bo, bi = block_size
     in_gcd = math.gcd(*[i for _, i in dims])
     out_gcd = math.gcd(*[o for o, _ in dims])

@@ -159,7 +159,8 @@ def test_missing_tensor(qbara_dir, qckpt):
     _edit_tensors(qbara_dir, lambda t: t.pop(f"base_model.model.{LAYER}.lora_B.weight"))
     with pytest.raises(AdapterError) as e:
         _check(qbara_dir, qckpt)
-    assert f"missing tensor 'base_model.model.{LAYER}.lora_B.weight': expected [32, 4]" in str(e.value)
+    expected = f"missing tensor 'base_model.model.{LAYER}.lora_B.weight': expected [32, 4]"
+    assert expected in str(e.value)
 
 
 def test_wrong_compact_shape(qbara_dir, qckpt):
@@ -208,4 +209,10 @@ def test_tensor_for_unknown_layer(qbara_dir, qckpt):
 def test_wrong_adapter_type_for_tensors(qbara_dir, qckpt):
     _edit_config(qbara_dir, lambda d: d["qahira"].update(adapter_type="qahira", rank=None))
     with pytest.raises(AdapterError, match="unexpected tensor .*lora_A.* in a 'qahira' adapter"):
+        load_adapter(qbara_dir)
+
+
+def test_corrupt_weights_file(qbara_dir):
+    (qbara_dir / WEIGHTS_NAME).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header")
+    with pytest.raises(AdapterError, match="not a readable safetensors file"):
         load_adapter(qbara_dir)

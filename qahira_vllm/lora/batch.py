@@ -40,6 +40,10 @@ class SlotBatch:
             self._cache[key] = segment_by_slot(self.slot_idx(num_tokens))
         return self._cache[key]
 
+    def gather_cache(self, num_tokens: int) -> dict:
+        """Scratch dict for ops.add_qbara_segments' gathered groups, valid for this batch."""
+        return self._cache.setdefault(("gather", num_tokens), {})
+
     def kernel_segments(self, num_tokens: int, num_slots: int):
         """(slot_idx int32, qahira_kernels TokenSegments) for the CUDA kernels (no host sync)."""
         key = ("kseg", num_tokens, num_slots)

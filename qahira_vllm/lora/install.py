@@ -72,8 +72,11 @@ def _patch_serving(serving) -> None:
         if error is not None and REJECTED in str(error.message):
             # vLLM answers every engine-side load failure with 500; ours is the client's fault.
             message = str(error.message)
+            message = message[message.index(REJECTED):]
+            # The multiproc executor appends its own hint after the worker's message.
+            message = message.split("', please check the stack trace")[0]
             return serving.create_error_response(
-                message=message[message.index(REJECTED):], err_type="BadRequestError",
+                message=message, err_type="BadRequestError",
                 status_code=HTTPStatus.BAD_REQUEST)
         return result
 

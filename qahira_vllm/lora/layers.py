@@ -173,11 +173,12 @@ class QbaraSlotsMixin:
         else:
             segments = batch.segments(x2.shape[0])
             if segments:
+                cache = batch.gather_cache(x2.shape[0])
                 offset = 0
                 for i, (_, size) in enumerate(self.slice_shard):
                     add_qbara_segments(out2[:, offset:offset + size], x2, segments,
                                        self.lora_a_stacked[i], self.lora_b_stacked[i],
-                                       self.geometry[i])
+                                       self.geometry[i], cache)
                     offset += size
         return out
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
-from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
 
 from ..format import QUANT_METHOD, QahiraQuantConfig
 
@@ -43,6 +41,10 @@ class QahiraConfig(QuantizationConfig):
         return cls(QahiraQuantConfig.from_dict(config, source="config.json quantization_config"))
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        # Imported here, not at module level: registration must stay cheap (plugin contract).
+        from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+        from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
+
         if not isinstance(layer, LinearBase):
             return None  # embeddings and lm_head stay unquantized
         if self.fmt.modules_not_converted and is_layer_skipped(

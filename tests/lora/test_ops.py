@@ -100,3 +100,35 @@ def test_bf16_activations():
     add_qbara_segments(y, x.bfloat16(), segment_by_slot(slot_idx), a_stacked, b_stacked, GEOMETRY)
     expected = dense_reference(x.bfloat16().float(), slot_idx, a_list, b_list, GEOMETRY, OUT)
     torch.testing.assert_close(y.double(), expected, rtol=2e-2, atol=0.5)
+
+
+def test_many_short_segments_take_the_gathered_path_and_match():
+    """Decode with many adapters (>= GATHER_MIN_SEGMENTS one-token segments per geometry):
+    the gathered path runs and agrees with the dense reference and with the segment loop."""
+    from qahira_vllm.lora import ops
+
+    slots, g = 16, torch.Generator().manual_seed(3)
+    geometry = [SlotGeometry(2, 2, 8 if s % 3 else 16, 1.0 + s / 8) if s % 2 else
+                SlotGeometry(4, 1, 4, 0.5) for s in range(slots)]
+    a_stacked, b_stacked = torch.zeros(slots, R_MAX, IN), torch.zeros(slots, OUT, R_MAX)
+    a_list, b_list = [], []
+    for s, geo in enumerate(geometry):
+        a = torch.randn(geo.rank, IN // geo.pool, generator=g)
+        b = torch.randn(OUT // geo.repeat, geo.rank, generator=g)
+        a_stacked[s, :geo.rank, :a.shape[1]], b_stacked[s, :b.shape[0], :geo.rank] = a, b
+        a_list.append(a)
+        b_list.append(b)
+    slot_idx = torch.tensor([(7 * t) % slots if t % 5 else -1 for t in range(40)])
+    x = torch.randn(40, IN, generator=g)
+    expected = dense_reference(x, slot_idx, a_list, b_list, geometry, OUT)
+    calls = []
+    original = ops.add_qbara_gathered
+    ops.add_qbara_gathered = lambda *a, **k: (calls.append(1), original(*a, **k))[1]
+    try:
+        y = add_qbara_segments(torch.zeros(40, OUT), x, segment_by_slot(slot_idx), a_stacked,
+                               b_stacked, geometry, {})
+    finally:
+        ops.add_qbara_gathered = original
+    assert calls, "the gathered path did not run"
+    torch.testing.assert_close(y.double(), expected, rtol=1e-4, atol=1e-3)
+    assert torch.equal(y[slot_idx < 0], torch.zeros(int((slot_idx < 0).sum()), OUT))

@@ -45,7 +45,8 @@ def test_zero_init_starts_at_base_and_only_adapters_train(method, qckpt):
 def test_target_subset_and_short_names(qckpt):
     model, config = build_training_model(qckpt, AdapterSpec(method="lora", targets="q,v"))
     adapted = sorted(n for n, m in model.named_modules() if isinstance(m, AdaptedLinear))
-    assert adapted == [f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")]
+    assert adapted == [f"model.layers.{i}.self_attn.{p}"
+                       for i in (0, 1) for p in ("q_proj", "v_proj")]
     assert config.target_modules == ("q_proj", "v_proj")
 
 

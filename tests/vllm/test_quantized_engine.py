@@ -129,3 +129,18 @@ def test_unknown_bits_is_refused(smollm2_quantized, prompt_ids, tmp_path):
     with pytest.raises(EngineFailed) as err:
         run_engine(_engine_spec(bad, prompt_ids[:1]), tmp_path)
     assert "bits=3" in err.value.log and "(4, 8)" in err.value.log
+
+
+def test_qwen2_style_with_qkv_bias(tmp_path):
+    """Qwen2 projections carry a bias; vLLM merges q/k/v (and their biases) into one layer."""
+    from tiny_models import make_model_dir
+
+    from qahira_vllm.quantize import quantize_model
+
+    src = make_model_dir(tmp_path / "qwen2", arch="qwen2", seed=3)
+    ckpt = tmp_path / "qwen2-int4-2x32"
+    quantize_model(src, ckpt, bits=4, block_size=(2, 32), progress=False)
+    prompts = [[5, 17, 42, 99, 3], [200, 11, 7], [64, 65, 66, 67, 68, 69]]
+    spec = _engine_spec(ckpt, prompts, skip_tokenizer_init=True, max_model_len=128)
+    result = run_engine(spec, tmp_path)
+    _compare_to_reference(result, ckpt, prompts)

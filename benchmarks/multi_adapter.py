@@ -1,0 +1,168 @@
+"""Multi-adapter serving throughput: native Q-BaRA LoRA layers vs stock vLLM LoRA on the export.
+
+SmolLM2-135M INT4 (block 1x32), CPU, one engine per path (each in a child process under the
+engine lock). In each engine: a batch of N requests (greedy, ignore_eos, T output tokens) with
+0 (base-only), 1, 8 or 32 distinct adapters spread over the batch, timed after a warm-up.
+
+    python benchmarks/multi_adapter.py [--requests 32] [--tokens 32] [--quick]
+
+Native: Q-BaRA adapters p = q = 2, R = 16 served by qahira_vllm.lora. Stock: the same adapters
+exported to the equivalent rank-16 PEFT LoRA (`qahira export --format peft-lora`), served by
+vLLM's own LoRA layers (QAHIRA_NATIVE_LORA=0). Both in fp32. Memory: peak RSS of the engine
+process tree and the adapters' bytes on disk / in vLLM's CPU cache (compact vs expanded).
+Writes multi_adapter.json and multi_adapter.png into benchmarks/results/ (or $OUT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+LOCK = "/tmp/qahira_engine.lock"
+SCENARIOS = (0, 1, 8, 32)
+
+
+def _engine(spec: dict, out: Path) -> None:
+    """Child: one engine, every scenario; timings to `out`."""
+    import resource
+
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    llm = LLM(spec["model"], **spec["llm_kwargs"])
+    params = SamplingParams(temperature=0.0, max_tokens=spec["tokens"], ignore_eos=True)
+    prompts = [{"prompt_token_ids": p} for p in spec["prompts"]]
+    loras = [LoRARequest(f"a{i}", i + 1, p) for i, p in enumerate(spec["adapters"])]
+    llm.generate(prompts[:4], SamplingParams(max_tokens=4), use_tqdm=False,
+                 lora_request=loras[:4])  # warm-up (loads 4 adapters)
+    results = []
+    for n in SCENARIOS:
+        reqs = [loras[i % n] if n else None for i in range(len(prompts))]
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False, lora_request=reqs)
+        dt = time.perf_counter() - t0
+        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        results.append({"adapters": n, "seconds": dt, "output_tokens": tokens,
+                        "tok_per_s": tokens / dt})
+        print(f"{spec['label']}: {n:2d} adapters: {tokens / dt:7.1f} tok/s", flush=True)
+    rss = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+              resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) * 1024
+    json.dump({"scenarios": results, "peak_rss_bytes": rss}, open(out, "w"))
+
+
+def _run_engine(spec: dict, work: Path, env: dict) -> dict:
+    spec_path, out = work / f"{spec['label']}.spec.json", work / f"{spec['label']}.out.json"
+    spec_path.write_text(json.dumps(spec))
+    with open(LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        proc = subprocess.run([sys.executable, __file__, "--engine", str(spec_path), str(out)],
+                              env={**os.environ, **env}, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(proc.stdout[-3000:] + proc.stderr[-3000:])
+    return json.loads(out.read_text())
+
+
+def _dir_bytes(paths) -> int:
+    return sum(f.stat().st_size for p in paths for f in Path(p).glob("*.safetensors"))
+
+
+def _plot(report: dict, png: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, res in report["engines"].items():
+        xs = [str(s["adapters"]) for s in res["scenarios"]]
+        ax.plot(xs, [s["tok_per_s"] for s in res["scenarios"]], marker="o", label=label)
+    ax.set_xlabel("distinct adapters in the batch (0 = base only)")
+    ax.set_ylabel("output tokens / s")
+    ax.set_title(f"SmolLM2-135M INT4, CPU, {report['requests']} requests x "
+                 f"{report['tokens']} tokens")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--work", default="/tmp/qahira-bench-multi-adapter")
+    ap.add_argument("--engine", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.engine:
+        _engine(json.loads(Path(args.engine[0]).read_text()), Path(args.engine[1]))
+        return 0
+
+    sys.path.insert(0, str(REPO / "tests"))
+    import helpers_tiny  # random adapters with the format's exact shapes
+    from transformers import AutoTokenizer
+
+    from qahira_vllm.export import export_peft_lora
+    from qahira_vllm.models import fetch_model
+    from qahira_vllm.quantize import quantize_model
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    qckpt = work / "smollm2-int4-1x32"
+    if not qckpt.exists():
+        quantize_model(fetch_model("smollm2-135m", verbose=False), qckpt, bits=4,
+                       block_size=(1, 32), progress=False)
+    native, exported = [], []
+    for i in range(max(SCENARIOS)):
+        d = work / f"qbara-{i}"
+        if not d.exists():
+            helpers_tiny.random_adapter(qckpt, d, "qbara", pool=2, repeat=2, rank=args.rank,
+                                        std=0.05, seed=i)
+        e = work / f"qbara-{i}-export"
+        if not e.exists():
+            export_peft_lora(d, e)
+        native.append(str(d))
+        exported.append(str(e))
+    tok = AutoTokenizer.from_pretrained(qckpt)
+    words = "the quick brown fox jumps over the lazy dog while the cat sleeps".split()
+    prompts = [tok(" ".join(words[i % 5:] + words[:i % 5])).input_ids
+               for i in range(args.requests)]
+    reserved = os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "unset (vLLM default)")
+    llm_kwargs = {"dtype": "float32", "enforce_eager": True, "gpu_memory_utilization": 0.3,
+                  "max_model_len": 512, "enable_lora": True, "max_lora_rank": args.rank,
+                  "max_loras": max(SCENARIOS), "max_num_seqs": args.requests}
+    report = {"model": "SmolLM2-135M INT4 block 1x32 (qahira)", "device": "CPU",
+              "cpu_count": os.cpu_count(), "VLLM_CPU_NUM_OF_RESERVED_CPU": reserved,
+              "requests": args.requests, "tokens": args.tokens,
+              "adapter": f"Q-BaRA p=2 q=2 R={args.rank}, all 7 linear layers",
+              "adapter_bytes_32": {"native_compact": _dir_bytes(native),
+                                   "stock_expanded": _dir_bytes(exported)},
+              "engines": {}}
+    for label, adapters, env in (("native-qbara", native, {}),
+                                 ("stock-vllm-lora-on-export", exported,
+                                  {"QAHIRA_NATIVE_LORA": "0"})):
+        spec = {"label": label, "model": str(qckpt), "llm_kwargs": llm_kwargs,
+                "prompts": prompts, "tokens": args.tokens, "adapters": adapters}
+        report["engines"][label] = _run_engine(spec, work, env)
+    nat = {s["adapters"]: s["tok_per_s"] for s in report["engines"]["native-qbara"]["scenarios"]}
+    stk = {s["adapters"]: s["tok_per_s"]
+           for s in report["engines"]["stock-vllm-lora-on-export"]["scenarios"]}
+    report["ratios"] = {"native_vs_stock_at_32": nat[32] / stk[32],
+                        "native_32_vs_native_base_only": nat[32] / nat[0]}
+    out_dir = Path(os.environ.get("OUT") or REPO / "benchmarks" / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "multi_adapter.json").write_text(json.dumps(report, indent=2) + "\n")
+    _plot(report, out_dir / "multi_adapter.png")
+    print(json.dumps(report["ratios"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

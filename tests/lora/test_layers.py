@@ -1,0 +1,149 @@
+"""The vLLM LoRA layer classes of qahira_vllm.lora on stand-in base layers (no engine):
+tensor-parallel sharding of compact A/B, geometry read from shapes, base-only tokens."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from qahira_vllm.adapter_format import AdapterError
+from qahira_vllm.lora.ops import SlotGeometry, dense_reference
+
+IN = 64
+
+
+class _Method:
+    """Stand-in quant method: y = x W_shard^T (+ bias)."""
+
+    def apply(self, layer, x, bias=None):
+        y = x @ layer.w.t()
+        return y if bias is None else y + bias
+
+
+class _Base(nn.Module):
+    def __init__(self, w_shard, **attrs):
+        super().__init__()
+        self.w = w_shard
+        self.qweight = w_shard  # vLLM finds the LoRA device from qweight
+        self.quant_method = _Method()
+        self.prefix = "model.layers.0.test"
+        for k, v in attrs.items():
+            setattr(self, k, v)
+
+
+class _Punica:
+    def __init__(self, slots):
+        self._token_lora_indices = torch.tensor(slots)
+        self.indices_len = [len(slots)]
+
+    def update_metadata(self, *a, **k):
+        pass
+
+
+LORA_CONFIG = SimpleNamespace(max_lora_rank=16, lora_dtype=torch.float32,
+                              fully_sharded_loras=False)
+
+
+def _qkv(tp_rank, tp_size, heads=4, kv_heads=2, head=8):
+    from qahira_vllm.lora.layers import QbaraQKVParallelLinearWithLoRA
+
+    out_q, out_kv = heads * head, kv_heads * head
+    w = torch.zeros((out_q + 2 * out_kv) // tp_size, IN)
+    base = _Base(w, input_size=IN, output_size=out_q + 2 * out_kv,
+                 output_size_per_partition=(out_q + 2 * out_kv) // tp_size,
+                 output_sizes=[out_q, out_kv, out_kv], tp_size=tp_size, tp_rank=tp_rank,
+                 total_num_heads=heads, total_num_kv_heads=kv_heads, head_size=head,
+                 v_head_size=head, num_heads=heads // tp_size,
+                 num_kv_heads=max(1, kv_heads // tp_size),
+                 num_kv_head_replicas=max(1, tp_size // kv_heads))
+    layer = QbaraQKVParallelLinearWithLoRA(base)
+    layer.create_lora_weights(3, LORA_CONFIG)
+    return layer, (out_q, out_kv, out_kv)
+
+
+def _row(tp_rank, tp_size, out=48):
+    from qahira_vllm.lora.layers import QbaraRowParallelLinearWithLoRA
+
+    base = _Base(torch.zeros(out, IN // tp_size), input_size=IN, output_size=out,
+                 input_size_per_partition=IN // tp_size, tp_size=tp_size, tp_rank=tp_rank)
+    layer = QbaraRowParallelLinearWithLoRA(base)
+    layer.create_lora_weights(3, LORA_CONFIG)
+    return layer
+
+
+def _pair(g, out, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(g.rank, IN // g.pool, generator=gen),
+            torch.randn(out // g.repeat, g.rank, generator=gen))
+
+
+GEOS = [SlotGeometry(2, 2, 8), SlotGeometry(4, 4, 16), SlotGeometry(1, 1, 4)]
+SLOTS = [-1, 0, 0, 1, 2, -1, 1, 2]
+
+
+@pytest.mark.parametrize("tp_size", [1, 2])
+def test_qkv_shards_concatenate_to_the_full_delta(tp_size):
+    x = torch.randn(len(SLOTS), IN)
+    per_rank = []
+    for tp_rank in range(tp_size):
+        layer, sizes = _qkv(tp_rank, tp_size)
+        for slot, g in enumerate(GEOS):
+            pairs = [_pair(g, size, 10 * slot + i) for i, size in enumerate(sizes)]
+            layer.set_lora(slot, [a for a, _ in pairs], [b for _, b in pairs])
+            assert all(layer.geometry[i][slot] == g for i in range(3))
+        layer.set_mapping(_Punica(SLOTS))
+        per_rank.append(layer.apply(x))
+    # Full delta per slice, then each rank's shard of it.
+    expected_slices = []
+    for i, size in enumerate(sizes):
+        a_list = [_pair(g, size, 10 * s + i)[0] for s, g in enumerate(GEOS)]
+        b_list = [_pair(g, size, 10 * s + i)[1] for s, g in enumerate(GEOS)]
+        expected_slices.append(dense_reference(x, torch.tensor(SLOTS), a_list, b_list, GEOS,
+                                               size))
+    for tp_rank, y in enumerate(per_rank):
+        parts = [e.chunk(tp_size, dim=1)[tp_rank] for e in expected_slices]
+        torch.testing.assert_close(y.double(), torch.cat(parts, dim=1), rtol=1e-4, atol=1e-3)
+        assert torch.equal(y[torch.tensor(SLOTS) < 0], torch.zeros(2, y.shape[1]))
+
+
+@pytest.mark.parametrize("tp_size", [1, 2])
+def test_row_parallel_partial_deltas_sum_to_the_full_delta(tp_size):
+    x = torch.randn(len(SLOTS), IN)
+    total = 0
+    for tp_rank in range(tp_size):
+        layer = _row(tp_rank, tp_size)
+        for slot, g in enumerate(GEOS):
+            layer.set_lora(slot, *_pair(g, 48, slot))
+        layer.set_mapping(_Punica(SLOTS))
+        total = total + layer.apply(x.chunk(tp_size, dim=1)[tp_rank])
+    a_list = [_pair(g, 48, s)[0] for s, g in enumerate(GEOS)]
+    b_list = [_pair(g, 48, s)[1] for s, g in enumerate(GEOS)]
+    expected = dense_reference(x, torch.tensor(SLOTS), a_list, b_list, GEOS, 48)
+    torch.testing.assert_close(total.double(), expected, rtol=1e-4, atol=1e-3)
+
+
+def test_misaligned_shards_and_bad_shapes_are_adapter_errors():
+    layer, sizes = _qkv(1, 2)  # k, v: 16 outputs, 8 per rank
+    a, b = _pair(SlotGeometry(2, 16, 8), sizes[1], 0)
+    with pytest.raises(AdapterError, match="not aligned to repeat=16"):
+        layer.slice_geometry(1, a, b)
+    row = _row(1, 2)  # 32 input columns per rank
+    a, b = _pair(SlotGeometry(64, 1, 8), 48, 0)
+    with pytest.raises(AdapterError, match="not aligned to pool=64"):
+        row.slice_geometry(0, a, b)
+    with pytest.raises(AdapterError, match="do not tile"):
+        row.slice_geometry(0, torch.zeros(8, 7), torch.zeros(48, 8))
+    with pytest.raises(AdapterError, match="above --max-lora-rank 16"):
+        row.slice_geometry(0, torch.zeros(32, 32), torch.zeros(48, 32))
+
+
+def test_reset_clears_a_slot():
+    layer = _row(0, 1)
+    layer.set_lora(0, *_pair(GEOS[0], 48, 0))
+    layer.reset_lora(0)
+    layer.set_mapping(_Punica([0, 0]))
+    x = torch.randn(2, IN)
+    assert torch.equal(layer.apply(x), x @ layer.base_layer.w.t())

@@ -22,6 +22,7 @@ pytestmark = pytest.mark.vllm
 MAX_TOKENS = 8
 LOGPROB_TOL = 2e-2
 MAX_RANK = 16
+ADAPTER_STD = 0.12  # random A and B: large enough that every adapter changes greedy tokens
 CPU_LLM = {"gpu_memory_utilization": 0.3, "max_model_len": 512, "enforce_eager": True,
            "dtype": "float32", "enable_lora": True, "max_lora_rank": MAX_RANK}
 TEXTS = ["The capital of France is", "def fibonacci(n):", "Water boils at a temperature of",
@@ -112,7 +113,7 @@ def smol(smollm2_quantized, tmp_path_factory):
     root = tmp_path_factory.mktemp("multi-adapter")
     dirs, exports = {}, {}
     for name, kw in ADAPTERS.items():
-        dirs[name] = helpers_tiny.random_adapter(qckpt, root / name, std=0.05, **kw)
+        dirs[name] = helpers_tiny.random_adapter(qckpt, root / name, std=ADAPTER_STD, **kw)
         exports[name] = export_peft_lora(dirs[name], root / f"{name}-export")["out_dir"]
     tok = AutoTokenizer.from_pretrained(qckpt)
     prompts = [tok(t).input_ids for t in TEXTS]
@@ -332,7 +333,7 @@ def server16(smol, tmp_path_factory):
         pool, repeat, rank = geoms[k % 4]
         kind = "lora" if pool == 1 else "qbara"
         many[f"a{k}"] = helpers_tiny.random_adapter(qckpt, root / f"a{k}", kind, pool=pool,
-                                                    repeat=repeat, rank=rank, std=0.05,
+                                                    repeat=repeat, rank=rank, std=ADAPTER_STD,
                                                     seed=100 + k)
     args = [str(qckpt), "--served-model-name", "base", "--quantization", "qahira",
             "--dtype", "float32", "--gpu-memory-utilization", "0.3", "--max-model-len", "512",

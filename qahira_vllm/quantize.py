@@ -47,33 +47,35 @@ def quantize_state_dict(tensors, targets: set[str], cfg: QahiraQuantConfig, clip
     out: dict[str, torch.Tensor] = {}
     stats = {"layers": 0, "sq_err": 0.0, "sq_ref": 0.0}
     bar = tqdm(total=len(targets), desc="quantizing", unit="layer", disable=not progress)
-    for name, t in tensors:
-        layer = name[: -len(".weight")] if name.endswith(".weight") else None
-        if layer is None or layer not in targets:
-            out[name] = t
-            continue
-        out_f, in_f = t.shape
-        try:
-            check_divides(layer, out_f, in_f, cfg)
-        except QahiraFormatError as e:
-            if not keep_unconvertible:
-                raise QahiraFormatError(f"{e} (pass --keep-unconvertible to keep it in float)")
-            kept.append(layer)
-            out[name] = t
+    try:
+        for name, t in tensors:
+            layer = name[: -len(".weight")] if name.endswith(".weight") else None
+            if layer is None or layer not in targets:
+                out[name] = t
+                continue
+            out_f, in_f = t.shape
+            try:
+                check_divides(layer, out_f, in_f, cfg)
+            except QahiraFormatError as e:
+                if not keep_unconvertible:
+                    raise QahiraFormatError(f"{e} (pass --keep-unconvertible to keep it in float)")
+                kept.append(layer)
+                out[name] = t
+                bar.update(1)
+                continue
+            q, scales, offsets = quantize(t, cfg, clip_search=clip_search)
+            out[f"{layer}.qweight"] = pack_qweight(q, cfg.bits)
+            out[f"{layer}.scales"] = scales
+            out[f"{layer}.offsets"] = offsets
+            w = t.float()
+            deq = (q.float() * scales.float().repeat_interleave(cfg.bo, 0).repeat_interleave(cfg.bi, 1)
+                   + offsets.float().repeat_interleave(cfg.bo, 0).repeat_interleave(cfg.bi, 1))
+            stats["sq_err"] += (deq - w).square().sum().item()
+            stats["sq_ref"] += w.square().sum().item()
+            stats["layers"] += 1
             bar.update(1)
-            continue
-        q, scales, offsets = quantize(t, cfg, clip_search=clip_search)
-        out[f"{layer}.qweight"] = pack_qweight(q, cfg.bits)
-        out[f"{layer}.scales"] = scales
-        out[f"{layer}.offsets"] = offsets
-        w = t.float()
-        deq = (q.float() * scales.float().repeat_interleave(cfg.bo, 0).repeat_interleave(cfg.bi, 1)
-               + offsets.float().repeat_interleave(cfg.bo, 0).repeat_interleave(cfg.bi, 1))
-        stats["sq_err"] += (deq - w).square().sum().item()
-        stats["sq_ref"] += w.square().sum().item()
-        stats["layers"] += 1
-        bar.update(1)
-    bar.close()
+    finally:
+        bar.close()
     missing = targets - {n.rsplit(".", 1)[0] for n in out if n.endswith(".qweight")} - set(kept)
     if missing:
         raise QahiraFormatError(f"linear layers without a stored weight: {sorted(missing)[:5]}")

@@ -8,8 +8,9 @@ engine lock). In each engine: a batch of N requests (greedy, ignore_eos, T outpu
 
 Native: Q-BaRA adapters p = q = 2, R = 16 served by qahira_vllm.lora. Stock: the same adapters
 exported to the equivalent rank-16 PEFT LoRA (`qahira export --format peft-lora`), served by
-vLLM's own LoRA layers (QAHIRA_NATIVE_LORA=0). Both in fp32. Memory: peak RSS of the engine
-process tree and the adapters' bytes on disk / in vLLM's CPU cache (compact vs expanded).
+vLLM's own LoRA layers (QAHIRA_NATIVE_LORA=0). Both in bf16 by default (--dtype).
+Memory: RSS of the engine process tree after each scenario, and the adapters' bytes on disk
+(what vLLM's CPU adapter cache holds: compact vs expanded).
 Writes multi_adapter.json and multi_adapter.png into benchmarks/results/ (or $OUT).
 """
 
@@ -31,8 +32,7 @@ SCENARIOS = (0, 1, 8, 32)
 
 def _engine(spec: dict, out: Path) -> None:
     """Child: one engine, every scenario; timings to `out`."""
-    import resource
-
+    import psutil
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
@@ -49,12 +49,12 @@ def _engine(spec: dict, out: Path) -> None:
         outs = llm.generate(prompts, params, use_tqdm=False, lora_request=reqs)
         dt = time.perf_counter() - t0
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        me = psutil.Process()
+        rss = sum(p.memory_info().rss for p in [me, *me.children(recursive=True)])
         results.append({"adapters": n, "seconds": dt, "output_tokens": tokens,
-                        "tok_per_s": tokens / dt})
+                        "tok_per_s": tokens / dt, "rss_bytes_engine_tree": rss})
         print(f"{spec['label']}: {n:2d} adapters: {tokens / dt:7.1f} tok/s", flush=True)
-    rss = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-              resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) * 1024
-    json.dump({"scenarios": results, "peak_rss_bytes": rss}, open(out, "w"))
+    json.dump({"scenarios": results}, open(out, "w"))
 
 
 def _run_engine(spec: dict, work: Path, env: dict) -> dict:
@@ -64,8 +64,10 @@ def _run_engine(spec: dict, work: Path, env: dict) -> dict:
         fcntl.flock(lock, fcntl.LOCK_EX)
         proc = subprocess.run([sys.executable, __file__, "--engine", str(spec_path), str(out)],
                               env={**os.environ, **env}, capture_output=True, text=True)
+    (work / f"{spec['label']}.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode:
-        raise RuntimeError(proc.stdout[-3000:] + proc.stderr[-3000:])
+        raise RuntimeError(f"engine failed, log: {work / (spec['label'] + '.log')}\n"
+                           + proc.stderr[-3000:])
     return json.loads(out.read_text())
 
 
@@ -93,11 +95,68 @@ def _plot(report: dict, png: Path) -> None:
     fig.savefig(png, dpi=120)
 
 
+def ops_benchmark(rank: int, repeats: int = 20) -> dict:
+    """Adapter math alone (no engine, no lock): our ops vs vLLM's CPU punica ops (bgmv, which
+    its sgmv also explodes to per token) on the expanded LoRA, SmolLM2 down_proj-sized layer
+    [576 x 1536] and gate_up-sized [1536 x 576], p = q = 2, fp32, one thread."""
+    import torch
+    from vllm.lora.ops.torch_ops import bgmv_expand, bgmv_shrink
+
+    from qahira_vllm.lora.ops import SlotGeometry, add_qbara_segments, segment_by_slot
+
+    torch.set_num_threads(1)
+    rows = []
+    for out_f, in_f in ((576, 1536), (1536, 576)):
+        slots = 32
+        a_c = torch.randn(slots, rank, in_f // 2) * 0.05
+        b_c = torch.randn(slots, out_f // 2, rank) * 0.05
+        a_buf = torch.zeros(slots, rank, in_f)
+        a_buf[:, :, :in_f // 2] = a_c
+        b_buf = torch.zeros(slots, out_f, rank)
+        b_buf[:, :out_f // 2] = b_c
+        a_exp = (a_c.repeat_interleave(2, 2) / 2).unsqueeze(1)   # vLLM's [slots, 1, R, in]
+        b_exp = b_c.repeat_interleave(2, 1).unsqueeze(1)         # [slots, 1, out, R]
+        geo = [SlotGeometry(2, 2, rank)] * slots
+        for tokens, n_adapters in ((32, 1), (32, 8), (32, 32), (256, 8)):
+            # vLLM lays out each request's tokens contiguously: 32 requests of tokens/32.
+            per_req = tokens // 32
+            idx = torch.arange(32).repeat_interleave(per_req) % n_adapters
+            x = torch.randn(tokens, in_f)
+            y = torch.zeros(tokens, out_f)
+
+            def native():
+                add_qbara_segments(y, x, segment_by_slot(idx), a_buf, b_buf, geo, {})
+
+            def stock():
+                h = torch.zeros(tokens, rank)
+                bgmv_shrink(x, a_exp, h, idx, 1.0)
+                bgmv_expand(h, b_exp, y, idx, True)
+
+            timing = {}
+            for name, fn in (("native_qbara", native), ("stock_bgmv_expanded", stock)):
+                fn()
+                t0 = time.perf_counter()
+                for _ in range(repeats):
+                    fn()
+                timing[name] = (time.perf_counter() - t0) / repeats * 1e6
+            rows.append({"layer_out_in": [out_f, in_f], "tokens": tokens,
+                         "adapters": n_adapters, "us": timing,
+                         "speedup": timing["stock_bgmv_expanded"] / timing["native_qbara"]})
+            print(rows[-1], flush=True)
+    return {"rank": rank, "rows": rows}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=32)
-    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--dtype", default="bfloat16",
+                    help="bfloat16 runs the base on the cpu_int4pack kernel (fp32 dequantizes "
+                         "every weight per step, which hides the adapter cost)")
+    ap.add_argument("--setup-only", action="store_true", help="build checkpoint + adapters")
+    ap.add_argument("--ops", action="store_true",
+                    help="only the adapter math vs vLLM's CPU punica ops (no engine)")
     ap.add_argument("--work", default="/tmp/qahira-bench-multi-adapter")
     ap.add_argument("--engine", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -105,6 +164,12 @@ def main() -> int:
         _engine(json.loads(Path(args.engine[0]).read_text()), Path(args.engine[1]))
         return 0
 
+    out_dir = Path(os.environ.get("OUT") or REPO / "benchmarks" / "results")
+    if args.ops:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "multi_adapter_ops.json").write_text(
+            json.dumps(ops_benchmark(args.rank), indent=2) + "\n")
+        return 0
     sys.path.insert(0, str(REPO / "tests"))
     import helpers_tiny  # random adapters with the format's exact shapes
     from transformers import AutoTokenizer
@@ -130,15 +195,18 @@ def main() -> int:
             export_peft_lora(d, e)
         native.append(str(d))
         exported.append(str(e))
+    if args.setup_only:
+        return 0
     tok = AutoTokenizer.from_pretrained(qckpt)
     words = "the quick brown fox jumps over the lazy dog while the cat sleeps".split()
     prompts = [tok(" ".join(words[i % 5:] + words[:i % 5])).input_ids
                for i in range(args.requests)]
     reserved = os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "unset (vLLM default)")
-    llm_kwargs = {"dtype": "float32", "enforce_eager": True, "gpu_memory_utilization": 0.3,
+    llm_kwargs = {"dtype": args.dtype, "enforce_eager": True, "gpu_memory_utilization": 0.3,
                   "max_model_len": 512, "enable_lora": True, "max_lora_rank": args.rank,
                   "max_loras": max(SCENARIOS), "max_num_seqs": args.requests}
     report = {"model": "SmolLM2-135M INT4 block 1x32 (qahira)", "device": "CPU",
+              "dtype": args.dtype,
               "cpu_count": os.cpu_count(), "VLLM_CPU_NUM_OF_RESERVED_CPU": reserved,
               "requests": args.requests, "tokens": args.tokens,
               "adapter": f"Q-BaRA p=2 q=2 R={args.rank}, all 7 linear layers",
@@ -156,7 +224,6 @@ def main() -> int:
            for s in report["engines"]["stock-vllm-lora-on-export"]["scenarios"]}
     report["ratios"] = {"native_vs_stock_at_32": nat[32] / stk[32],
                         "native_32_vs_native_base_only": nat[32] / nat[0]}
-    out_dir = Path(os.environ.get("OUT") or REPO / "benchmarks" / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "multi_adapter.json").write_text(json.dumps(report, indent=2) + "\n")
     _plot(report, out_dir / "multi_adapter.png")

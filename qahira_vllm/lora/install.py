@@ -5,7 +5,10 @@ so that plugin registration itself imports nothing heavy:
 
   vllm.lora.utils._all_lora_classes           our layer classes first; they claim only layers
                                               whose quant method is qahira's (from_layer walks
-                                              this tuple in order)
+                                              this tuple in order); and
+                                              vllm.lora.layers.base_linear._get_lora_device
+                                              learns the device of qahira layers whose kernel
+                                              replaced qweight (bf16 cpu_int4pack)
   vllm.lora.worker_manager.WorkerLoRAManager  create_lora_manager: remember the served model
                                               folder; _load_adapter: our checks run first
   vllm.entrypoints.openai.models.serving.OpenAIServingModels.load_lora_adapter
@@ -24,8 +27,26 @@ import sys
 _applied: set[str] = set()
 
 
+def _patch_lora_device(base_linear) -> None:
+    """qahira kernels may replace qweight by their own buffers (cpu_int4pack does), which
+    vLLM's LoRA device lookup does not know: answer for qahira layers, stock otherwise."""
+    original = base_linear._get_lora_device
+
+    def _get_lora_device(base_layer):
+        if hasattr(base_layer, "qahira_kernel"):
+            for t in (*base_layer.parameters(recurse=False), *base_layer.buffers(recurse=False)):
+                return t.device
+        return original(base_layer)
+
+    base_linear._get_lora_device = _get_lora_device
+
+
 def _patch_lora_classes(utils) -> None:
+    import vllm.lora.layers.base_linear as base_linear
+
     from . import layers
+
+    _patch_lora_device(base_linear)
 
     if os.environ.get("QAHIRA_NATIVE_LORA", "1") == "0":
         layers.ENABLED = False

@@ -168,8 +168,8 @@ class QbaraSlotsMixin:
         x2 = x.reshape(-1, x.shape[-1])
         out2 = out.view(-1, out.shape[-1])
         batch = slot_batch(self.punica_wrapper)
-        if out2.is_cuda:
-            self._apply_cuda(out2, x2, batch)
+        if out2.is_cuda and x2.dtype in (torch.float16, torch.bfloat16):
+            self._apply_cuda(out2, x2, batch)  # the Triton kernels take fp16/bf16 only
         else:
             segments = batch.segments(x2.shape[0])
             if segments:

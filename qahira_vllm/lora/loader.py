@@ -1,4 +1,4 @@
-"""Adapter checks that run in vLLM's worker before an adapter is used (load request, --lora-modules).
+"""Adapter checks run in vLLM's worker before an adapter is used (load request, --lora-modules).
 
 A qahira engine (one whose linear layers are our Q-BaRA LoRA layers) accepts an adapter only if:
   adapter_format.load_adapter     type / format version / config / tensor names

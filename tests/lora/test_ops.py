@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qahira_vllm.lora.ops import (Segment, SlotGeometry, add_qbara_per_token, add_qbara_segments,
+from qahira_vllm.lora.ops import (SlotGeometry, add_qbara_per_token, add_qbara_segments,
                                   dense_reference, segment_by_slot)
 
 IN, OUT, R_MAX, SLOTS = 64, 96, 16, 4

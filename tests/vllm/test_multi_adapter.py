@@ -264,7 +264,6 @@ def test_tensor_parallel_2_equals_1(tiny_tp, tmp_path):
 
 def _broken_adapters(qckpt, good: Path, root: Path) -> dict[str, tuple[Path, str]]:
     """name -> (adapter dir, a phrase its rejection message must contain)."""
-    import torch
     from safetensors.torch import load_file, save_file
 
     import helpers_tiny
@@ -406,7 +405,9 @@ def test_load_200_requests_16_adapters_concurrency_32(server16, smol):
     from concurrent.futures import ThreadPoolExecutor
 
     url, many, _, _ = server16
-    prompts = smol[3]
+    # Two prompts x 17 models = 34 distinct requests to serve solo first (fp32 decode of one
+    # request on this CPU runs at ~1 token/s: the solo pass dominates the test's time).
+    prompts = smol[3][:2]
     models = ["base", *many]
     rng = random.Random(0)
     jobs = [(rng.choice(models), rng.randrange(len(prompts))) for _ in range(200)]

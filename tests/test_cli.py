@@ -44,7 +44,7 @@ def test_help_lists_all_verbs():
               subprocess.run([sys.executable, "-c", MAIN, "--help"], cwd=REPO,
                              capture_output=True, text=True, timeout=60)):
         assert r.returncode == 0, r.stderr
-        for verb in ("quantize", "serve", "models", "train", "merge", "export", "bench"):
+        for verb in ("quantize", "serve", "models", "train", "merge", "export"):
             assert verb in r.stdout
         assert set(VERBS) <= set(r.stdout.split())
 

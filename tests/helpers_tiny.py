@@ -146,3 +146,8 @@ def random_adapter(qckpt: Path, out_dir: Path, adapter_type: str = "qbara", pool
             tensors[layer] = {k: torch.randn(shape, generator=g) * std
                               for k, shape in expected_shapes(config, out_f, in_f).items()}
     return save_adapter(out_dir, config, tensors)
+
+
+# Token-id prompts for engine tests on the tiny models (no tokenizer needed).
+TOKEN_PROMPTS = [[72, 101, 108, 108, 111, 44, 32], [84, 104, 101, 32, 99, 97, 116],
+                 [50, 43, 50, 61, 52, 10, 51, 43]]

@@ -14,33 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..format import QahiraQuantConfig, validate_layer_tensors
-from ..quant_math import dequantize_packed
-
-
-_NIBBLE_SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)
-
-
-def dequantize_fast(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
-                    cfg: QahiraQuantConfig) -> torch.Tensor:
-    """fp32 W [out, in], bit-identical to quant_math.dequantize_packed, in fewer memory passes.
-
-    Same nibble order and the same fp32 formula scales * q + offsets, with the block parameters
-    broadcast instead of expanded. addcmul may fuse the multiply-add, which cannot change the
-    result: scale (fp16, 11-bit significand) * q (<= 8 bits) is exact in fp32, so only the add
-    rounds, as in the unfused form. tests/training/test_qlinear.py checks bit equality.
-    """
-    bo, bi = cfg.block_size
-    out_f = qweight.shape[0]
-    if cfg.bits == 4:
-        shifts = _NIBBLE_SHIFTS.to(qweight.device)
-        q = (qweight.unsqueeze(-1) >> shifts).bitwise_and_(0xF).to(torch.float32)
-    else:
-        q = qweight.to(torch.float32)
-    in_f = q.numel() // out_f
-    q = q.view(out_f // bo, bo, in_f // bi, bi)
-    w = torch.addcmul(offsets.to(torch.float32)[:, None, :, None], q,
-                      scales.to(torch.float32)[:, None, :, None])
-    return w.view(out_f, in_f)
+from ..quant_math import dequantize_fast, dequantize_packed  # noqa: F401
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -16,8 +16,7 @@ pytestmark = pytest.mark.vllm
 
 MAX_TOKENS = 16
 RANK = 8  # vLLM's max_lora_rank takes 8, 16, 32, ...
-PROMPTS = [[72, 101, 108, 108, 111, 44, 32], [84, 104, 101, 32, 99, 97, 116],
-           [50, 43, 50, 61, 52, 10, 51, 43]]
+PROMPTS = helpers_tiny.TOKEN_PROMPTS
 
 
 @pytest.fixture(scope="module")

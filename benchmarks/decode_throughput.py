@@ -8,7 +8,8 @@ decode is weight-bound. Each (model, format) runs in its own engine in a child p
 after the other; all ratios come from this one run. Throughput = generated tokens / wall time
 of `LLM.generate` for `batch` prompts of 8 tokens, each decoding `--tokens` tokens
 (ignore_eos). Weight memory = bytes of the checkpoint's tensors (safetensors payload).
-Engines run with enforce_eager=True (torch.compile costs minutes per engine on CPU) and the
+Engines run with enforce_eager=True (torch.compile costs minutes per engine on CPU; `--compile`
+runs vLLM's default compiled mode instead, results in decode_throughput_compiled.*) and the
 vLLM CPU default VLLM_CPU_NUM_OF_RESERVED_CPU (unset: one core computes, one serves the front
 end) unless the environment sets it; the JSON records both.
 """
@@ -63,12 +64,13 @@ def weight_bytes(model_dir: Path) -> int:
     return total
 
 
-def run_one(model_dir: str, batches: list[int], tokens: int) -> dict:
+def run_one(model_dir: str, batches: list[int], tokens: int, compile_: bool) -> dict:
     """Child process: one engine, every batch size."""
     from vllm import LLM, SamplingParams
 
     t0 = time.time()
-    llm = LLM(model_dir, gpu_memory_utilization=0.3, max_model_len=256, enforce_eager=True,
+    llm = LLM(model_dir, gpu_memory_utilization=0.3, max_model_len=256,
+              enforce_eager=not compile_,
               max_num_seqs=max(batches))
     startup = time.time() - t0
     prompt = {"prompt_token_ids": [1, 504, 3458, 5145, 6355, 281, 260, 1029]}
@@ -84,9 +86,9 @@ def run_one(model_dir: str, batches: list[int], tokens: int) -> dict:
     return out
 
 
-def engine_run(model_dir: Path, batches, tokens) -> dict:
+def engine_run(model_dir: Path, batches, tokens, compile_: bool) -> dict:
     cmd = [sys.executable, __file__, "--child", str(model_dir), "--batches",
-           ",".join(map(str, batches)), "--tokens", str(tokens)]
+           ",".join(map(str, batches)), "--tokens", str(tokens)] + ["--compile"] * compile_
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -126,10 +128,14 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--child")
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    ap.add_argument("--compile", action="store_true",
+                    help="vLLM's default torch.compile mode instead of enforce_eager")
+    ap.add_argument("--models", default="smollm2,1b", help="comma list: smollm2, 1b")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     if args.child:
-        print("RESULT " + json.dumps(run_one(args.child, batches, args.tokens)), flush=True)
+        result = run_one(args.child, batches, args.tokens, args.compile)
+        print("RESULT " + json.dumps(result), flush=True)
         return
 
     from qahira_vllm.models import cache_root, fetch_model
@@ -138,15 +144,16 @@ def main() -> None:
     smol = fetch_model("smollm2-135m", verbose=False)
     work = cache_root() / "bench"
     work.mkdir(parents=True, exist_ok=True)
-    models = {"SmolLM2-135M": smol}
-    if not args.quick:
+    wanted = set(args.models.split(","))
+    models = {"SmolLM2-135M": smol} if "smollm2" in wanted else {}
+    if not args.quick and "1b" in wanted:
         models["Llama-1B-shape (random)"] = build_1b_llama(work / "llama-1b-random", smol)
     # SmolLM2 INT4 uses 1x32: its weights come from a 32-block Q4_1 GGUF (see README).
     formats = {"bf16": None, "qahira INT4": (4, (1, 32)), "qahira INT8": (8, (1, 64))}
     tokens = 8 if args.quick else args.tokens
     results = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or
                platform.machine(), "cpus": os.cpu_count(), "tokens_per_request": tokens,
-               "enforce_eager": True,
+               "enforce_eager": not args.compile,
                "VLLM_CPU_NUM_OF_RESERVED_CPU": os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU"),
                "reserved_cpu_note": "VLLM_CPU_NUM_OF_RESERVED_CPU="
                + os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "unset (1 compute core)"),
@@ -159,7 +166,7 @@ def main() -> None:
                 path = work / f"{mdir.name}-int{q[0]}-{q[1][0]}x{q[1][1]}"
                 if not (path / "config.json").exists():
                     quantize_model(mdir, path, bits=q[0], block_size=q[1], progress=False)
-            r = engine_run(path, batches, tokens)
+            r = engine_run(path, batches, tokens, args.compile)
             r["weight_gib"] = weight_bytes(path) / 2**30
             results["models"][mname][fmt] = r
             print(mname, fmt, json.dumps(r), flush=True)
@@ -168,7 +175,8 @@ def main() -> None:
             r["speedup_vs_bf16"] = {b: r["tok_per_s"][b] / base[b] for b in base}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = "decode_throughput_quick" if args.quick else "decode_throughput"
+    name = "decode_throughput" + ("_quick" if args.quick else "") + ("_compiled" if args.compile
+                                                                     else "")
     (out / f"{name}.json").write_text(json.dumps(results, indent=2))
     plot(results, out / f"{name}.png")
     print(json.dumps({m: {f: r["speedup_vs_bf16"] for f, r in v.items()}

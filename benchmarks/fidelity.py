@@ -46,6 +46,8 @@ METHODS = {  # name -> trainer settings (equal trainable parameters, see module 
     "qbara": dict(method="qbara", lora_r=11, rank=22, pool=2, repeat=2),
     "qahira": dict(method="qahira", lora_r=11, pool=32, repeat=1),
     "qahira-kaiming": dict(method="qahira", lora_r=11, pool=32, repeat=1, init="kaiming"),
+    # QA-HiRA's per-weight step is s * lr / pi: this variant gives it 8x the shared lr.
+    "qahira-lr8x": dict(method="qahira", lora_r=11, pool=32, repeat=1, lr=1.6e-2),
 }
 
 
@@ -214,7 +216,8 @@ def table_rows(res: dict) -> list[tuple[str, str, float, float]]:
     rows = [(name, "-", v["eval_loss"], v["eval_ppl"]) for name, v in res["baselines"].items()]
     labels = {"lora": "LoRA r=11 (adapter on INT4)", "qbara": "Q-BaRA R=22 p=q=2 (adapter)",
               "qahira": "QA-HiRA pi=32 qo=1 (adapter)",
-              "qahira-kaiming": "QA-HiRA kaiming init (adapter)"}
+              "qahira-kaiming": "QA-HiRA kaiming init (adapter)",
+              "qahira-lr8x": "QA-HiRA pi=32 qo=1, 8x lr (adapter)"}
     for name, m in res["methods"].items():
         p = f"{m['trainable_params']:,}"
         label = labels.get(name, name).replace("(", f"(lr {m['lr']:g}, ", 1)

@@ -8,7 +8,10 @@ so that plugin registration itself imports nothing heavy:
                                               this tuple in order); and
                                               vllm.lora.layers.base_linear._get_lora_device
                                               learns the device of qahira layers whose kernel
-                                              replaced qweight (bf16 cpu_int4pack)
+                                              replaced qweight (bf16 cpu_int4pack); and
+                                              LogitsProcessorWithLoRA skips its per-token
+                                              vocab-sized LoRA gather while no loaded adapter
+                                              has lm_head weights (it would add exact zeros)
   vllm.lora.worker_manager.WorkerLoRAManager  create_lora_manager: remember the served model
                                               folder; _load_adapter: our checks run first
   vllm.entrypoints.openai.models.serving.OpenAIServingModels.load_lora_adapter
@@ -41,6 +44,46 @@ def _patch_lora_device(base_linear) -> None:
     base_linear._get_lora_device = _get_lora_device
 
 
+def _patch_logits_lora(logits_processor) -> None:
+    """vLLM's lm_head LoRA wrapper runs bgmv shrink + expand over the whole vocabulary for every
+    token that has an adapter, even when no adapter has lm_head weights (their slots are zero):
+    on CPU, 32 tokens x 49152 x rank of gathers per step (measured: the bulk of the per-step
+    cost of the first adapter on SmolLM2). While no slot holds lm_head weights, the logits are
+    the base logits exactly, so compute only those; otherwise the stock path runs."""
+    cls = logits_processor.LogitsProcessorWithLoRA
+    if getattr(cls, "_qahira_patched", False):
+        return
+    set_lora, reset_lora, get_logits = cls.set_lora, cls.reset_lora, cls._get_logits
+
+    def slots(self) -> set:
+        return self.__dict__.setdefault("_qahira_lm_head_slots", set())
+
+    def patched_set_lora(self, index, lora_a, lora_b):
+        set_lora(self, index, lora_a, lora_b)
+        slots(self).add(index)
+
+    def patched_reset_lora(self, index):
+        reset_lora(self, index)
+        slots(self).discard(index)
+
+    def patched_get_logits(self, hidden_states, lm_head, embedding_bias=None,
+                           skip_gather=False):
+        if slots(self) or skip_gather:
+            return get_logits(self, hidden_states, lm_head, embedding_bias, skip_gather)
+        head = lm_head.base_layer if hasattr(lm_head, "base_layer") else lm_head
+        logits = self.base_layer._gather_logits(
+            self.base_layer._apply_head(head, hidden_states, embedding_bias))
+        if logits is None:
+            return None
+        if self.sharded_to_full_mapping_gpu is not None:
+            logits = logits[:, self.sharded_to_full_mapping_gpu]
+        return logits[:, :self.base_layer.vocab_size]
+
+    cls.set_lora, cls.reset_lora = patched_set_lora, patched_reset_lora
+    cls._get_logits = patched_get_logits
+    cls._qahira_patched = True
+
+
 def _patch_lora_classes(utils) -> None:
     import vllm.lora.layers.base_linear as base_linear
 
@@ -51,6 +94,9 @@ def _patch_lora_classes(utils) -> None:
     if os.environ.get("QAHIRA_NATIVE_LORA", "1") == "0":
         layers.ENABLED = False
         return
+    import vllm.lora.layers.logits_processor as logits_processor
+
+    _patch_logits_lora(logits_processor)
     ours = tuple(c for c in layers.QBARA_LORA_CLASSES if c not in utils._all_lora_classes)
     utils._all_lora_classes = ours + tuple(utils._all_lora_classes)
 

@@ -67,6 +67,11 @@ class QbaraSlotsMixin:
     def create_lora_weights(self, max_loras, lora_config, model_config=None) -> None:
         self.lora_config = lora_config
         r_max, dtype = lora_config.max_lora_rank, lora_config.lora_dtype
+        if torch.device(self.device).type == "cpu":
+            # The compact buffers are small, and on CPUs without bf16 units fp32 GEMMs of these
+            # shapes are ~14x faster than bf16 ones (measured, [32 x 288] @ [288 x 16]: 7 us vs
+            # 98 us); fp32 also keeps A, B and the rank-r intermediate unrounded.
+            dtype = torch.float32
         in_local = self.in_shard[1]
         # Width `in_local` (not in/p) so that plain LoRAs (p = 1) fit in the same slots; a
         # Q-BaRA slot fills only its [:rank, :in/p] corner and the math reads only that.
@@ -79,12 +84,14 @@ class QbaraSlotsMixin:
         self.geometry: list[list[SlotGeometry | None]] = [
             [None] * max_loras for _ in self.slice_full]
         self._device_geometry = None  # int32/fp32 per-slot tensors for the CUDA kernels
+        self._packed = [{} for _ in self.slice_full]  # ops.pack_slots cache, per slice
 
     def reset_lora(self, index: int) -> None:
         for i in range(len(self.slice_full)):
             self.lora_a_stacked[i][index] = 0
             self.lora_b_stacked[i][index] = 0
             self.geometry[i][index] = None
+            self._packed[i].clear()
         self._device_geometry = None
 
     def check_geometry(self, i: int, pool: int, repeat: int, rank: int,
@@ -173,12 +180,12 @@ class QbaraSlotsMixin:
         else:
             segments = batch.segments(x2.shape[0])
             if segments:
-                cache = batch.gather_cache(x2.shape[0])
+                cache, pooled = batch.gather_cache(x2.shape[0]), {}  # pooled x: per input
                 offset = 0
                 for i, (_, size) in enumerate(self.slice_shard):
                     add_qbara_segments(out2[:, offset:offset + size], x2, segments,
                                        self.lora_a_stacked[i], self.lora_b_stacked[i],
-                                       self.geometry[i], cache)
+                                       self.geometry[i], cache, pooled, self._packed[i])
                     offset += size
         return out
 

@@ -69,13 +69,39 @@ def pool_inputs(x: torch.Tensor, pool: int) -> torch.Tensor:
     return x if pool == 1 else x.unflatten(-1, (x.shape[-1] // pool, pool)).mean(dim=-1)
 
 
-def qbara_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, g: SlotGeometry,
+def pool_sum(x: torch.Tensor, pool: int) -> torch.Tensor:
+    """p * P_p(x): sum of adjacent groups of `pool` features (the 1/p goes into the scale of
+    the rank-r intermediate, which is far smaller). Strided adds: on CPU ~4x faster than a
+    reduction over a size-p last dim (measured, 32 x 576 fp32)."""
+    if pool == 1:
+        return x
+    groups = x.unflatten(-1, (x.shape[-1] // pool, pool))
+    out = groups[..., 0] + groups[..., 1]
+    for j in range(2, pool):
+        out += groups[..., j]
+    return out
+
+
+def qbara_delta(x_pooled_sum: torch.Tensor, a: torch.Tensor, b: torch.Tensor, g: SlotGeometry,
                 out_features: int) -> torch.Tensor:
-    """Compact delta s * (B A P_p(x)) [T, out/q] (not yet repeated) in the adapter's dtype."""
-    in_pooled, out_rep = x.shape[-1] // g.pool, out_features // g.repeat
-    h = pool_inputs(x.to(a.dtype), g.pool) @ a[:g.rank, :in_pooled].t()
-    d = h @ b[:out_rep, :g.rank].t()
-    return d if g.scaling == 1.0 else d * g.scaling
+    """Compact delta s * (B A P_p(x)) [T, out/q] (not yet repeated) in the adapter's dtype,
+    from `pool_sum(x, p)` [T, in/p]."""
+    h = x_pooled_sum @ a[:g.rank, :x_pooled_sum.shape[-1]].t()
+    scale = g.scaling / g.pool
+    if scale != 1.0:
+        h = h * scale
+    return h @ b[:out_features // g.repeat, :g.rank].t()
+
+
+def repeat_add_(target: torch.Tensor, d: torch.Tensor, repeat: int) -> None:
+    """target[:, o] += d[:, o // repeat], in place, without a full-width temporary."""
+    if repeat == 1:
+        target.add_(d)
+    elif repeat <= 4:  # q strided adds beat one broadcast add over a [T, out/q, q] view
+        for j in range(repeat):
+            target[..., j::repeat].add_(d)
+    else:
+        target.unflatten(-1, (target.shape[-1] // repeat, repeat)).add_(d.unsqueeze(-1))
 
 
 # Many short segments (decode with many adapters): one gathered batch per geometry beats a
@@ -92,41 +118,51 @@ def _rows_len(seg: Segment) -> int:
 def add_qbara_segments(y: torch.Tensor, x: torch.Tensor, segments: Sequence[Segment],
                        a_stacked: torch.Tensor, b_stacked: torch.Tensor,
                        geometry: Sequence[SlotGeometry | None],
-                       cache: dict | None = None) -> torch.Tensor:
+                       cache: dict | None = None, pooled: dict | None = None,
+                       packed: dict | None = None) -> torch.Tensor:
     """In place: y[rows] += R_q(delta) for every segment whose slot holds weights. Returns y.
 
     y: [T, out] (may be a column slice of a wider output); x: [T, in];
     a_stacked [slots, R_max, >= in/p]; b_stacked [slots, >= out/q, R_max], zero-padded.
     Segments are grouped by geometry (p, q); a group of many short segments is computed as
     one per-token gather (add_qbara_gathered), otherwise segment by segment. `cache`: a dict
-    that lives for one batch (index tensors of the gathered groups).
+    that lives for one batch (index tensors of the gathered groups). `pooled`: a dict that lives
+    for one input x (pool -> pool_sum(x), shared by the slices of a merged layer). `packed`: a
+    dict that lives as long as the slots' contents (see pack_slots); without it the many-
+    segment case falls back to per-token gathers.
+    The math runs in the adapter buffers' dtype; y may be of another dtype.
     """
+    pooled = {} if pooled is None else pooled
     groups: dict[tuple[int, int], list[Segment]] = {}
     for seg in segments:
         g = geometry[seg.slot]
         if g is not None:  # None: this slot's adapter does not touch this layer (slice)
             groups.setdefault((g.pool, g.repeat), []).append(seg)
     for (pool, repeat), segs in groups.items():
+        if pool not in pooled:
+            pooled[pool] = pool_sum(x.to(a_stacked.dtype), pool)
+        xp = pooled[pool]
         if (len(segs) >= GATHER_MIN_SEGMENTS
                 and sum(map(_rows_len, segs)) <= GATHER_MAX_AVG_TOKENS * len(segs)):
-            add_qbara_gathered(y, x, segs, a_stacked, b_stacked, geometry, pool, repeat,
-                               cache if cache is not None else {})
+            cache = cache if cache is not None else {}
+            if packed is not None:
+                add_qbara_slot_gemm(y, xp, segs, a_stacked, b_stacked, geometry, pool, repeat,
+                                    cache, packed)
+            else:
+                add_qbara_gathered(y, xp, segs, a_stacked, b_stacked, geometry, pool, repeat,
+                                   cache)
         else:
             for seg in segs:
-                _add_segment(y, x, seg, a_stacked, b_stacked, geometry[seg.slot])
+                _add_segment(y, xp, seg, a_stacked, b_stacked, geometry[seg.slot])
     return y
 
 
-def _add_segment(y, x, seg: Segment, a_stacked, b_stacked, g: SlotGeometry) -> None:
-    out_features = y.shape[-1]
-    d = qbara_delta(x[seg.rows], a_stacked[seg.slot], b_stacked[seg.slot], g,
-                    out_features).to(y.dtype)
+def _add_segment(y, xp, seg: Segment, a_stacked, b_stacked, g: SlotGeometry) -> None:
+    """xp: pool_sum(x, g.pool) of every token."""
+    d = qbara_delta(xp[seg.rows], a_stacked[seg.slot], b_stacked[seg.slot], g,
+                    y.shape[-1]).to(y.dtype)
     if seg.contiguous:
-        target = y[seg.rows]
-        if g.repeat == 1:
-            target.add_(d)
-        else:  # broadcast-add each compact output onto its q copies: no full-width temp
-            target.unflatten(-1, (out_features // g.repeat, g.repeat)).add_(d.unsqueeze(-1))
+        repeat_add_(y[seg.rows], d, g.repeat)
     else:
         y.index_add_(0, seg.rows, d.repeat_interleave(g.repeat, dim=-1) if g.repeat > 1 else d)
 
@@ -144,20 +180,67 @@ def _gather_index(segs: Sequence[Segment], geometry, cache: dict):
     return cache[key]
 
 
-def add_qbara_gathered(y, x, segs: Sequence[Segment], a_stacked, b_stacked, geometry,
+def add_qbara_gathered(y, xp, segs: Sequence[Segment], a_stacked, b_stacked, geometry,
                        pool: int, repeat: int, cache: dict) -> None:
-    """Segments sharing (p, q): each token gathers its slot's compact A and B (bgmv style)."""
+    """Segments sharing (p, q): each token gathers its slot's compact A and B (bgmv style).
+    xp: pool_sum(x, pool) of every token."""
     rows, slots, ranks, scale = _gather_index(segs, geometry, cache)
     r_max = int(ranks.max())
-    in_p, out_q = x.shape[-1] // pool, y.shape[-1] // repeat
+    in_p, out_q = xp.shape[-1], y.shape[-1] // repeat
     a = a_stacked[slots, :r_max, :in_p]                    # [T, r, in/p]
     b = b_stacked[slots, :out_q, :r_max]                   # [T, out/q, r]
-    h = torch.bmm(a, pool_inputs(x[rows].to(a.dtype), pool).unsqueeze(-1)).squeeze(-1)
+    h = torch.bmm(a, xp[rows].unsqueeze(-1)).squeeze(-1)
     if bool((ranks < r_max).any()):
         h = h * (torch.arange(r_max)[None, :] < ranks[:, None])  # never read rank padding
-    if bool((scale != 1.0).any()):
-        h = h * scale[:, None].to(h.dtype)
+    h = h * (scale[:, None] / pool).to(h.dtype)
     d = torch.bmm(b, h.unsqueeze(-1)).squeeze(-1)
+    y.index_add_(0, rows, (d.repeat_interleave(repeat, dim=-1) if repeat > 1 else d).to(y.dtype))
+
+
+def pack_slots(a_stacked, b_stacked, in_p: int, out_q: int, r_max: int, packed: dict):
+    """All slots' compact A and B as two GEMM operands, cached in `packed` (drop it when a slot
+    changes): A_cat [slots * r_max, in_p] and B_cat^T [slots * r_max, out_q]."""
+    key = (in_p, out_q, r_max)
+    if key not in packed:
+        slots = a_stacked.shape[0]
+        packed[key] = (a_stacked[:, :r_max, :in_p].reshape(slots * r_max, in_p).contiguous(),
+                       b_stacked[:, :out_q, :r_max].transpose(1, 2)
+                       .reshape(slots * r_max, out_q).contiguous())
+    return packed[key]
+
+
+def _slot_gemm_coef(segs: Sequence[Segment], geometry, pool: int, slots: int, r_max: int,
+                    cache: dict):
+    """(rows, coef [rows, slots * r_max]): coef is scaling / pool on the token's own slot's
+    first `rank` columns, 0 elsewhere (other slots and rank padding)."""
+    key = ("slot_gemm", pool, slots, r_max,
+           tuple((seg.slot, geometry[seg.slot].rank, geometry[seg.slot].scaling) for seg in segs))
+    if key not in cache:
+        rows = torch.cat([torch.arange(s.rows.start, s.rows.stop) if s.contiguous else s.rows
+                          for s in segs])
+        coef = torch.zeros(rows.numel(), slots * r_max)
+        t = 0
+        for seg in segs:
+            g, n = geometry[seg.slot], _rows_len(seg)
+            start = seg.slot * r_max
+            coef[t:t + n, start:start + g.rank] = g.scaling / pool
+            t += n
+        cache[key] = (rows, coef)
+    return cache[key]
+
+
+def add_qbara_slot_gemm(y, xp, segs: Sequence[Segment], a_stacked, b_stacked, geometry,
+                        pool: int, repeat: int, cache: dict, packed: dict) -> None:
+    """Segments sharing (p, q), many of them with few tokens each (decode with many adapters):
+    two GEMMs against every slot's compact A and B at once, H = P(x) A_cat^T masked to each
+    token's own slot, then H B_cat^T. It does slots x the useful FLOPs but no per-token copies
+    of A and B; on one CPU core, 32 tokens x 32 adapters, that is ~2.4x faster than gathering
+    (measured: 0.81 ms vs 1.92 ms for a 576 -> 1536 layer, p = q = 2, r = 16)."""
+    r_max = max(geometry[seg.slot].rank for seg in segs)
+    in_p, out_q = xp.shape[-1], y.shape[-1] // repeat
+    a_cat, bt_cat = pack_slots(a_stacked, b_stacked, in_p, out_q, r_max, packed)
+    rows, coef = _slot_gemm_coef(segs, geometry, pool, a_stacked.shape[0], r_max, cache)
+    d = ((xp[rows] @ a_cat.t()) * coef.to(xp.dtype)) @ bt_cat
     y.index_add_(0, rows, (d.repeat_interleave(repeat, dim=-1) if repeat > 1 else d).to(y.dtype))
 
 
@@ -172,7 +255,8 @@ def add_qbara_per_token(y: torch.Tensor, x: torch.Tensor, slot_idx: torch.Tensor
         g = geometry[seg.slot]
         groups.setdefault((g.pool, g.repeat), []).append(seg)
     for (pool, repeat), segs in groups.items():
-        add_qbara_gathered(y, x, segs, a_stacked, b_stacked, geometry, pool, repeat, {})
+        add_qbara_gathered(y, pool_sum(x.to(a_stacked.dtype), pool), segs, a_stacked, b_stacked,
+                           geometry, pool, repeat, {})
     return y
 
 

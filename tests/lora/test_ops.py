@@ -102,15 +102,19 @@ def test_bf16_activations():
     torch.testing.assert_close(y.double(), expected, rtol=2e-2, atol=0.5)
 
 
-def test_many_short_segments_take_the_gathered_path_and_match():
-    """Decode with many adapters (>= GATHER_MIN_SEGMENTS one-token segments per geometry):
-    the gathered path runs and agrees with the dense reference and with the segment loop."""
+@pytest.mark.parametrize("path", ["add_qbara_gathered", "add_qbara_slot_gemm"])
+def test_many_short_segments_take_the_batched_paths_and_match(path):
+    """Decode with many adapters (>= GATHER_MIN_SEGMENTS one-token segments per geometry): the
+    per-token gather (no `packed` cache) or the all-slots GEMM (with one) runs and agrees with
+    the dense reference. Buffers outside each slot's corner hold garbage (1e6), which the
+    all-slots GEMM multiplies by an exact 0."""
     from qahira_vllm.lora import ops
 
     slots, g = 16, torch.Generator().manual_seed(3)
     geometry = [SlotGeometry(2, 2, 8 if s % 3 else 16, 1.0 + s / 8) if s % 2 else
                 SlotGeometry(4, 1, 4, 0.5) for s in range(slots)]
-    a_stacked, b_stacked = torch.zeros(slots, R_MAX, IN), torch.zeros(slots, OUT, R_MAX)
+    a_stacked = torch.full((slots, R_MAX, IN), 1e6)
+    b_stacked = torch.full((slots, OUT, R_MAX), 1e6)
     a_list, b_list = [], []
     for s, geo in enumerate(geometry):
         a = torch.randn(geo.rank, IN // geo.pool, generator=g)
@@ -122,13 +126,14 @@ def test_many_short_segments_take_the_gathered_path_and_match():
     x = torch.randn(40, IN, generator=g)
     expected = dense_reference(x, slot_idx, a_list, b_list, geometry, OUT)
     calls = []
-    original = ops.add_qbara_gathered
-    ops.add_qbara_gathered = lambda *a, **k: (calls.append(1), original(*a, **k))[1]
+    original = getattr(ops, path)
+    setattr(ops, path, lambda *a, **k: (calls.append(1), original(*a, **k))[1])
     try:
         y = add_qbara_segments(torch.zeros(40, OUT), x, segment_by_slot(slot_idx), a_stacked,
-                               b_stacked, geometry, {})
+                               b_stacked, geometry, {}, None,
+                               {} if path == "add_qbara_slot_gemm" else None)
     finally:
-        ops.add_qbara_gathered = original
-    assert calls, "the gathered path did not run"
+        setattr(ops, path, original)
+    assert calls, f"{path} did not run"
     torch.testing.assert_close(y.double(), expected, rtol=1e-4, atol=1e-3)
     assert torch.equal(y[slot_idx < 0], torch.zeros(int((slot_idx < 0).sum()), OUT))

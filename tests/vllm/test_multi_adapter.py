@@ -22,6 +22,7 @@ pytestmark = pytest.mark.vllm
 MAX_TOKENS = 8
 LOGPROB_TOL = 2e-2
 BF16_BASE_LOGPROB_TOL = 0.3  # bf16 vs fp32 engine, no adapter (measured max 0.15)
+BF16_BATCH_LOGPROB_TOL = 0.05  # bf16 batched vs solo, first step (measured identical)
 MAX_RANK = 16
 ADAPTER_STD = 0.12  # random A and B: large enough that every adapter changes greedy tokens
 CPU_LLM = {"gpu_memory_utilization": 0.3, "max_model_len": 512, "enforce_eager": True,
@@ -222,33 +223,50 @@ def native_mixed_bf16(smol, tmp_path_factory):
     return run_spec(spec, tmp_path_factory.mktemp("native-mixed-bf16"))
 
 
+def _same_first_step(a: dict, b: dict, tol: float) -> bool:
+    return (a["token_ids"][0] == b["token_ids"][0]
+            and all(abs(lp - b["first_logprobs"][t]) < tol
+                    for t, lp in a["first_logprobs"].items() if t in b["first_logprobs"]))
+
+
 def test_bf16_mixed_batch_on_int4pack_kernel(native_mixed_bf16, native_mixed):
     """bf16: the fast base kernel and our adapter layers together.
 
-    Exact: batched == solo tokens for every request; base-only requests equal the bare base and
-    adapter requests differ from it. Against the fp32 engine: bf16 rounding of activations and
-    of A/B (lora_dtype follows the model) moves these strong random adapters' logprobs by up to
-    ~1.5 nats (measured; stock vLLM LoRA on the export in bf16 deviates as much), so the check
-    is that the fp32 greedy token is in the bf16 top-5 (a wrong scale, layout or slot would
-    break that), and base-only logprobs within BF16_BASE_LOGPROB_TOL."""
+    bf16 kernels are not batch-invariant (the base int4pack GEMM and the adapter GEMMs round
+    differently at different M), so exact batched == solo sequences are asserted in fp32 (test
+    above); here a late near-tie can flip (seen once: the 8th token of one request). Asserted:
+    batched == solo on the first step (token, and logprobs within BF16_BATCH_LOGPROB_TOL;
+    measured identical); base-only requests == the bare base on the first step, adapter requests
+    differ from it; the fp32 engine's greedy token is in the bf16 top-5 (a wrong scale, layout
+    or slot would break that); base-only logprobs within BF16_BASE_LOGPROB_TOL of fp32.
+    Adapter logprobs are not bounded against fp32: these strong random adapters (std 0.12)
+    amplify bf16 rounding (measured up to 1.1 nats; stock vLLM LoRA on the exports in bf16
+    deviates as much)."""
     out = native_mixed_bf16
     assert "using kernel cpu_int4pack" in out["log"]
     n = len(MIXED)
-    worst_base = 0.0
+    worst_base = worst_adapter = 0.0
     for i, (batched, solo) in enumerate(zip(out["batched"], out["solo"])):
         name = MIXED[i] if i < n else None
-        assert batched["token_ids"] == solo["token_ids"], f"request {i} ({name})"
+        assert _same_first_step(batched, solo, BF16_BATCH_LOGPROB_TOL), f"request {i} ({name})"
         if i >= n:
             continue
-        bare = out["batched"][n + i]["token_ids"]
-        assert (batched["token_ids"] == bare) == (name is None), f"request {i} ({name})"
+        bare = out["batched"][n + i]
+        if name is None:
+            assert _same_first_step(batched, bare, BF16_BATCH_LOGPROB_TOL), f"request {i}"
+        else:
+            assert batched["token_ids"] != bare["token_ids"], f"request {i} ({name})"
         fp32 = native_mixed["batched"][i]
         assert str(fp32["token_ids"][0]) in batched["first_logprobs"], f"request {i} ({name})"
-        if name is None:
-            for tok, lp in batched["first_logprobs"].items():
-                if tok in fp32["first_logprobs"]:
-                    worst_base = max(worst_base, abs(lp - fp32["first_logprobs"][tok]))
-    print(f"base-only: max |bf16 - fp32 first logprob| = {worst_base:.3f}")
+        for tok, lp in batched["first_logprobs"].items():
+            if tok in fp32["first_logprobs"]:
+                diff = abs(lp - fp32["first_logprobs"][tok])
+                if name is None:
+                    worst_base = max(worst_base, diff)
+                else:
+                    worst_adapter = max(worst_adapter, diff)
+    print(f"max |bf16 - fp32 first logprob|: base-only {worst_base:.3f}, "
+          f"adapters {worst_adapter:.3f} (not asserted)")
     assert worst_base < BF16_BASE_LOGPROB_TOL
 
 

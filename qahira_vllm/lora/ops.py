@@ -168,11 +168,16 @@ def _add_segment(y, xp, seg: Segment, a_stacked, b_stacked, g: SlotGeometry) -> 
         y.index_add_(0, seg.rows, d.repeat_interleave(g.repeat, dim=-1) if g.repeat > 1 else d)
 
 
+def _segment_rows(segs: Sequence[Segment]) -> torch.Tensor:
+    """The token rows of `segs`, concatenated in segment order."""
+    return torch.cat([torch.arange(s.rows.start, s.rows.stop) if s.contiguous else s.rows
+                      for s in segs])
+
+
 def _gather_index(segs: Sequence[Segment], geometry, cache: dict):
     key = tuple((seg.slot, geometry[seg.slot].rank, geometry[seg.slot].scaling) for seg in segs)
     if key not in cache:
-        rows = torch.cat([torch.arange(s.rows.start, s.rows.stop) if s.contiguous else s.rows
-                          for s in segs])
+        rows = _segment_rows(segs)
         counts = torch.tensor([_rows_len(s) for s in segs])
         slots = torch.repeat_interleave(torch.tensor([k[0] for k in key]), counts)
         ranks = torch.repeat_interleave(torch.tensor([k[1] for k in key]), counts)
@@ -217,8 +222,7 @@ def _slot_gemm_coef(segs: Sequence[Segment], geometry, pool: int, slots: int, r_
     key = ("slot_gemm", pool, slots, r_max,
            tuple((seg.slot, geometry[seg.slot].rank, geometry[seg.slot].scaling) for seg in segs))
     if key not in cache:
-        rows = torch.cat([torch.arange(s.rows.start, s.rows.stop) if s.contiguous else s.rows
-                          for s in segs])
+        rows = _segment_rows(segs)
         coef = torch.zeros(rows.numel(), slots * r_max)
         t = 0
         for seg in segs:

@@ -8,9 +8,11 @@ This script measures, on one thread (what vLLM's CPU backend computes on by defa
 2. M = 1 time of every linear layer of the 1B-shaped Llama as vLLM builds it (merged qkv and
    gate_up), for bf16 `F.linear`, qahira INT4 1x32 on the `cpu_int4pack` kernel (the one the
    plugin selects), and the bf16 tied lm_head (never converted);
-3. optional (`gcc` present): an exact fp32-accumulating AVX2/FMA GEMV written for this
-   measurement (nibbles -> fp32 -> FMA, per-block scale, offset via block sums of x), to see
-   whether a hand-written exact kernel beats torch's.
+3. the same layers on `cpu_avx2_int4` (qahira_kernels.cpu_gemv: integer dot products on the
+   nibbles against 16-bit-quantized activations; the plugin's default CPU INT4 kernel).
+   An earlier version of this script also timed an exact nibble -> fp32 -> FMA AVX2 GEMV: it
+   was no faster than torch's kernel (3.1-4.5 GB/s), which is why the default kernel uses
+   integer dot products instead.
 
 With the engine's batch-1 tok/s from `decode_throughput.json` (same machine, separate run), the
 non-linear time per step is step time - linear time, and the best INT4 speedup this engine can
@@ -22,12 +24,9 @@ Writes cpu_decode_ceiling.json and .png to benchmarks/results/ (or $OUT).
 
 from __future__ import annotations
 
-import ctypes
+import copy
 import json
 import os
-import shutil
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -40,51 +39,6 @@ HIDDEN, INTER, LAYERS, KV, VOCAB = 2048, 8192, 16, 512, 49152
 LAYER_SHAPES = {"qkv_proj": (HIDDEN + 2 * KV, HIDDEN), "o_proj": (HIDDEN, HIDDEN),
                 "gate_up_proj": (2 * INTER, HIDDEN), "down_proj": (HIDDEN, INTER)}
 BLOCK = (1, 32)  # the INT4 block decode_throughput.py uses
-
-AVX2_SOURCE = r"""
-#include <immintrin.h>
-#include <stdint.h>
-/* y[n] = sum_b s[n,b] * sum_{k in b} x[k] q[n,k] + o[n,b] * xsum[b]   (exact up to fp32 order)
- * w: uint8 [N, K/2]; in each 32-column group, byte j = q[j] | q[16 + j] << 4.
- * s, o: fp16 [N, K/bi]; x: fp32 [K]; xsum: fp32 [K/bi]; y: fp32 [N]. */
-static inline float hsum(__m256 v) {
-  __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  a = _mm_add_ps(a, _mm_movehl_ps(a, a));
-  return _mm_cvtss_f32(_mm_add_ss(a, _mm_movehdup_ps(a)));
-}
-void qgemv1(const uint8_t *w, const uint16_t *s, const uint16_t *o, const float *x,
-            const float *xsum, float *y, int N, int K, int bi) {
-  const int nb = K / bi, gpb = bi / 32;
-  const __m128i mask = _mm_set1_epi8(0x0F);
-  for (int n = 0; n < N; n++) {
-    const uint8_t *wr = w + (size_t)n * (K / 2);
-    const uint16_t *sr = s + (size_t)n * nb, *orow = o + (size_t)n * nb;
-    __m256 tot = _mm256_setzero_ps();
-    float off = 0.f;
-    for (int b = 0; b < nb; b++) {
-      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;  /* FMA latency: 4 chains */
-      for (int g = 0; g < gpb; g++) {
-        const int k = (b * gpb + g) * 32;
-        __m128i v = _mm_loadu_si128((const __m128i *)(wr + k / 2));
-        __m128i lo = _mm_and_si128(v, mask), hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
-        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)),
-                             _mm256_loadu_ps(x + k), a0);
-        a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))),
-                             _mm256_loadu_ps(x + k + 8), a1);
-        a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)),
-                             _mm256_loadu_ps(x + k + 16), a2);
-        a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))),
-                             _mm256_loadu_ps(x + k + 24), a3);
-      }
-      __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
-      tot = _mm256_fmadd_ps(a, _mm256_set1_ps(_cvtsh_ss(sr[b])), tot);
-      off += _cvtsh_ss(orow[b]) * xsum[b];
-    }
-    y[n] = hsum(tot) + off;
-  }
-}
-"""
-
 
 def _time(fn, repeats: int = 20) -> float:
     fn()
@@ -115,39 +69,16 @@ class _Layer(torch.nn.Module):
         self.offsets = torch.nn.Parameter((torch.randn(nb) * 0.01).half(), requires_grad=False)
 
 
-def _build_avx2():
-    if shutil.which("gcc") is None:
-        return None
-    work = Path(tempfile.mkdtemp(prefix="qahira-avx2-"))
-    (work / "g.c").write_text(AVX2_SOURCE)
-    proc = subprocess.run(["gcc", "-O3", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC",
-                           "-o", str(work / "g.so"), str(work / "g.c")], capture_output=True)
-    return ctypes.CDLL(str(work / "g.so")) if proc.returncode == 0 else None
-
-
-def _avx2_linear(lib, layer: _Layer):
-    out_f, in_f = layer.q.shape
-    g = layer.q.view(out_f, in_f // 32, 2, 16).to(torch.uint8)
-    w = (g[:, :, 0] | (g[:, :, 1] << 4)).reshape(out_f, in_f // 2).contiguous()
-    s, o = layer.scales.data.contiguous(), layer.offsets.data.contiguous()
-    ptr = ctypes.c_void_p
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        xf = x.float().reshape(-1).contiguous()
-        xs = xf.view(-1, BLOCK[1]).sum(-1)
-        y = torch.empty(out_f)
-        lib.qgemv1(ptr(w.data_ptr()), ptr(s.data_ptr()), ptr(o.data_ptr()), ptr(xf.data_ptr()),
-                   ptr(xs.data_ptr()), ptr(y.data_ptr()), out_f, in_f, BLOCK[1])
-        return y
-    return run
-
-
 def measure() -> dict:
+    from qahira_kernels.cpu_gemv import CpuAvx2Int4Kernel
     from qahira_vllm.linear_kernels import CpuInt4PackKernel, LinearSpec, reference_linear
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    lib = _build_avx2()
+    spec_ok, why = CpuAvx2Int4Kernel.can_implement(LinearSpec(4, BLOCK, 64, 64, torch.bfloat16,
+                                                              "cpu"))
+    if not spec_ok:
+        raise SystemExit(f"cpu_avx2_int4 unavailable: {why}")
     res = {"threads": 1, "stream_read_gbps": stream_bandwidth() / 1e9, "layers": {}}
     for name, (out_f, in_f) in LAYER_SHAPES.items():
         x = torch.randn(1, in_f).bfloat16()
@@ -155,8 +86,11 @@ def measure() -> dict:
         layer = _Layer(out_f, in_f)
         ref = reference_linear(x.float(), layer.qweight.data, layer.scales.data,
                                layer.offsets.data, 4, BLOCK)
-        avx2 = _avx2_linear(lib, layer) if lib is not None else None
-        kernel = CpuInt4PackKernel(LinearSpec(4, BLOCK, out_f, in_f, torch.bfloat16, "cpu"))
+        spec = LinearSpec(4, BLOCK, out_f, in_f, torch.bfloat16, "cpu")
+        avx2_layer = copy.deepcopy(layer)  # each kernel repacks (and frees) its own copy
+        avx2 = CpuAvx2Int4Kernel(spec)
+        avx2.prepare(avx2_layer)
+        kernel = CpuInt4PackKernel(spec)
         kernel.prepare(layer)
         row = {"shape": [out_f, in_f],
                "bf16_ms": _time(lambda: F.linear(x, w)) * 1e3,
@@ -165,9 +99,8 @@ def measure() -> dict:
         rel = lambda y: ((y.float().reshape(-1) - ref.reshape(-1)).abs().max()  # noqa: E731
                          / ref.abs().max()).item()
         row["int4_cpu_int4pack_rel_err"] = rel(kernel.apply(layer, x))
-        if avx2 is not None:
-            row["int4_avx2_exact_ms"] = _time(lambda: avx2(x)) * 1e3
-            row["int4_avx2_exact_rel_err"] = rel(avx2(x))
+        row["int4_cpu_avx2_int4_ms"] = _time(lambda: avx2.apply(avx2_layer, x)) * 1e3
+        row["int4_cpu_avx2_int4_rel_err"] = rel(avx2.apply(avx2_layer, x))
         res["layers"][name] = row
         print(name, json.dumps(row), flush=True)
     x = torch.randn(1, HIDDEN).bfloat16()
@@ -177,8 +110,7 @@ def measure() -> dict:
     res["per_step_ms"] = {"bf16_linears": per_step("bf16_ms"),
                           "int4_linears_cpu_int4pack": per_step("int4_cpu_int4pack_ms"),
                           "lm_head_bf16": res["lm_head_bf16_ms"]}
-    if lib is not None:
-        res["per_step_ms"]["int4_linears_avx2_exact"] = per_step("int4_avx2_exact_ms")
+    res["per_step_ms"]["int4_linears_cpu_avx2_int4"] = per_step("int4_cpu_avx2_int4_ms")
     int4_bytes = LAYERS * sum(r["int4_bytes"] for r in res["layers"].values())
     res["int4_linear_bytes_per_step"] = int4_bytes
     res["per_step_ms"]["int4_linears_at_stream_bw"] = int4_bytes / res["stream_read_gbps"] / 1e6
@@ -186,19 +118,21 @@ def measure() -> dict:
 
 
 def ceiling(res: dict, decode: dict) -> dict:
-    """Combine with the engine's batch-1 step times (decode_throughput.json)."""
+    """Combine with the engine's batch-1 step times (decode_throughput.json): "qahira INT4" ran
+    the default kernel (cpu_avx2_int4), "qahira INT4 (cpu_int4pack)" torch's int4 kernel."""
     m = decode["models"]["Llama-1B-shape (random)"]
-    step_bf16 = 1e3 / m["bf16"]["tok_per_s"]["1"]
-    step_int4 = 1e3 / m["qahira INT4"]["tok_per_s"]["1"]
+    step = {fmt: 1e3 / r["tok_per_s"]["1"] for fmt, r in m.items()}
     p = res["per_step_ms"]
-    rest_bf16 = step_bf16 - p["bf16_linears"] - p["lm_head_bf16"]
-    rest_int4 = step_int4 - p["int4_linears_cpu_int4pack"] - p["lm_head_bf16"]
-    best_step = rest_int4 + p["lm_head_bf16"] + p["int4_linears_at_stream_bw"]
-    return {"engine_step_ms": {"bf16": step_bf16, "qahira INT4": step_int4},
-            "engine_speedup_measured": step_bf16 / step_int4,
-            "non_linear_ms": {"bf16 engine": rest_bf16, "qahira INT4 engine": rest_int4},
+    linears = {"bf16": p["bf16_linears"], "qahira INT4": p["int4_linears_cpu_avx2_int4"],
+               "qahira INT4 (cpu_int4pack)": p["int4_linears_cpu_int4pack"]}
+    rest = {fmt: step[fmt] - lin - p["lm_head_bf16"] for fmt, lin in linears.items()
+            if fmt in step}
+    best_step = rest["qahira INT4"] + p["lm_head_bf16"] + p["int4_linears_at_stream_bw"]
+    return {"engine_step_ms": step,
+            "engine_speedup_measured": {fmt: step["bf16"] / t for fmt, t in step.items()},
+            "non_linear_ms": rest,
             "int4_step_if_linears_at_stream_bw_ms": best_step,
-            "max_speedup_at_stream_bw": step_bf16 / best_step,
+            "max_speedup_at_stream_bw": step["bf16"] / best_step,
             "decode_throughput_date": decode.get("date"),
             "decode_reserved_cpu": decode.get("reserved_cpu_note")}
 
@@ -210,13 +144,16 @@ def plot(res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     c, p = res["ceiling"], res["per_step_ms"]
-    bars = {"bf16 (engine)": (p["bf16_linears"], p["lm_head_bf16"],
-                              c["non_linear_ms"]["bf16 engine"]),
-            "INT4 cpu_int4pack (engine)": (p["int4_linears_cpu_int4pack"], p["lm_head_bf16"],
-                                           c["non_linear_ms"]["qahira INT4 engine"]),
-            "INT4 at stream BW (bound)": (p["int4_linears_at_stream_bw"], p["lm_head_bf16"],
-                                          c["non_linear_ms"]["qahira INT4 engine"])}
-    fig, ax = plt.subplots(figsize=(7, 4))
+    rest = c["non_linear_ms"]
+    bars = {"bf16": (p["bf16_linears"], p["lm_head_bf16"], rest["bf16"])}
+    if "qahira INT4 (cpu_int4pack)" in rest:
+        bars["INT4\ncpu_int4pack"] = (p["int4_linears_cpu_int4pack"], p["lm_head_bf16"],
+                                      rest["qahira INT4 (cpu_int4pack)"])
+    bars["INT4\ncpu_avx2_int4"] = (p["int4_linears_cpu_avx2_int4"], p["lm_head_bf16"],
+                                   rest["qahira INT4"])
+    bars["INT4 at stream\nBW (bound)"] = (p["int4_linears_at_stream_bw"], p["lm_head_bf16"],
+                                          rest["qahira INT4"])
+    fig, ax = plt.subplots(figsize=(8, 4))
     names = list(bars)
     bottom = [0.0] * len(names)
     for k, label in enumerate(("linear layers", "lm_head (bf16)", "everything else")):

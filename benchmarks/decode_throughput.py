@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/decode_throughput.py [--quick] [--out benchmarks/results]
 
+Formats: bf16, qahira INT4 1x32 on the default CPU kernel (cpu_avx2_int4) and on torch's int4pack
+kernel (QAHIRA_CPU_GEMV=0, the previous default), qahira INT8 1x64.
 Models: SmolLM2-135M (embedded) and a randomly initialised 1B-shaped Llama (hidden 2048,
 16 layers, intermediate 8192, 32 heads / 8 KV heads, SmolLM2's 49152-token vocabulary), where
 decode is weight-bound. Each (model, format) runs in its own engine in a child process, one
@@ -86,10 +88,10 @@ def run_one(model_dir: str, batches: list[int], tokens: int, compile_: bool) -> 
     return out
 
 
-def engine_run(model_dir: Path, batches, tokens, compile_: bool) -> dict:
+def engine_run(model_dir: Path, batches, tokens, compile_: bool, env: dict) -> dict:
     cmd = [sys.executable, __file__, "--child", str(model_dir), "--batches",
            ",".join(map(str, batches)), "--tokens", str(tokens)] + ["--compile"] * compile_
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"engine run failed for {model_dir}:\n{proc.stderr[-3000:]}")
@@ -131,6 +133,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true",
                     help="vLLM's default torch.compile mode instead of enforce_eager")
     ap.add_argument("--models", default="smollm2,1b", help="comma list: smollm2, 1b")
+    ap.add_argument("--formats", default="all",
+                    help="comma list of format names (e.g. 'bf16,qahira INT4'), or all")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     if args.child:
@@ -149,7 +153,13 @@ def main() -> None:
     if not args.quick and "1b" in wanted:
         models["Llama-1B-shape (random)"] = build_1b_llama(work / "llama-1b-random", smol)
     # SmolLM2 INT4 uses 1x32: its weights come from a 32-block Q4_1 GGUF (see README).
-    formats = {"bf16": None, "qahira INT4": (4, (1, 32)), "qahira INT8": (8, (1, 64))}
+    # "qahira INT4" runs the default CPU kernel (cpu_avx2_int4); the int4pack row is the same
+    # checkpoint on torch's int4 kernel, the previous default, for comparison in the same run.
+    formats = {"bf16": (None, {}), "qahira INT4": ((4, (1, 32)), {}),
+               "qahira INT4 (cpu_int4pack)": ((4, (1, 32)), {"QAHIRA_CPU_GEMV": "0"}),
+               "qahira INT8": ((8, (1, 64)), {})}
+    if args.formats != "all":
+        formats = {f: formats[f] for f in args.formats.split(",")}
     tokens = 8 if args.quick else args.tokens
     results = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or
                platform.machine(), "cpus": os.cpu_count(), "tokens_per_request": tokens,
@@ -160,13 +170,13 @@ def main() -> None:
                "models": {}}
     for mname, mdir in models.items():
         results["models"][mname] = {}
-        for fmt, q in formats.items():
+        for fmt, (q, env) in formats.items():
             path = mdir
             if q is not None:
                 path = work / f"{mdir.name}-int{q[0]}-{q[1][0]}x{q[1][1]}"
                 if not (path / "config.json").exists():
                     quantize_model(mdir, path, bits=q[0], block_size=q[1], progress=False)
-            r = engine_run(path, batches, tokens, args.compile)
+            r = engine_run(path, batches, tokens, args.compile, env)
             r["weight_gib"] = weight_bytes(path) / 2**30
             results["models"][mname][fmt] = r
             print(mname, fmt, json.dumps(r), flush=True)

@@ -27,6 +27,14 @@ def _register_triton_kernels() -> None:
     register()
 
 
+def _register_cpu_kernels() -> None:
+    """CPU -> the compiled AVX2 INT4 kernel (qahira_kernels.cpu_gemv) where it can implement
+    the layer (its can_implement builds it once and says why not otherwise)."""
+    from qahira_kernels.cpu_gemv import register
+
+    register()
+
+
 @register_weight_loader_v2_supported_method
 class QahiraLinearMethod(LinearMethodBase):
 
@@ -98,10 +106,17 @@ class QahiraLinearMethod(LinearMethodBase):
         spec = dataclasses.replace(spec, device_type=layer.qweight.device.type)
         if spec.device_type == "cuda":
             _register_triton_kernels()
+        elif spec.device_type == "cpu":
+            _register_cpu_kernels()
         kernel_cls = select_kernel(spec)
         if kernel_cls.name not in _announced:
             _announced.add(kernel_cls.name)
             logger.info("qahira: using kernel %s for %s", kernel_cls.name, spec)
+            if spec.device_type == "cpu" and kernel_cls.name != "cpu_avx2_int4":
+                from qahira_kernels.cpu_gemv import CpuAvx2Int4Kernel
+
+                _, why = CpuAvx2Int4Kernel.can_implement(spec)
+                logger.info("qahira: cpu_avx2_int4 not used for this layer: %s", why)
         kernel = kernel_cls(spec)
         kernel.prepare(layer)
         layer.qahira_kernel = kernel

@@ -1,0 +1,47 @@
+/* Shared by qahira's CPU kernels (cpu_int4_gemv.c, cpu_qbara.c): dtype codes, element
+ * load/store in fp32/bf16/fp16, horizontal sum. Static inline: each .c gets its own copy. */
+#ifndef QAHIRA_CPU_COMMON_H
+#define QAHIRA_CPU_COMMON_H
+
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 }; /* must match qahira_kernels.cpu_lib.DTYPE_CODES */
+
+static inline float load_elem(const void *p, int dt, long i) {
+  if (dt == DT_F32) return ((const float *)p)[i];
+  if (dt == DT_BF16) {
+    uint32_t u = (uint32_t)((const uint16_t *)p)[i] << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+  }
+  return _cvtsh_ss(((const uint16_t *)p)[i]);
+}
+
+/* Round to nearest even, as torch's own fp32 -> bf16 / fp16 conversions do. */
+static inline void store_elem(void *p, int dt, long i, float v) {
+  if (dt == DT_F32) {
+    ((float *)p)[i] = v;
+  } else if (dt == DT_BF16) {
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+      ((uint16_t *)p)[i] = 0x7fc0; /* NaN stays NaN */
+    } else {
+      u += 0x7fffu + ((u >> 16) & 1u);
+      ((uint16_t *)p)[i] = (uint16_t)(u >> 16);
+    }
+  } else {
+    ((uint16_t *)p)[i] = _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT);
+  }
+}
+
+static inline float hsum(__m256 v) {
+  __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+  return _mm_cvtss_f32(_mm_add_ss(a, _mm_movehdup_ps(a)));
+}
+
+#endif

@@ -62,7 +62,6 @@ class _Layer(torch.nn.Module):
 
         q = torch.randint(0, 16, (out_f, in_f), dtype=torch.int32)
         nb = (out_f // BLOCK[0], in_f // BLOCK[1])
-        self.q = q
         self.qweight = torch.nn.Parameter(pack_qweight(q, 4), requires_grad=False)
         self.scales = torch.nn.Parameter((torch.rand(nb) * 0.01 + 1e-3).half(),
                                          requires_grad=False)

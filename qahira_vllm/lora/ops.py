@@ -297,8 +297,8 @@ def add_qbara_token_kernel(y, xp, segs: Sequence[Segment], a_stacked, b_stacked,
                                  ranks.data_ptr(), coef.data_ptr(), y.data_ptr(),
                                  DTYPE_CODES[y.dtype], y.stride(0), repeat)
     if rc:
-        raise RuntimeError(f"qahira_qbara_tokens failed ({rc}): rank {r_max} over the kernel's "
-                           "limit of 1024" if rc == -1 else "out of memory")
+        why = f"rank {r_max} over the kernel's limit of 1024" if rc == -1 else "out of memory"
+        raise RuntimeError(f"qahira_qbara_tokens failed ({rc}): {why}")
 
 
 def add_qbara_per_token(y: torch.Tensor, x: torch.Tensor, slot_idx: torch.Tensor,

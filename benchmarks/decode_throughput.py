@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/decode_throughput.py [--quick] [--out benchmarks/results]
 
 Formats: bf16, qahira INT4 1x32 on the default CPU kernel (cpu_avx2_int4) and on torch's int4pack
-kernel (QAHIRA_CPU_GEMV=0, the previous default), qahira INT8 1x64.
+kernel (QAHIRA_CPU_GEMV=0, the previous default), qahira INT4 1x64 (the quantizer's default
+block), the same with lm_head converted too (`--lm-head`), qahira INT8 1x64.
 Models: SmolLM2-135M (embedded) and a randomly initialised 1B-shaped Llama (hidden 2048,
 16 layers, intermediate 8192, 32 heads / 8 KV heads, SmolLM2's 49152-token vocabulary), where
 decode is weight-bound. Each (model, format) runs in its own engine in a child process, one
@@ -66,7 +67,8 @@ def weight_bytes(model_dir: Path) -> int:
     return total
 
 
-def run_one(model_dir: str, batches: list[int], tokens: int, compile_: bool) -> dict:
+def run_one(model_dir: str, batches: list[int], tokens: int, compile_: bool,
+            repeats: int = 1) -> dict:
     """Child process: one engine, every batch size."""
     from vllm import LLM, SamplingParams
 
@@ -79,18 +81,24 @@ def run_one(model_dir: str, batches: list[int], tokens: int, compile_: bool) -> 
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
     llm.generate([prompt], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
     out = {"startup_s": startup, "tok_per_s": {}}
+    out["tok_per_s_all_repeats"] = {}
     for b in batches:
-        t = time.perf_counter()
-        res = llm.generate([prompt] * b, params, use_tqdm=False)
-        dt = time.perf_counter() - t
-        n = sum(len(r.outputs[0].token_ids) for r in res)
-        out["tok_per_s"][str(b)] = n / dt
+        runs = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            res = llm.generate([prompt] * b, params, use_tqdm=False)
+            dt = time.perf_counter() - t
+            runs.append(sum(len(r.outputs[0].token_ids) for r in res) / dt)
+        out["tok_per_s"][str(b)] = sorted(runs)[len(runs) // 2]  # median
+        out["tok_per_s_all_repeats"][str(b)] = runs
     return out
 
 
-def engine_run(model_dir: Path, batches, tokens, compile_: bool, env: dict) -> dict:
+def engine_run(model_dir: Path, batches, tokens, compile_: bool, env: dict,
+               repeats: int = 1) -> dict:
     cmd = [sys.executable, __file__, "--child", str(model_dir), "--batches",
-           ",".join(map(str, batches)), "--tokens", str(tokens)] + ["--compile"] * compile_
+           ",".join(map(str, batches)), "--tokens", str(tokens), "--repeats", str(repeats)
+           ] + ["--compile"] * compile_
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -133,12 +141,15 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true",
                     help="vLLM's default torch.compile mode instead of enforce_eager")
     ap.add_argument("--models", default="smollm2,1b", help="comma list: smollm2, 1b")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="generate calls per batch size in each engine; the median is reported")
+    ap.add_argument("--suffix", default="", help="appended to the result file names")
     ap.add_argument("--formats", default="all",
                     help="comma list of format names (e.g. 'bf16,qahira INT4'), or all")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     if args.child:
-        result = run_one(args.child, batches, args.tokens, args.compile)
+        result = run_one(args.child, batches, args.tokens, args.compile, args.repeats)
         print("RESULT " + json.dumps(result), flush=True)
         return
 
@@ -155,7 +166,11 @@ def main() -> None:
     # SmolLM2 INT4 uses 1x32: its weights come from a 32-block Q4_1 GGUF (see README).
     # "qahira INT4" runs the default CPU kernel (cpu_avx2_int4); the int4pack row is the same
     # checkpoint on torch's int4 kernel, the previous default, for comparison in the same run.
+    # "qahira INT4 1x64" is `qahira quantize`'s default block (4.5 bits per weight vs 5 for 1x32).
+    # "+ lm_head": `qahira quantize --lm-head` (lm_head converted too; default: kept in bf16).
     formats = {"bf16": (None, {}), "qahira INT4": ((4, (1, 32)), {}),
+               "qahira INT4 1x64": ((4, (1, 64)), {}),
+               "qahira INT4 1x64 + lm_head": ((4, (1, 64), True), {}),
                "qahira INT4 (cpu_int4pack)": ((4, (1, 32)), {"QAHIRA_CPU_GEMV": "0"}),
                "qahira INT8": ((8, (1, 64)), {})}
     if args.formats != "all":
@@ -163,7 +178,7 @@ def main() -> None:
     tokens = 8 if args.quick else args.tokens
     results = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or
                platform.machine(), "cpus": os.cpu_count(), "tokens_per_request": tokens,
-               "enforce_eager": not args.compile,
+               "enforce_eager": not args.compile, "repeats_per_batch": args.repeats,
                "VLLM_CPU_NUM_OF_RESERVED_CPU": os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU"),
                "reserved_cpu_note": "VLLM_CPU_NUM_OF_RESERVED_CPU="
                + os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "unset (1 compute core)"),
@@ -173,10 +188,13 @@ def main() -> None:
         for fmt, (q, env) in formats.items():
             path = mdir
             if q is not None:
-                path = work / f"{mdir.name}-int{q[0]}-{q[1][0]}x{q[1][1]}"
+                lm_head = len(q) > 2 and q[2]
+                path = work / (f"{mdir.name}-int{q[0]}-{q[1][0]}x{q[1][1]}"
+                               + ("-lm_head" if lm_head else ""))
                 if not (path / "config.json").exists():
-                    quantize_model(mdir, path, bits=q[0], block_size=q[1], progress=False)
-            r = engine_run(path, batches, tokens, args.compile, env)
+                    quantize_model(mdir, path, bits=q[0], block_size=q[1], progress=False,
+                                   lm_head=lm_head)
+            r = engine_run(path, batches, tokens, args.compile, env, args.repeats)
             r["weight_gib"] = weight_bytes(path) / 2**30
             results["models"][mname][fmt] = r
             print(mname, fmt, json.dumps(r), flush=True)
@@ -186,7 +204,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = "decode_throughput" + ("_quick" if args.quick else "") + ("_compiled" if args.compile
-                                                                     else "")
+                                                                     else "") + args.suffix
     (out / f"{name}.json").write_text(json.dumps(results, indent=2))
     plot(results, out / f"{name}.png")
     print(json.dumps({m: {f: r["speedup_vs_bf16"] for f, r in v.items()}

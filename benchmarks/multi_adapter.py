@@ -110,12 +110,15 @@ def _plot(report: dict, png: Path) -> None:
 
 
 def ops_benchmark(rank: int, repeats: int = 20) -> dict:
-    """Adapter math alone (no engine, no lock): our ops vs vLLM's CPU punica ops (bgmv, which
-    its sgmv also explodes to per token) on the expanded LoRA, SmolLM2 down_proj-sized layer
-    [576 x 1536] and gate_up-sized [1536 x 576], p = q = 2, fp32, one thread."""
+    """Adapter math alone (no engine, no lock): our ops (the compiled whole-layer kernel the
+    LoRA layers use on CPU, and the torch segment path that serves without it) vs vLLM's CPU
+    punica ops (bgmv, which its sgmv also explodes to per token) on the expanded LoRA, SmolLM2
+    down_proj-sized layer [576 x 1536] and gate_up-sized [1536 x 576], p = q = 2, fp32 in and
+    out, one thread."""
     import torch
     from vllm.lora.ops.torch_ops import bgmv_expand, bgmv_shrink
 
+    from qahira_kernels.cpu_qbara import CpuQbaraLayer
     from qahira_vllm.lora.ops import SlotGeometry, add_qbara_segments, segment_by_slot
 
     torch.set_num_threads(1)
@@ -131,6 +134,9 @@ def ops_benchmark(rank: int, repeats: int = 20) -> dict:
         a_exp = (a_c.repeat_interleave(2, 2) / 2).unsqueeze(1)   # vLLM's [slots, 1, R, in]
         b_exp = b_c.repeat_interleave(2, 1).unsqueeze(1)         # [slots, 1, out, R]
         geo = [SlotGeometry(2, 2, rank)] * slots
+        compiled = CpuQbaraLayer.create(
+            [a_buf], [b_buf.transpose(1, 2).contiguous()],
+            [torch.tensor([[2, 2, rank]] * slots, dtype=torch.int32)], [torch.full((slots,), 0.5)])
         for tokens, n_adapters in ((32, 1), (32, 8), (32, 32), (256, 8)):
             # vLLM lays out each request's tokens contiguously: 32 requests of tokens/32.
             per_req = tokens // 32
@@ -138,8 +144,14 @@ def ops_benchmark(rank: int, repeats: int = 20) -> dict:
             x = torch.randn(tokens, in_f)
             y = torch.zeros(tokens, out_f)
 
+            packed: dict = {}  # the layer's pack cache: lives as long as the slots' contents
+
             def native():
-                add_qbara_segments(y, x, segment_by_slot(idx), a_buf, b_buf, geo, {})
+                add_qbara_segments(y, x, segment_by_slot(idx), a_buf, b_buf, geo, {}, None,
+                                   packed)
+
+            def native_compiled():
+                compiled.apply(y, x, torch.arange(tokens), idx)
 
             def stock():
                 h = torch.zeros(tokens, rank)
@@ -147,7 +159,10 @@ def ops_benchmark(rank: int, repeats: int = 20) -> dict:
                 bgmv_expand(h, b_exp, y, idx, True)
 
             timing = {}
-            for name, fn in (("native_qbara", native), ("stock_bgmv_expanded", stock)):
+            variants = [("native_qbara_torch", native), ("stock_bgmv_expanded", stock)]
+            if compiled is not None:
+                variants.insert(0, ("native_qbara_compiled", native_compiled))
+            for name, fn in variants:
                 fn()
                 t0 = time.perf_counter()
                 for _ in range(repeats):
@@ -155,7 +170,9 @@ def ops_benchmark(rank: int, repeats: int = 20) -> dict:
                 timing[name] = (time.perf_counter() - t0) / repeats * 1e6
             rows.append({"layer_out_in": [out_f, in_f], "tokens": tokens,
                          "adapters": n_adapters, "us": timing,
-                         "speedup": timing["stock_bgmv_expanded"] / timing["native_qbara"]})
+                         "speedup_torch": timing["stock_bgmv_expanded"] / timing["native_qbara_torch"],
+                         **({"speedup_compiled": timing["stock_bgmv_expanded"]
+                             / timing["native_qbara_compiled"]} if compiled else {})})
             print(rows[-1], flush=True)
     return {"rank": rank, "rows": rows}
 

@@ -4,16 +4,15 @@
  *
  * Why not fp32 FMAs on dequantized nibbles: on this class of CPU, converting nibbles to floats
  * limits such a kernel to ~4 GB/s, a quarter of one core's stream bandwidth. Integer dot products
- * (vpmaddubsw) on the raw nibbles run close to bandwidth, so the activations are quantized per
- * 32-column chunk to 15-bit integers, split as v = 128 * h + l (h int8, l in [0, 127]):
+ * (vpmaddwd) on the raw nibbles run far faster, so the activations are quantized per 32-column
+ * chunk to 16-bit integers v = round(x / xs_c), xs_c = max|x_c| / 32767:
  *
- *   sum_k x_k W[n, k] = sum_b s_b * sum_{c in b} xs_c * (128 * <q, h>_c + <q, l>_c)
- *                       + sum_b o_b * xsum_b
+ *   sum_k x_k W[n, k] = sum_b s_b * sum_{c in b} xs_c * <q, v>_c  +  sum_b o_b * xsum_b
  *
- * with xs_c = max|x_c| / 16383 and xsum_b the fp32 sum of x over block b. The only rounding
- * beyond fp32 accumulation is |x - xs v| <= max|x_c| / 32766 per element (2^-15 of the chunk's
- * largest value): 64x below the rounding of a bf16 activation itself. Products are exact in
- * int32 (|<q, h>| <= 32 * 15 * 128).
+ * with xsum_b the fp32 sum of x over block b. The only rounding beyond fp32 accumulation is
+ * |x - xs_c v| <= max|x_c| / 65534 per element (2^-16 of the chunk's largest value), far below
+ * the rounding of a bf16 activation itself. Products are exact in int32 (each vpmaddwd lane sums
+ * two products of at most 15 * 32767).
  *
  * Weight layout (made by prepare_weight in cpu_gemv.py): uint8 [N, K/2]; in each 32-column
  * chunk, byte j = q[j] | q[16 + j] << 4, so one 16-byte load broadcast to both 128-bit lanes and

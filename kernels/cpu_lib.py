@@ -2,8 +2,8 @@
 
     lib = load_library()        # ctypes.CDLL, or None: library_error() says why
 
-The C sources (cpu_int4_gemv.c: INT4 linear layers; cpu_qbara.c: per-token multi-adapter
-Q-BaRA; cpu_common.h) are compiled once per machine with the system C compiler (`$CC`, else
+The C sources (cpu_int4_gemv.c: INT4 linear layers; cpu_qbara.c: multi-adapter Q-BaRA,
+one call per layer; cpu_common.h) are compiled once per machine with the system C compiler (`$CC`, else
 gcc, else cc; `-O3 -mavx2 -mfma -mf16c -fopenmp`) into one shared library in the qahira cache,
 `<cache>/cpu_kernels/qahira_cpu-<hash>.so`, written to a temporary name and renamed (vLLM
 workers may build concurrently; each renames a complete file). The hash covers the sources,
@@ -78,8 +78,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     p, i, l = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
     lib.qahira_int4_linear.argtypes = [p, i, i, i, p, p, p, i, i, i, i, p]
     lib.qahira_int4_linear.restype = i
-    lib.qahira_qbara_tokens.argtypes = [p, i, p, p, i, i, i, p, p, p, p, p, i, l, i]
-    lib.qahira_qbara_tokens.restype = i
+    lib.qahira_qbara_layer.argtypes = [p, p, i, l, l, i, p, p, p, i, l]
+    lib.qahira_qbara_layer.restype = i
 
 
 def load_library() -> ctypes.CDLL | None:

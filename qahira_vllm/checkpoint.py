@@ -93,8 +93,8 @@ def layer_dims(layer: str, tensors: dict[str, _Meta], cfg: QahiraQuantConfig) ->
     return out_f, cols * INT4_PER_WORD if cfg.bits == 4 else cols
 
 
-def validate_checkpoint(model_dir: str | os.PathLike, cfg: QahiraQuantConfig) -> int:
-    """Check every quantized layer's tensors (headers only). Returns the number of layers."""
+def validate_checkpoint(model_dir: str | os.PathLike, cfg: QahiraQuantConfig) -> list[str]:
+    """Check every quantized layer's tensors (headers only). Returns the layer names, sorted."""
     model_dir = resolve_model_dir(model_dir)
     metas = read_headers(model_dir)
     layers = quantized_layers(metas)
@@ -109,7 +109,7 @@ def validate_checkpoint(model_dir: str | os.PathLike, cfg: QahiraQuantConfig) ->
         if f"{layer}.weight" in metas:
             raise QahiraFormatError(
                 f"layer {layer!r} has both a float 'weight' and quantized tensors in {model_dir}")
-    return len(layers)
+    return sorted(layers)
 
 
 def read_quant_config(model_dir: Path) -> QahiraQuantConfig:

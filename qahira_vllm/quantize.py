@@ -34,6 +34,30 @@ def linear_module_names(model_dir: Path) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
 
 
+def lm_head_layout(model_dir: Path) -> tuple[str, str, bool]:
+    """(lm_head module name, input embedding weight name, tied?) of the architecture."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    names = {id(m): n for n, m in model.named_modules()}
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if not isinstance(head, torch.nn.Linear) or embed is None:
+        raise QahiraFormatError(f"{model_dir}: {type(model).__name__} has no linear lm_head to "
+                                "quantize")
+    return (names[id(head)], names[id(embed)] + ".weight",
+            bool(getattr(config, "tie_word_embeddings", False)))
+
+
+def _with_untied_head(tensors, embed_name: str, head: str):
+    """The stored tensors, plus `head.weight` = a copy of the tied input embedding."""
+    for name, t in tensors:
+        yield name, t
+        if name == embed_name:
+            yield f"{head}.weight", t
+
+
 def default_targets(linear_names: list[str], skip: tuple[str, ...] = ()) -> list[str]:
     """All linear layers except lm_head (and any the user skips)."""
     return [n for n in linear_names if n != "lm_head" and not n.endswith(".lm_head")
@@ -86,8 +110,14 @@ def quantize_model(model: str | os.PathLike, out_dir: str | os.PathLike, bits: i
                    block_size: tuple[int, int] = (1, 64), offset_dtype: str = "float16",
                    clip_search: bool = True, keep_unconvertible: bool = False,
                    skip: tuple[str, ...] = (), overwrite: bool = False,
-                   progress: bool = True) -> dict:
-    """Quantize `model` (folder or hub id) into `out_dir`, written atomically. Returns a summary."""
+                   progress: bool = True, lm_head: bool = False) -> dict:
+    """Quantize `model` (folder or hub id) into `out_dir`, written atomically. Returns a summary.
+
+    lm_head=True converts the output projection too (as GPTQ's `lm_head` option does): it
+    shrinks the largest single matrix of small models and the last weight read of every decode
+    step, at some cost in fidelity (measure it). A tied model is then stored untied: the input
+    embedding stays in float, lm_head gets its own quantized copy, and config.json says
+    tie_word_embeddings false."""
     from huggingface_hub import save_torch_state_dict
 
     t0 = time.time()
@@ -98,7 +128,13 @@ def quantize_model(model: str | os.PathLike, out_dir: str | os.PathLike, bits: i
     cfg0 = QahiraQuantConfig(bits=bits, block_size=tuple(block_size), offset_dtype=offset_dtype)
     safetensors_files(src)  # clear error early if there are none
     targets = set(default_targets(linear_module_names(src), skip))
-    state, kept, stats = quantize_state_dict(iter_tensors(src), targets, cfg0, clip_search,
+    tensors, untie = iter_tensors(src), False
+    if lm_head:
+        head, embed_name, untie = lm_head_layout(src)
+        targets.add(head)
+        if untie:
+            tensors = _with_untied_head(tensors, embed_name, head)
+    state, kept, stats = quantize_state_dict(tensors, targets, cfg0, clip_search,
                                              keep_unconvertible, progress)
     cfg = QahiraQuantConfig(
         bits=bits, block_size=tuple(block_size), offset_dtype=offset_dtype,
@@ -107,6 +143,8 @@ def quantize_model(model: str | os.PathLike, out_dir: str | os.PathLike, bits: i
                "source_model": str(model), "created_by": f"qahira-vllm {__version__}"})
     config = json.loads((src / "config.json").read_text())
     config["quantization_config"] = cfg.to_dict()
+    if untie:
+        config["tie_word_embeddings"] = False
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         for f in src.iterdir():  # tokenizer, generation config, chat template, license...
             if f.is_file() and not (f.name.endswith(".safetensors") or f.name.endswith(

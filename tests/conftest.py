@@ -19,17 +19,21 @@ def smollm2_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_quantized(smollm2_dir, tmp_path_factory):
-    """get(bits, (bo, bi)) -> SmolLM2-135M quantized to that qahira format (built once)."""
+    """get(bits, (bo, bi), lm_head=False) -> SmolLM2-135M quantized to that qahira format
+    (built once)."""
     from qahira_vllm.quantize import quantize_model
 
     built: dict = {}
 
-    def get(bits: int, block: tuple[int, int]) -> Path:
-        if (bits, block) not in built:
-            out = tmp_path_factory.mktemp(f"smollm2-int{bits}-{block[0]}x{block[1]}") / "ckpt"
-            quantize_model(smollm2_dir, out, bits=bits, block_size=block, progress=False)
-            built[(bits, block)] = out
-        return built[(bits, block)]
+    def get(bits: int, block: tuple[int, int], lm_head: bool = False) -> Path:
+        key = (bits, block, lm_head)
+        if key not in built:
+            name = f"smollm2-int{bits}-{block[0]}x{block[1]}" + ("-lm_head" if lm_head else "")
+            out = tmp_path_factory.mktemp(name) / "ckpt"
+            quantize_model(smollm2_dir, out, bits=bits, block_size=block, progress=False,
+                           lm_head=lm_head)
+            built[key] = out
+        return built[key]
 
     return get
 

@@ -74,17 +74,18 @@ def make_float_model(arch: str = "llama", hidden: int = 128, layers: int = 2,
 
 
 def tiny_qckpt(arch: str = "llama", block_size=(1, 32), bits: int = 4,
-               offset_dtype: str = "float16", **model_kw) -> Path:
-    """A quantized qahira checkpoint of a tiny random model."""
+               offset_dtype: str = "float16", lm_head: bool = False, **model_kw) -> Path:
+    """A quantized qahira checkpoint of a tiny random model (lm_head=True: head converted)."""
     from qahira_vllm.quantize import quantize_model
 
-    key = ("q", arch, tuple(block_size), bits, offset_dtype, tuple(sorted(model_kw.items())))
+    key = ("q", arch, tuple(block_size), bits, offset_dtype, lm_head,
+           tuple(sorted(model_kw.items())))
     if key in _CACHE:
         return _CACHE[key]
     src = make_float_model(arch, **model_kw)
     out = _ROOT / f"q-{len(_CACHE)}-{arch}-{bits}b-{block_size[0]}x{block_size[1]}-{offset_dtype}"
     quantize_model(src, out, bits=bits, block_size=tuple(block_size), offset_dtype=offset_dtype,
-                   progress=False)
+                   progress=False, lm_head=lm_head)
     _CACHE[key] = out
     return out
 

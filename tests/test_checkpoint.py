@@ -49,8 +49,8 @@ def _corrupt(base: Path, dst: Path, edit) -> Path:
 def test_valid_checkpoints(ckpts):
     for name in ("q4", "q8"):
         cfg = read_quant_config(ckpts[name])
-        assert validate_checkpoint(ckpts[name], cfg) == 14
-        assert validate_checkpoint(str(ckpts[name]), cfg) == 14  # str paths too
+        assert len(validate_checkpoint(ckpts[name], cfg)) == 14
+        assert len(validate_checkpoint(str(ckpts[name]), cfg)) == 14  # str paths too
     cfg8 = read_quant_config(ckpts["q8"])
     assert (cfg8.bits, cfg8.block_size, cfg8.offset_dtype) == (8, (8, 4), "float32")
     metas = read_headers(ckpts["q4"])

@@ -114,7 +114,7 @@ def test_quantized_checkpoint_contents(src, quantized, arch, bits, block):
     assert not any(k.startswith("lm_head.") and k != "lm_head.weight" for k in got)
 
     # the checkpoint validates and reads back
-    assert validate_checkpoint(out, read_quant_config(out)) == 14
+    assert len(validate_checkpoint(out, read_quant_config(out))) == 14
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -187,6 +187,35 @@ def test_skip_keeps_module_float(src, tmp_path):
     assert not cfg.is_converted("model.layers.1.self_attn.o_proj")
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_lm_head_option_converts_the_head_and_unties(src, tmp_path, arch):
+    """--lm-head: lm_head stored quantized (from the tied embedding when tied: qwen2 here), the
+    input embedding kept as stored, config untied; the reference model runs the dequantized
+    head, and the quantized head's rows are within the quantizer's bound of the float ones."""
+    out = tmp_path / f"{arch}-head"
+    summary = quantize_model(src[arch], out, bits=4, block_size=(1, 32), lm_head=True,
+                             progress=False)
+    assert summary["layers_converted"] == 15
+    got = tm.load_safetensors_dir(out)
+    source = tm.load_safetensors_dir(src[arch])
+    tied = arch == "qwen2"
+    head_src = source["model.embed_tokens.weight" if tied else "lm_head.weight"]
+    assert "lm_head.weight" not in got
+    assert torch.equal(got["model.embed_tokens.weight"], source["model.embed_tokens.weight"])
+    assert got["lm_head.qweight"].shape == (tm.VOCAB, 128 // 8)
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    assert "lm_head" in validate_checkpoint(out, read_quant_config(out))
+    deq = tm.dequant_packed_ref(got["lm_head.qweight"], got["lm_head.scales"],
+                                got["lm_head.offsets"], (1, 32), 4).float()
+    bound = tm.error_bound(head_src.float(), (1, 32), 4, clip=True)
+    assert ((deq - head_src.float()).abs() <= bound).all()
+    ref = load_reference_model(out)
+    assert torch.allclose(ref.lm_head.weight, deq, atol=1e-6)
+    assert ref.lm_head.weight.data_ptr() != ref.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(ref.model.embed_tokens.weight, source["model.embed_tokens.weight"])
+
+
 # ---- layers that the block does not divide ----------------------------------------------------
 
 def test_non_dividing_layer_raises_naming_layer(src, tmp_path):
@@ -217,7 +246,7 @@ def test_keep_unconvertible(src, tmp_path):
         assert got[f"{name}.weight"].dtype == source[f"{name}.weight"].dtype
         assert f"{name}.qweight" not in got and not cfg.is_converted(name)
     assert "model.layers.0.mlp.up_proj.qweight" in got  # the others are converted
-    assert validate_checkpoint(out, cfg) == 12
+    assert len(validate_checkpoint(out, cfg)) == 12
     deq = dequantized_state_dict(out)
     assert torch.equal(deq[f"{kept[0]}.weight"], source[f"{kept[0]}.weight"])
     load_reference_model(out)  # loads without missing/unexpected keys

@@ -30,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "modules_not_converted) instead of failing")
     p.add_argument("--skip", action="append", default=[], metavar="MODULE",
                    help="keep this linear module in float (repeatable)")
+    p.add_argument("--lm-head", action="store_true",
+                   help="convert lm_head too (default: kept in float); a tied model is stored "
+                        "untied, the input embedding staying in float")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--push-to-hub", metavar="REPO", help="upload the result to this hub repo")
 
@@ -41,7 +44,7 @@ def run(args) -> int:
                              offset_dtype=args.offset_dtype,
                              clip_search=args.quantizer == "mse_clip",
                              keep_unconvertible=args.keep_unconvertible, skip=tuple(args.skip),
-                             overwrite=args.overwrite)
+                             overwrite=args.overwrite, lm_head=args.lm_head)
     if args.push_to_hub:
         from huggingface_hub import HfApi
 

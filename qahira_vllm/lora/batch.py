@@ -40,6 +40,17 @@ class SlotBatch:
             self._cache[key] = segment_by_slot(self.slot_idx(num_tokens))
         return self._cache[key]
 
+    def token_slots(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, slots) int64 of the tokens that have an adapter, grouped by slot (for
+        qahira_kernels.cpu_qbara)."""
+        key = ("tok", num_tokens)
+        if key not in self._cache:
+            idx = self.slot_idx(num_tokens).to("cpu", torch.int64)
+            rows = torch.cat([torch.arange(s.rows.start, s.rows.stop) if s.contiguous else s.rows
+                              for s in self.segments(num_tokens)] or [idx.new_zeros(0)])
+            self._cache[key] = (rows.contiguous(), idx[rows].contiguous())
+        return self._cache[key]
+
     def gather_cache(self, num_tokens: int) -> dict:
         """Scratch dict for ops.add_qbara_segments' gathered groups, valid for this batch."""
         return self._cache.setdefault(("gather", num_tokens), {})

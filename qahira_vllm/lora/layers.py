@@ -30,9 +30,14 @@ from vllm.model_executor.layers.linear import (ColumnParallelLinear,
                                                MergedColumnParallelLinear, QKVParallelLinear,
                                                RowParallelLinear)
 
+from qahira_kernels.cpu_qbara import MAX_RANK as CPU_KERNEL_MAX_RANK
+from qahira_kernels.cpu_qbara import CpuQbaraLayer
+
 from ..adapter_format import AdapterError
 from .batch import slot_batch
 from .ops import SlotGeometry, add_qbara_segments
+
+CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Set by install.py; False keeps vLLM's stock LoRA classes (e.g. to compare against them).
 ENABLED = True
@@ -85,6 +90,17 @@ class QbaraSlotsMixin:
             [None] * max_loras for _ in self.slice_full]
         self._device_geometry = None  # int32/fp32 per-slot tensors for the CUDA kernels
         self._packed = [{} for _ in self.slice_full]  # ops.pack_slots cache, per slice
+        self._cpu_kernel = None
+        if torch.device(self.device).type == "cpu" and r_max <= CPU_KERNEL_MAX_RANK:
+            # The compiled CPU kernel's own copies: B transposed (the expand step streams rows of
+            # it) and the per-slot geometry as arrays; kept current in set_lora / reset_lora.
+            self._bt_stacked = tuple(torch.zeros(max_loras, r_max, size, dtype=dtype)
+                                     for _, size in self.slice_shard)
+            self._geo = tuple(torch.zeros(max_loras, 3, dtype=torch.int32)
+                              for _ in self.slice_full)
+            self._coef = tuple(torch.zeros(max_loras) for _ in self.slice_full)
+            self._cpu_kernel = CpuQbaraLayer.create(self.lora_a_stacked, self._bt_stacked,
+                                                    self._geo, self._coef)
 
     def reset_lora(self, index: int) -> None:
         for i in range(len(self.slice_full)):
@@ -92,6 +108,10 @@ class QbaraSlotsMixin:
             self.lora_b_stacked[i][index] = 0
             self.geometry[i][index] = None
             self._packed[i].clear()
+            if self._cpu_kernel is not None:
+                self._bt_stacked[i][index] = 0
+                self._geo[i][index] = 0
+                self._coef[i][index] = 0
         self._device_geometry = None
 
     def check_geometry(self, i: int, pool: int, repeat: int, rank: int,
@@ -156,6 +176,10 @@ class QbaraSlotsMixin:
             self.lora_a_stacked[i][index, :g.rank, :a.shape[1]].copy_(a, non_blocking=True)
             self.lora_b_stacked[i][index, :b.shape[0], :g.rank].copy_(b, non_blocking=True)
             self.geometry[i][index] = g
+            if self._cpu_kernel is not None:
+                self._bt_stacked[i][index, :g.rank, :b.shape[0]].copy_(b.t())
+                self._geo[i][index] = torch.tensor([g.pool, g.repeat, g.rank], dtype=torch.int32)
+                self._coef[i][index] = g.scaling / g.pool
 
     def set_mapping(self, punica_wrapper) -> None:
         super().set_mapping(punica_wrapper)
@@ -177,6 +201,11 @@ class QbaraSlotsMixin:
         batch = slot_batch(self.punica_wrapper)
         if out2.is_cuda and x2.dtype in (torch.float16, torch.bfloat16):
             self._apply_cuda(out2, x2, batch)  # the Triton kernels take fp16/bf16 only
+        elif self._cpu_kernel is not None and out2.dtype in CPU_KERNEL_DTYPES \
+                and x2.dtype in CPU_KERNEL_DTYPES and out2.stride(-1) == 1:
+            rows, slots = batch.token_slots(x2.shape[0])
+            if rows.numel():
+                self._cpu_kernel.apply(out2, x2, rows, slots)
         else:
             segments = batch.segments(x2.shape[0])
             if segments:

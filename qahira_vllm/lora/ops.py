@@ -110,11 +110,6 @@ def repeat_add_(target: torch.Tensor, d: torch.Tensor, repeat: int) -> None:
 # (prefill) stay a loop of plain GEMMs, which never copy an adapter.
 GATHER_MIN_SEGMENTS = 8
 GATHER_MAX_AVG_TOKENS = 4
-# The compiled per-token kernel (where it builds) takes every group whose segments are short
-# (decode, whatever the number of adapters): one C call per slice instead of ~6 torch ops per
-# segment. Measured, one core, 576 -> 1536: 1 adapter x 32 tokens 0.23 ms vs 0.50 ms for the
-# GEMM pair; at 64+ tokens per segment the two were within noise, so prefill keeps the GEMMs.
-TOKEN_KERNEL_MAX_AVG_TOKENS = 32
 
 
 def _rows_len(seg: Segment) -> int:
@@ -130,10 +125,10 @@ def add_qbara_segments(y: torch.Tensor, x: torch.Tensor, segments: Sequence[Segm
 
     y: [T, out] (may be a column slice of a wider output); x: [T, in];
     a_stacked [slots, R_max, >= in/p]; b_stacked [slots, >= out/q, R_max], zero-padded.
-    Segments are grouped by geometry (p, q). With `packed` and the compiled CPU kernel, a group
-    of short segments (decode) runs in add_qbara_token_kernel; otherwise a group of many short
-    segments is computed at once (add_qbara_slot_gemm, or add_qbara_gathered), and anything
-    else segment by segment. `cache`: a dict
+    Segments are grouped by geometry (p, q). A group of many short segments (decode) is computed
+    at once (add_qbara_slot_gemm, or add_qbara_gathered), anything else segment by segment.
+    (On CPUs where qahira_kernels.cpu_lib builds, the LoRA layers use the compiled whole-layer
+    kernel, qahira_kernels.cpu_qbara, instead of this function.) `cache`: a dict
     that lives for one batch (index tensors of the gathered groups). `pooled`: a dict that lives
     for one input x (pool -> pool_sum(x), shared by the slices of a merged layer). `packed`: a
     dict that lives as long as the slots' contents (see pack_slots); without it the many-
@@ -151,13 +146,7 @@ def add_qbara_segments(y: torch.Tensor, x: torch.Tensor, segments: Sequence[Segm
             pooled[pool] = pool_sum(x.to(a_stacked.dtype), pool)
         xp = pooled[pool]
         tokens = sum(map(_rows_len, segs))
-        lib = (_token_kernel(y, xp, a_stacked)
-               if packed is not None and tokens <= TOKEN_KERNEL_MAX_AVG_TOKENS * len(segs)
-               else None)
-        if lib is not None:
-            add_qbara_token_kernel(y, xp, segs, a_stacked, b_stacked, geometry, pool, repeat,
-                                   cache if cache is not None else {}, packed, lib)
-        elif len(segs) >= GATHER_MIN_SEGMENTS and tokens <= GATHER_MAX_AVG_TOKENS * len(segs):
+        if len(segs) >= GATHER_MIN_SEGMENTS and tokens <= GATHER_MAX_AVG_TOKENS * len(segs):
             cache = cache if cache is not None else {}
             if packed is not None:
                 add_qbara_slot_gemm(y, xp, segs, a_stacked, b_stacked, geometry, pool, repeat,
@@ -260,45 +249,6 @@ def add_qbara_slot_gemm(y, xp, segs: Sequence[Segment], a_stacked, b_stacked, ge
     rows, coef = _slot_gemm_coef(segs, geometry, pool, a_stacked.shape[0], r_max, cache)
     d = ((xp[rows] @ a_cat.t()) * coef.to(xp.dtype)) @ bt_cat
     y.index_add_(0, rows, (d.repeat_interleave(repeat, dim=-1) if repeat > 1 else d).to(y.dtype))
-
-
-def _token_kernel(y: torch.Tensor, xp: torch.Tensor, a_stacked: torch.Tensor):
-    """The compiled per-token kernel (qahira_kernels.cpu_lib) if it can serve these tensors:
-    CPU, fp32 adapter buffers, y with unit column stride in fp32/bf16/fp16; else None."""
-    if (y.device.type != "cpu" or a_stacked.dtype != torch.float32 or xp.dtype != torch.float32
-            or y.stride(-1) != 1 or y.dtype not in (torch.float32, torch.bfloat16, torch.float16)):
-        return None
-    from qahira_kernels import cpu_lib
-
-    return cpu_lib.load_library()
-
-
-def add_qbara_token_kernel(y, xp, segs: Sequence[Segment], a_stacked, b_stacked, geometry,
-                           pool: int, repeat: int, cache: dict, packed: dict, lib) -> None:
-    """Segments sharing (p, q), many with few tokens each: the compiled kernel reads each
-    token's own slot's compact A and B once from the packed buffers (kernels/cpu_qbara.c),
-    instead of multiplying every token by every slot (add_qbara_slot_gemm)."""
-    from qahira_kernels.cpu_lib import DTYPE_CODES
-
-    r_max = max(geometry[seg.slot].rank for seg in segs)
-    in_p, out_q = xp.shape[-1], y.shape[-1] // repeat
-    a_cat, bt_cat = pack_slots(a_stacked, b_stacked, in_p, out_q, r_max, packed)
-    key = ("token_kernel", pool, tuple((seg.slot, geometry[seg.slot].rank,
-                                        geometry[seg.slot].scaling) for seg in segs))
-    if key not in cache:
-        rows, slots, ranks, scale = _gather_index(segs, geometry, cache)
-        cache[key] = (rows.to(torch.int64).contiguous(), slots.to(torch.int64).contiguous(),
-                      ranks.to(torch.int64).contiguous(),
-                      (scale / pool).to(torch.float32).contiguous())
-    rows, slots, ranks, coef = cache[key]
-    xp = xp.contiguous()
-    rc = lib.qahira_qbara_tokens(xp.data_ptr(), in_p, a_cat.data_ptr(), bt_cat.data_ptr(), r_max,
-                                 out_q, rows.numel(), rows.data_ptr(), slots.data_ptr(),
-                                 ranks.data_ptr(), coef.data_ptr(), y.data_ptr(),
-                                 DTYPE_CODES[y.dtype], y.stride(0), repeat)
-    if rc:
-        why = f"rank {r_max} over the kernel's limit of 1024" if rc == -1 else "out of memory"
-        raise RuntimeError(f"qahira_qbara_tokens failed ({rc}): {why}")
 
 
 def add_qbara_per_token(y: torch.Tensor, x: torch.Tensor, slot_idx: torch.Tensor,

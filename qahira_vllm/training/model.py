@@ -66,8 +66,9 @@ def normalize_targets(targets) -> tuple[str, ...]:
             continue
         t = SHORT_TARGETS.get(t, t)
         if t in NEVER_ADAPTED or t.endswith(".lm_head"):
-            raise ValueError(f"target {t!r}: lm_head is never adapted (it is not quantized and "
-                             "adapting it would change every token's logits)")
+            raise ValueError(f"target {t!r}: lm_head is never adapted (it is usually not "
+                             "quantized, and vLLM serves lm_head adapters through its own "
+                             "vocab-sized LoRA path, not ours)")
         out.append(t)
     if not out:
         raise ValueError("no target modules given")

@@ -18,6 +18,9 @@ class QahiraConfig(QuantizationConfig):
     def __init__(self, fmt: QahiraQuantConfig):
         super().__init__()
         self.fmt = fmt
+        # Layers stored quantized, read from the tensor headers in maybe_update_config: decides
+        # whether lm_head (kept in float unless `qahira quantize --lm-head`) is ours.
+        self.converted_layers: frozenset[str] = frozenset()
 
     def __repr__(self) -> str:
         return f"QahiraConfig(bits={self.fmt.bits}, block_size={list(self.fmt.block_size)})"
@@ -44,9 +47,14 @@ class QahiraConfig(QuantizationConfig):
         # Imported here, not at module level: registration must stay cheap (plugin contract).
         from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
         from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
+        from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
+        if isinstance(layer, ParallelLMHead) and prefix in self.converted_layers:
+            from .linear_method import QahiraLinearMethod
+
+            return QahiraLinearMethod(self.fmt, prefix)  # vocab-parallel rows, like a column
         if not isinstance(layer, LinearBase):
-            return None  # embeddings and lm_head stay unquantized
+            return None  # embeddings (and lm_head unless converted) stay unquantized
         if self.fmt.modules_not_converted and is_layer_skipped(
                 prefix, list(self.fmt.modules_not_converted), self.packed_modules_mapping,
                 match_mode="suffix"):
@@ -59,4 +67,4 @@ class QahiraConfig(QuantizationConfig):
         # Check every stored tensor's shape and dtype before any request can be served.
         from ..checkpoint import validate_checkpoint
 
-        validate_checkpoint(model_name, self.fmt)
+        self.converted_layers = frozenset(validate_checkpoint(model_name, self.fmt))

@@ -1,5 +1,7 @@
 """The vLLM LoRA layer classes of qahira_vllm.lora on stand-in base layers (no engine):
-tensor-parallel sharding of compact A/B, geometry read from shapes, base-only tokens."""
+tensor-parallel sharding of compact A/B, geometry read from shapes, base-only tokens. Every
+test runs twice: on the compiled whole-layer CPU kernel (qahira_kernels.cpu_qbara, which must
+build on this machine class) and on the torch segment path that serves when it cannot."""
 
 from __future__ import annotations
 
@@ -43,11 +45,25 @@ class _Punica:
         pass
 
 
+@pytest.fixture(autouse=True, params=["compiled_kernel", "torch_segments"])
+def math_path(request):
+    return request.param
+
+
+def _create(layer, request_path: str):
+    layer.create_lora_weights(3, LORA_CONFIG)
+    if request_path == "torch_segments":
+        layer._cpu_kernel = None  # what a machine without the compiled library runs
+    else:
+        assert layer._cpu_kernel is not None
+    return layer
+
+
 LORA_CONFIG = SimpleNamespace(max_lora_rank=16, lora_dtype=torch.float32,
                               fully_sharded_loras=False)
 
 
-def _qkv(tp_rank, tp_size, heads=4, kv_heads=2, head=8):
+def _qkv(tp_rank, tp_size, path, heads=4, kv_heads=2, head=8):
     from qahira_vllm.lora.layers import QbaraQKVParallelLinearWithLoRA
 
     out_q, out_kv = heads * head, kv_heads * head
@@ -59,19 +75,15 @@ def _qkv(tp_rank, tp_size, heads=4, kv_heads=2, head=8):
                  v_head_size=head, num_heads=heads // tp_size,
                  num_kv_heads=max(1, kv_heads // tp_size),
                  num_kv_head_replicas=max(1, tp_size // kv_heads))
-    layer = QbaraQKVParallelLinearWithLoRA(base)
-    layer.create_lora_weights(3, LORA_CONFIG)
-    return layer, (out_q, out_kv, out_kv)
+    return _create(QbaraQKVParallelLinearWithLoRA(base), path), (out_q, out_kv, out_kv)
 
 
-def _row(tp_rank, tp_size, out=48):
+def _row(tp_rank, tp_size, path, out=48):
     from qahira_vllm.lora.layers import QbaraRowParallelLinearWithLoRA
 
     base = _Base(torch.zeros(out, IN // tp_size), input_size=IN, output_size=out,
                  input_size_per_partition=IN // tp_size, tp_size=tp_size, tp_rank=tp_rank)
-    layer = QbaraRowParallelLinearWithLoRA(base)
-    layer.create_lora_weights(3, LORA_CONFIG)
-    return layer
+    return _create(QbaraRowParallelLinearWithLoRA(base), path)
 
 
 def _pair(g, out, seed):
@@ -85,11 +97,11 @@ SLOTS = [-1, 0, 0, 1, 2, -1, 1, 2]
 
 
 @pytest.mark.parametrize("tp_size", [1, 2])
-def test_qkv_shards_concatenate_to_the_full_delta(tp_size):
+def test_qkv_shards_concatenate_to_the_full_delta(tp_size, math_path):
     x = torch.randn(len(SLOTS), IN)
     per_rank = []
     for tp_rank in range(tp_size):
-        layer, sizes = _qkv(tp_rank, tp_size)
+        layer, sizes = _qkv(tp_rank, tp_size, math_path)
         for slot, g in enumerate(GEOS):
             pairs = [_pair(g, size, 10 * slot + i) for i, size in enumerate(sizes)]
             layer.set_lora(slot, [a for a, _ in pairs], [b for _, b in pairs])
@@ -110,11 +122,11 @@ def test_qkv_shards_concatenate_to_the_full_delta(tp_size):
 
 
 @pytest.mark.parametrize("tp_size", [1, 2])
-def test_row_parallel_partial_deltas_sum_to_the_full_delta(tp_size):
+def test_row_parallel_partial_deltas_sum_to_the_full_delta(tp_size, math_path):
     x = torch.randn(len(SLOTS), IN)
     total = 0
     for tp_rank in range(tp_size):
-        layer = _row(tp_rank, tp_size)
+        layer = _row(tp_rank, tp_size, math_path)
         for slot, g in enumerate(GEOS):
             layer.set_lora(slot, *_pair(g, 48, slot))
         layer.set_mapping(_Punica(SLOTS))
@@ -125,12 +137,12 @@ def test_row_parallel_partial_deltas_sum_to_the_full_delta(tp_size):
     torch.testing.assert_close(total.double(), expected, rtol=1e-4, atol=1e-3)
 
 
-def test_misaligned_shards_and_bad_shapes_are_adapter_errors():
-    layer, sizes = _qkv(1, 2)  # k, v: 16 outputs, 8 per rank
+def test_misaligned_shards_and_bad_shapes_are_adapter_errors(math_path):
+    layer, sizes = _qkv(1, 2, math_path)  # k, v: 16 outputs, 8 per rank
     a, b = _pair(SlotGeometry(2, 16, 8), sizes[1], 0)
     with pytest.raises(AdapterError, match="not aligned to repeat=16"):
         layer.slice_geometry(1, a, b)
-    row = _row(1, 2)  # 32 input columns per rank
+    row = _row(1, 2, math_path)  # 32 input columns per rank
     a, b = _pair(SlotGeometry(64, 1, 8), 48, 0)
     with pytest.raises(AdapterError, match="not aligned to pool=64"):
         row.slice_geometry(0, a, b)
@@ -140,8 +152,8 @@ def test_misaligned_shards_and_bad_shapes_are_adapter_errors():
         row.slice_geometry(0, torch.zeros(32, 32), torch.zeros(48, 32))
 
 
-def test_reset_clears_a_slot():
-    layer = _row(0, 1)
+def test_reset_clears_a_slot(math_path):
+    layer = _row(0, 1, math_path)
     layer.set_lora(0, *_pair(GEOS[0], 48, 0))
     layer.reset_lora(0)
     layer.set_mapping(_Punica([0, 0]))

@@ -29,6 +29,21 @@ def test_base_forward_equals_dequantized_reference(which, qckpt, qckpt_qwen):
         assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
+def test_converted_lm_head_is_a_frozen_quant_layer_never_adapted():
+    """A checkpoint made with `quantize --lm-head` (tied Qwen2, so stored untied): the trainer's
+    base runs the quantized head like the reference does, and adapters still skip lm_head."""
+    path = helpers_tiny.tiny_qckpt("qwen2", block_size=(4, 8), lm_head=True, hidden=64,
+                                   intermediate=128, heads=2, kv_heads=1, tie=True)
+    model, _ = load_quantized_model(path)
+    assert isinstance(model.lm_head, QuantLinear)
+    ref = load_reference_model(path)
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, ref(IDS).logits, rtol=1e-5, atol=1e-5)
+    adapted_model, _ = build_training_model(path, AdapterSpec(method="qbara"))
+    adapted = [n for n, m in adapted_model.named_modules() if isinstance(m, AdaptedLinear)]
+    assert len(adapted) == 14 and not any("lm_head" in n for n in adapted)
+
+
 @pytest.mark.parametrize("method", ["qbara", "qahira", "lora"])
 def test_zero_init_starts_at_base_and_only_adapters_train(method, qckpt):
     model, config = build_training_model(qckpt, AdapterSpec(method=method))

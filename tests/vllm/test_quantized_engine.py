@@ -54,22 +54,27 @@ def _compare_to_reference(result, ckpt, prompt_ids):
     return worst
 
 
-@pytest.mark.parametrize("bits,block", [(4, (1, 64)), (8, (1, 64)), (4, (8, 4))],
-                         ids=["int4-1x64", "int8-1x64", "int4-8x4"])
-def test_engine_matches_dequantized_reference(bits, block, smollm2_quantized, prompt_ids,
-                                              tmp_path):
-    ckpt = smollm2_quantized(bits, block)
+@pytest.mark.parametrize("bits,block,lm_head", [(4, (1, 64), False), (8, (1, 64), False),
+                                               (4, (8, 4), False), (4, (1, 64), True)],
+                         ids=["int4-1x64", "int8-1x64", "int4-8x4", "int4-1x64-lm_head"])
+def test_engine_matches_dequantized_reference(bits, block, lm_head, smollm2_quantized,
+                                              prompt_ids, tmp_path):
+    """lm_head=True: SmolLM2 ties its embeddings; the checkpoint is untied and lm_head runs
+    through qahira's linear method (vocab-parallel), the embedding lookup stays float."""
+    ckpt = smollm2_quantized(bits, block, lm_head)
     # No quantization argument: the method is auto-detected from config.json.
     result = run_engine(_engine_spec(ckpt, prompt_ids), tmp_path)
     _compare_to_reference(result, ckpt, prompt_ids)
 
 
-@pytest.fixture(scope="module")
-def tiny_tp_int4(tiny_llama_tp, tmp_path_factory):
+@pytest.fixture(scope="module", params=[False, True], ids=["", "lm_head"])
+def tiny_tp_int4(tiny_llama_tp, tmp_path_factory, request):
+    """INT4 1x64; with lm_head also converted (its vocabulary rows then split across ranks)."""
     from qahira_vllm.quantize import quantize_model
 
     out = tmp_path_factory.mktemp("tiny-tp-int4") / "ckpt"
-    quantize_model(tiny_llama_tp, out, bits=4, block_size=(1, 64), progress=False)
+    quantize_model(tiny_llama_tp, out, bits=4, block_size=(1, 64), progress=False,
+                   lm_head=request.param)
     return out
 
 

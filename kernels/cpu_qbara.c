@@ -22,8 +22,9 @@
  * the expand step keeps its outputs in registers and adds them into y (repeated, rounded once to
  * y's dtype). Each token's arithmetic is the same whatever else is in the batch, so a request's
  * output does not depend on its neighbours. Tokens are split across OpenMP threads (each writes
- * only its own row of y).
+ * only its own row of y, so rows must be distinct).
  */
+#include <omp.h>
 #include <stdlib.h>
 
 #include "cpu_common.h"
@@ -177,19 +178,18 @@ int qahira_qbara_layer(const qbara_layer_t *L, const void *x, int x_dt, long x_s
     }
   }
   const int in = L->in_features;
-  int status = 0;
-#pragma omp parallel if (n > 1)
+  /* Per-thread rows of x in fp32 and pooled, allocated up front so that running out of memory
+   * leaves y untouched. */
+  const int nt = n > 1 ? omp_get_max_threads() : 1;
+  float *buf = (float *)malloc(sizeof(float) * 2 * (size_t)(in > 0 ? in : 1) * (size_t)nt);
+  if (!buf) return -2;
+#pragma omp parallel num_threads(nt) if (n > 1)
   {
-    float *xf = (float *)malloc(sizeof(float) * 2 * (size_t)(in > 0 ? in : 1));
-    if (!xf) {
-#pragma omp atomic write
-      status = -2;
-    }
+    float *xf = buf + 2 * (size_t)(in > 0 ? in : 1) * (size_t)omp_get_thread_num();
     float *xp = xf + in;
     float h[MAX_RANK];
 #pragma omp for schedule(static)
     for (int i = 0; i < n; i++) {
-      if (!xf) continue;
       const long row = rows[i];
       const long s = slots[i];
       convert_row(xf, x, x_dt, row * x_stride, in);
@@ -212,7 +212,7 @@ int qahira_qbara_layer(const qbara_layer_t *L, const void *x, int x_dt, long x_s
                    L->out_size[c], h, r, out_q, q);
       }
     }
-    free(xf);
   }
-  return status;
+  free(buf);
+  return 0;
 }

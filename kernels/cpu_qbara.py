@@ -1,6 +1,6 @@
 """`CpuQbaraLayer`: every Q-BaRA adapter of one LoRA layer applied in one compiled call (CPU).
 
-    kernel = CpuQbaraLayer.create(a_stacked, bt_stacked, geo, coef, out_sizes)  # None: no library
+    kernel = CpuQbaraLayer.create(a_stacked, bt_stacked, geo, coef)  # None: no library
     kernel.apply(y, x, rows, slots)   # y[rows] += each token's adapter delta, in place
 
 The arithmetic is in `cpu_qbara.c` (its header has the math); `qahira_kernels.cpu_lib` builds it.
@@ -85,15 +85,17 @@ class CpuQbaraLayer:
         """y[rows[i]] += delta of slot slots[i] for x[rows[i]], in place; returns y.
 
         y [T, out_features] and x [T, in_features], CPU, fp32/bf16/fp16, unit column stride;
-        rows, slots: int64 [n] (tokens without an adapter are simply not listed).
+        rows, slots: int64 [n] on CPU, rows distinct (threads split the rows; tokens without an
+        adapter are simply not listed).
         """
         if x.dim() != 2 or x.shape[1] != self.in_features or y.dim() != 2 \
                 or y.shape[1] != self.out_features or x.shape[0] != y.shape[0]:
             raise ValueError(f"CpuQbaraLayer: x {list(x.shape)} / y {list(y.shape)} do not "
                              f"match [T, {self.in_features}] / [T, {self.out_features}]")
-        if rows.dtype != torch.int64 or slots.dtype != torch.int64 \
-                or rows.shape != slots.shape or not (rows.is_contiguous() and slots.is_contiguous()):
-            raise ValueError("CpuQbaraLayer: rows and slots must be contiguous int64 tensors of "
+        if rows.dtype != torch.int64 or slots.dtype != torch.int64 or rows.shape != slots.shape \
+                or not (rows.is_contiguous() and slots.is_contiguous()) \
+                or rows.device.type != "cpu" or slots.device.type != "cpu":
+            raise ValueError("CpuQbaraLayer: rows and slots must be contiguous CPU int64 tensors of "
                              f"the same length, got {rows.dtype} {list(rows.shape)} and "
                              f"{slots.dtype} {list(slots.shape)}")
         codes = cpu_lib.DTYPE_CODES

@@ -393,11 +393,14 @@ def checkpoint_fingerprint(model_dir: str | os.PathLike) -> str:
 
 
 def base_layer_dims(model_dir: str | os.PathLike) -> dict[str, tuple[int, int]]:
-    """Quantized linear layer name -> (out, in) of a qahira checkpoint (headers only)."""
+    """Adaptable layer name -> (out, in) of a qahira checkpoint (headers only): its quantized
+    linear layers except lm_head, which a `--lm-head` checkpoint converts too but adapters never
+    target (vLLM serves lm_head adapters through its own full-width path, not ours)."""
     model_dir = resolve_model_dir(model_dir)
     cfg = read_quant_config(model_dir)
     return {layer: _stored_layer_dims(layer, tensors, cfg)
-            for layer, tensors in sorted(quantized_layers(read_headers(model_dir)).items())}
+            for layer, tensors in sorted(quantized_layers(read_headers(model_dir)).items())
+            if not (layer == "lm_head" or layer.endswith(".lm_head"))}
 
 
 def validate_adapter(adapter: Adapter, layer_dims: dict[str, tuple[int, int]],

@@ -131,6 +131,9 @@ def quantize_model(model: str | os.PathLike, out_dir: str | os.PathLike, bits: i
     tensors, untie = iter_tensors(src), False
     if lm_head:
         head, embed_name, untie = lm_head_layout(src)
+        if any(head == k or head.endswith("." + k) for k in skip):
+            raise ValueError(f"--lm-head converts {head!r} but --skip keeps it in float: "
+                             "choose one")
         targets.add(head)
         if untie:
             tensors = _with_untied_head(tensors, embed_name, head)

@@ -216,3 +216,15 @@ def test_corrupt_weights_file(qbara_dir):
     (qbara_dir / WEIGHTS_NAME).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header")
     with pytest.raises(AdapterError, match="not a readable safetensors file"):
         load_adapter(qbara_dir)
+
+
+def test_converted_lm_head_is_not_an_adapter_target():
+    """A `quantize --lm-head` base stores lm_head quantized, but adapters never target it
+    (vLLM serves lm_head adapters through its own full-width path, not the compact one)."""
+    from qahira_vllm.checkpoint import quantized_layers, read_headers
+
+    base = helpers_tiny.tiny_qckpt("llama", lm_head=True, hidden=64, intermediate=128, heads=2,
+                                   kv_heads=1)
+    assert "lm_head" in quantized_layers(read_headers(base))
+    dims = base_layer_dims(base)
+    assert len(dims) == 14 and "lm_head" not in dims

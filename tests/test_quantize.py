@@ -214,6 +214,9 @@ def test_lm_head_option_converts_the_head_and_unties(src, tmp_path, arch):
     assert torch.allclose(ref.lm_head.weight, deq, atol=1e-6)
     assert ref.lm_head.weight.data_ptr() != ref.model.embed_tokens.weight.data_ptr()
     assert torch.equal(ref.model.embed_tokens.weight, source["model.embed_tokens.weight"])
+    with pytest.raises(ValueError, match="--skip keeps it in float: choose one"):
+        quantize_model(src[arch], tmp_path / "both", lm_head=True, skip=("lm_head",),
+                       progress=False)
 
 
 # ---- layers that the block does not divide ----------------------------------------------------

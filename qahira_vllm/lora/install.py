@@ -11,7 +11,9 @@ so that plugin registration itself imports nothing heavy:
                                               replaced qweight (bf16 cpu_int4pack); and
                                               LogitsProcessorWithLoRA skips its per-token
                                               vocab-sized LoRA gather while no loaded adapter
-                                              has lm_head weights (it would add exact zeros)
+                                              has lm_head weights (it would add exact zeros);
+                                              and from_layer_logits_processor accepts an
+                                              lm_head converted by `quantize --lm-head`
   vllm.lora.worker_manager.WorkerLoRAManager  create_lora_manager: remember the served model
                                               folder; _load_adapter: our checks run first
   vllm.entrypoints.openai.models.serving.OpenAIServingModels.load_lora_adapter
@@ -84,12 +86,37 @@ def _patch_logits_lora(logits_processor) -> None:
     cls._qahira_patched = True
 
 
+def _patch_quantized_head(utils) -> None:
+    """vLLM's lm_head LoRA wrapper takes its dtype and device from `lm_head.weight`; a head
+    converted by `qahira quantize --lm-head` holds qahira's tensors instead (no `weight`), so
+    answer from the layer itself. model_manager imports the function by name: patch it there
+    too if it is already imported."""
+    original = utils.from_layer_logits_processor
+
+    def from_layer_logits_processor(layer, lm_head, max_loras, lora_config, model_config=None):
+        if hasattr(lm_head, "weight") or not hasattr(lm_head, "qahira_kernel"):
+            return original(layer, lm_head, max_loras, lora_config, model_config)
+        device = next(t.device for t in (*lm_head.parameters(recurse=False),
+                                         *lm_head.buffers(recurse=False)))
+        wrapped = utils.LogitsProcessorWithLoRA(layer, lm_head.embedding_dim,
+                                                lm_head.params_dtype, device,
+                                                lm_head.get_sharded_to_full_mapping())
+        wrapped.create_lora_weights(max_loras, lora_config, model_config)
+        return wrapped
+
+    utils.from_layer_logits_processor = from_layer_logits_processor
+    manager = sys.modules.get("vllm.lora.model_manager")
+    if manager is not None:
+        manager.from_layer_logits_processor = from_layer_logits_processor
+
+
 def _patch_lora_classes(utils) -> None:
     import vllm.lora.layers.base_linear as base_linear
 
     from . import layers
 
     _patch_lora_device(base_linear)
+    _patch_quantized_head(utils)
 
     if os.environ.get("QAHIRA_NATIVE_LORA", "1") == "0":
         layers.ENABLED = False

@@ -30,6 +30,7 @@ from vllm.model_executor.layers.linear import (ColumnParallelLinear,
                                                MergedColumnParallelLinear, QKVParallelLinear,
                                                RowParallelLinear)
 
+from qahira_kernels import cpu_lib
 from qahira_kernels.cpu_qbara import MAX_RANK as CPU_KERNEL_MAX_RANK
 from qahira_kernels.cpu_qbara import CpuQbaraLayer
 
@@ -91,14 +92,16 @@ class QbaraSlotsMixin:
         self._device_geometry = None  # int32/fp32 per-slot tensors for the CUDA kernels
         self._packed = [{} for _ in self.slice_full]  # ops.pack_slots cache, per slice
         self._cpu_kernel = None
-        if torch.device(self.device).type == "cpu" and r_max <= CPU_KERNEL_MAX_RANK:
+        if (torch.device(self.device).type == "cpu" and r_max <= CPU_KERNEL_MAX_RANK
+                and cpu_lib.load_library() is not None):
             # The compiled CPU kernel's own copies: B transposed (the expand step streams rows of
             # it) and the per-slot geometry as arrays; kept current in set_lora / reset_lora.
-            self._bt_stacked = tuple(torch.zeros(max_loras, r_max, size, dtype=dtype)
+            self._bt_stacked = tuple(torch.zeros(max_loras, r_max, size, dtype=torch.float32)
                                      for _, size in self.slice_shard)
             self._geo = tuple(torch.zeros(max_loras, 3, dtype=torch.int32)
                               for _ in self.slice_full)
-            self._coef = tuple(torch.zeros(max_loras) for _ in self.slice_full)
+            self._coef = tuple(torch.zeros(max_loras, dtype=torch.float32)
+                               for _ in self.slice_full)
             self._cpu_kernel = CpuQbaraLayer.create(self.lora_a_stacked, self._bt_stacked,
                                                     self._geo, self._coef)
 

@@ -154,7 +154,7 @@ def test_bad_calls_raise_and_leave_y_alone():
         kernel.apply(y, x, torch.tensor([0, 1]), torch.tensor([0, SLOTS]))
     with pytest.raises(ValueError, match=r"do not match \[T, 64\] / \[T, 64\]"):
         kernel.apply(torch.zeros(4, 63), x, torch.tensor([0]), torch.tensor([0]))
-    with pytest.raises(ValueError, match="contiguous int64"):
+    with pytest.raises(ValueError, match="contiguous CPU int64"):
         kernel.apply(y, x, torch.tensor([0], dtype=torch.int32), torch.tensor([0]))
     with pytest.raises(ValueError, match="CPU fp32/bf16/fp16"):
         kernel.apply(y, x.double(), torch.tensor([0]), torch.tensor([0]))

@@ -485,5 +485,38 @@ def test_load_200_requests_16_adapters_concurrency_32(server16, smol):
     assert len({tuple(v) for v in solo.values()}) > len(prompts)
 
 
+def test_adapters_on_a_base_with_converted_lm_head(smollm2_quantized, smol, tmp_path):
+    """A `quantize --lm-head` base (lm_head quantized, stored untied) with LoRA enabled: the
+    engine starts (vLLM's lm_head LoRA wrapper reads dtype/device from lm_head.weight, which a
+    converted head lacks), and a batch mixing base-only and Q-BaRA requests equals the trainer's
+    forward on that base, token for token."""
+    import helpers_tiny
+    from hf_reference import greedy_reference
+
+    from qahira_vllm.training.model import load_model_with_adapter, load_quantized_model
+
+    qckpt = smollm2_quantized(4, (1, 32), lm_head=True)
+    prompts = smol[3]
+    adapter = helpers_tiny.random_adapter(qckpt, tmp_path / "adapter", std=ADAPTER_STD,
+                                          **ADAPTERS["qb-p2q2-r16"])
+    names = [None, "a", None, "a"]
+    ref = {"name": "a", "id": 1, "path": str(adapter)}
+    spec = {"model": str(qckpt), "max_tokens": MAX_TOKENS,
+            "llm_kwargs": {**CPU_LLM, "max_loras": 1},
+            "requests": [{"prompt": prompts[i], "lora": ref if n else None}
+                         for i, n in enumerate(names)]}
+    (tmp_path / "engine").mkdir()
+    result = run_spec(spec, tmp_path / "engine")
+    models = {None: load_quantized_model(qckpt)[0], "a": load_model_with_adapter(qckpt, adapter)}
+    for i, n in enumerate(names):
+        tokens, logprobs = greedy_reference(models[n], prompts[i], MAX_TOKENS)
+        out = result["batched"][i]
+        assert out["token_ids"] == tokens, (i, n)
+        for tok, lp in out["first_logprobs"].items():
+            assert abs(lp - logprobs[int(tok)].item()) < LOGPROB_TOL
+    alone = greedy_reference(models[None], prompts[1], MAX_TOKENS)[0]
+    assert result["batched"][1]["token_ids"] != alone  # the adapter is applied
+
+
 if __name__ == "__main__":
     _engine_main(sys.argv[1], sys.argv[2])

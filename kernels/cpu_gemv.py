@@ -73,7 +73,7 @@ class CpuAvx2Int4Kernel(LinearKernel):
     per 32 columns (error <= 2^-16 of the chunk's largest |x|, far below bf16's own rounding);
     fp32 accumulation; output rounded once to the activation dtype. Measured on this project's
     CPU, one thread, 1B-shaped decode step at M = 1: see benchmarks/cpu_decode_ceiling.py.
-    fp32 models stay on the exact torch paths.
+    fp32 models go to the exact cpu_blockwise kernel.
 
     prepare() replaces `qweight` by `gemv_weight` uint8 [out, in/2] (same bytes, chunk-interleaved
     nibbles) and keeps `scales` (fp16) and `offsets` (fp16/fp32) [out/bo, in/bi] as stored.

@@ -2,8 +2,8 @@
 
     lib = load_library()        # ctypes.CDLL, or None: library_error() says why
 
-The C sources (cpu_int4_gemv.c: INT4 linear layers; cpu_qbara.c: multi-adapter Q-BaRA,
-one call per layer; cpu_common.h) are compiled once per machine with the system C compiler (`$CC`, else
+The C sources (cpu_int4_gemv.c: INT4 linear layers at decode batch sizes; cpu_blockwise.c:
+every format case, exact; cpu_qbara.c: multi-adapter Q-BaRA, one call per layer; cpu_common.h) are compiled once per machine with the system C compiler (`$CC`, else
 gcc, else cc; `-O3 -mavx2 -mfma -mf16c -fopenmp`) into one shared library in the qahira cache,
 `<cache>/cpu_kernels/qahira_cpu-<hash>.so`, written to a temporary name and renamed (vLLM
 workers may build concurrently; each renames a complete file). The hash covers the sources,
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ("cpu_int4_gemv.c", "cpu_qbara.c")
+SOURCES = ("cpu_int4_gemv.c", "cpu_blockwise.c", "cpu_qbara.c")
 HEADERS = ("cpu_common.h",)
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # cpu_common.h
@@ -78,6 +78,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     p, i, l = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
     lib.qahira_int4_linear.argtypes = [p, i, i, i, p, p, p, i, i, i, i, p]
     lib.qahira_int4_linear.restype = i
+    lib.qahira_blockwise_linear.argtypes = [p, i, i, i, p, i, p, p, i, i, i, i, p]
+    lib.qahira_blockwise_linear.restype = i
+    lib.qahira_blockwise_dequant.argtypes = [p, i, p, p, i, i, i, i, i, p]
+    lib.qahira_blockwise_dequant.restype = i
     lib.qahira_qbara_layer.argtypes = [p, p, i, l, l, i, p, p, p, i, l]
     lib.qahira_qbara_layer.restype = i
 

@@ -59,7 +59,8 @@ class DequantLinearKernel(LinearKernel):
     """Correct for every format case: dequantize the whole weight per call, then a dense GEMM.
 
     Keeps qweight packed (memory stays ~bits/8 bytes per weight); the per-call unpack makes it
-    the slow path, chosen only when no faster kernel can implement the layer.
+    the slow path, chosen only when no faster kernel can implement the layer (on CPU: when
+    qahira's compiled kernels are unavailable, see qahira_kernels.cpu_blockwise).
     """
 
     name = "dequant_torch"
@@ -101,7 +102,7 @@ class CpuInt4PackKernel(LinearKernel):
     (scale, zero) in the activation dtype; 2-D blocks are expanded along the output dim (same
     weights). Measured on this project's AVX2 CPU (1 thread): one int4 GEMM is 1.4-3.5x faster
     than bf16 dense for M = 1..512, but 8x slower than dense for fp32 activations, so fp32
-    stays on the dequant path.
+    goes to the exact paths (qahira_kernels.cpu_blockwise, or DequantLinearKernel).
     """
 
     name = "cpu_int4pack"

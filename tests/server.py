@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 from pathlib import Path
 
-from engine import ENGINE_LOCK
+from engine import engine_lock
 
 from qahira_vllm.server_process import free_port, running_server  # noqa: F401
 
@@ -14,7 +13,6 @@ from qahira_vllm.server_process import free_port, running_server  # noqa: F401
 @contextlib.contextmanager
 def qahira_server(args: list[str], log_path: Path, env: dict | None = None,
                   startup_timeout: float = 900):
-    with open(ENGINE_LOCK, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with engine_lock():
         with running_server(args, log_path, env, startup_timeout) as url:
             yield url

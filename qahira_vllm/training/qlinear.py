@@ -17,6 +17,19 @@ from ..format import QahiraQuantConfig, validate_layer_tensors
 from ..quant_math import dequantize_fast, dequantize_packed  # noqa: F401
 
 
+def _dequantize(qweight, scales, offsets, cfg: QahiraQuantConfig) -> torch.Tensor:
+    """fp32 W, the same bits either way: the compiled CPU kernel (qahira_kernels.cpu_blockwise,
+    ~7x faster than torch here) when it is available, else quant_math.dequantize_fast."""
+    if qweight.device.type == "cpu":
+        from qahira_kernels import cpu_blockwise, cpu_lib
+
+        if cpu_lib.load_library() is not None:
+            return cpu_blockwise.blockwise_dequant(
+                qweight.contiguous(), scales.contiguous(), offsets.contiguous(), cfg.bits,
+                cfg.block_size, scales.shape[1] * cfg.block_size[1])
+    return dequantize_fast(qweight, scales, offsets, cfg)
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The activation dtype matmuls run in: autocast's when it is on, else the input's."""
     device_type = x.device.type
@@ -31,7 +44,7 @@ class _DequantLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, qweight, scales, offsets, bias, cfg: QahiraQuantConfig):
         dtype = _compute_dtype(x)
-        w = dequantize_fast(qweight, scales, offsets, cfg).to(dtype)
+        w = _dequantize(qweight, scales, offsets, cfg).to(dtype)
         ctx.save_for_backward(qweight, scales, offsets)
         ctx.cfg, ctx.dtype, ctx.x_dtype = cfg, dtype, x.dtype
         return F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype))
@@ -41,7 +54,7 @@ class _DequantLinear(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return (None,) * 6
         qweight, scales, offsets = ctx.saved_tensors
-        w = dequantize_fast(qweight, scales, offsets, ctx.cfg).to(ctx.dtype)
+        w = _dequantize(qweight, scales, offsets, ctx.cfg).to(ctx.dtype)
         grad_x = (grad_y.to(ctx.dtype) @ w).to(ctx.x_dtype)
         return grad_x, None, None, None, None, None
 

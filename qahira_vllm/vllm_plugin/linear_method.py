@@ -28,11 +28,14 @@ def _register_triton_kernels() -> None:
 
 
 def _register_cpu_kernels() -> None:
-    """CPU -> the compiled AVX2 INT4 kernel (qahira_kernels.cpu_gemv) where it can implement
-    the layer (its can_implement builds it once and says why not otherwise)."""
-    from qahira_kernels.cpu_gemv import register
+    """CPU -> the compiled kernels where they can implement the layer (their can_implement
+    builds the library once and says why not otherwise): the AVX2 INT4 kernel
+    (qahira_kernels.cpu_gemv) first, the exact every-case kernel (qahira_kernels.cpu_blockwise)
+    just ahead of the torch general path."""
+    from qahira_kernels import cpu_blockwise, cpu_gemv
 
-    register()
+    cpu_gemv.register()
+    cpu_blockwise.register()
 
 
 @register_weight_loader_v2_supported_method

@@ -25,7 +25,7 @@ BF16_BASE_LOGPROB_TOL = 0.3  # bf16 vs fp32 engine, no adapter (measured max 0.1
 BF16_BATCH_LOGPROB_TOL = 0.05  # bf16 batched vs solo, first step (measured identical)
 MAX_RANK = 16
 ADAPTER_STD = 0.12  # random A and B: large enough that every adapter changes greedy tokens
-CPU_LLM = {"gpu_memory_utilization": 0.3, "max_model_len": 512, "enforce_eager": True,
+CPU_LLM = {"kv_cache_memory_bytes": 256 << 20, "max_model_len": 512, "enforce_eager": True,
            "dtype": "float32", "enable_lora": True, "max_lora_rank": MAX_RANK}
 TEXTS = ["The capital of France is", "def fibonacci(n):", "Water boils at a temperature of",
          "Once upon a time there was", "The best way to learn a language is", "In 1492,",
@@ -83,16 +83,15 @@ def _engine_main(spec_path: str, out_path: str) -> None:
 
 def run_spec(spec: dict, tmp_path: Path, env: dict | None = None) -> dict:
     """Like tests/engine.run_engine, with this file as the engine script."""
-    import fcntl
     import os
     import subprocess
 
-    from engine import ENGINE_LOCK, EngineFailed
+    from engine import EngineFailed, engine_lock, single_process
 
+    spec, env = single_process(spec, env)
     spec_path, out_path = tmp_path / "spec.json", tmp_path / "out.json"
     spec_path.write_text(json.dumps(spec))
-    with open(ENGINE_LOCK, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with engine_lock():
         proc = subprocess.run([sys.executable, __file__, str(spec_path), str(out_path)],
                               capture_output=True, text=True, timeout=1500,
                               env={**os.environ, **(env or {})})
@@ -324,7 +323,44 @@ def test_tensor_parallel_2_equals_1(tiny_tp, tmp_path):
                 assert abs(lp - b["first_logprobs"][tok]) < LOGPROB_TOL
 
 
+# ----------------------------------------------------------------------------- lm_head base
+
+def test_adapters_on_a_base_with_converted_lm_head(smollm2_quantized, smol, tmp_path):
+    """A `quantize --lm-head` base (lm_head quantized, stored untied) with LoRA enabled: the
+    engine starts (vLLM's lm_head LoRA wrapper reads dtype/device from lm_head.weight, which a
+    converted head lacks), and a batch mixing base-only and Q-BaRA requests equals the trainer's
+    forward on that base, token for token."""
+    import helpers_tiny
+    from hf_reference import greedy_reference
+
+    from qahira_vllm.training.model import load_model_with_adapter, load_quantized_model
+
+    qckpt = smollm2_quantized(4, (1, 32), lm_head=True)
+    prompts = smol[3]
+    adapter = helpers_tiny.random_adapter(qckpt, tmp_path / "adapter", std=ADAPTER_STD,
+                                          **ADAPTERS["qb-p2q2-r16"])
+    names = [None, "a", None, "a"]
+    ref = {"name": "a", "id": 1, "path": str(adapter)}
+    spec = {"model": str(qckpt), "max_tokens": MAX_TOKENS,
+            "llm_kwargs": {**CPU_LLM, "max_loras": 1},
+            "requests": [{"prompt": prompts[i], "lora": ref if n else None}
+                         for i, n in enumerate(names)]}
+    (tmp_path / "engine").mkdir()
+    result = run_spec(spec, tmp_path / "engine")
+    models = {None: load_quantized_model(qckpt)[0], "a": load_model_with_adapter(qckpt, adapter)}
+    for i, n in enumerate(names):
+        tokens, logprobs = greedy_reference(models[n], prompts[i], MAX_TOKENS)
+        out = result["batched"][i]
+        assert out["token_ids"] == tokens, (i, n)
+        for tok, lp in out["first_logprobs"].items():
+            assert abs(lp - logprobs[int(tok)].item()) < LOGPROB_TOL
+    alone = greedy_reference(models[None], prompts[1], MAX_TOKENS)[0]
+    assert result["batched"][1]["token_ids"] != alone  # the adapter is applied
+
+
 # ----------------------------------------------------------------------------- HTTP server
+# server16 keeps its engine (and the engine lock) until the module ends: every other engine
+# run in this file must come before the tests that use it.
 
 def _broken_adapters(qckpt, good: Path, root: Path) -> dict[str, tuple[Path, str]]:
     """name -> (adapter dir, a phrase its rejection message must contain)."""
@@ -399,7 +435,8 @@ def server16(smol, tmp_path_factory):
                                                     repeat=repeat, rank=rank, std=ADAPTER_STD,
                                                     seed=100 + k)
     args = [str(qckpt), "--served-model-name", "base", "--quantization", "qahira",
-            "--dtype", "float32", "--gpu-memory-utilization", "0.3", "--max-model-len", "512",
+            "--dtype", "float32", "--kv-cache-memory-bytes", str(256 << 20),
+            "--max-model-len", "512",
             "--enforce-eager", "--enable-lora", "--max-lora-rank", str(MAX_RANK),
             "--max-loras", "16", "--max-cpu-loras", "24", "--max-num-seqs", "32",
             "--lora-modules", *[f"{n}={p}" for n, p in many.items()]]
@@ -469,8 +506,8 @@ def test_load_200_requests_16_adapters_concurrency_32(server16, smol):
     from concurrent.futures import ThreadPoolExecutor
 
     url, many, _, _ = server16
-    # Two prompts x 17 models = 34 distinct requests to serve solo first (fp32 decode of one
-    # request on this CPU runs at ~1 token/s: the solo pass dominates the test's time).
+    # Two prompts x 17 models = 34 distinct requests, each served solo first (the solo pass is
+    # most of the test's time: 44 s in all here).
     prompts = smol[3][:2]
     models = ["base", *many]
     rng = random.Random(0)
@@ -483,39 +520,6 @@ def test_load_200_requests_16_adapters_concurrency_32(server16, smol):
     assert not mismatches, mismatches[:3]
     # Adapters do change outputs (else the equality would be vacuous).
     assert len({tuple(v) for v in solo.values()}) > len(prompts)
-
-
-def test_adapters_on_a_base_with_converted_lm_head(smollm2_quantized, smol, tmp_path):
-    """A `quantize --lm-head` base (lm_head quantized, stored untied) with LoRA enabled: the
-    engine starts (vLLM's lm_head LoRA wrapper reads dtype/device from lm_head.weight, which a
-    converted head lacks), and a batch mixing base-only and Q-BaRA requests equals the trainer's
-    forward on that base, token for token."""
-    import helpers_tiny
-    from hf_reference import greedy_reference
-
-    from qahira_vllm.training.model import load_model_with_adapter, load_quantized_model
-
-    qckpt = smollm2_quantized(4, (1, 32), lm_head=True)
-    prompts = smol[3]
-    adapter = helpers_tiny.random_adapter(qckpt, tmp_path / "adapter", std=ADAPTER_STD,
-                                          **ADAPTERS["qb-p2q2-r16"])
-    names = [None, "a", None, "a"]
-    ref = {"name": "a", "id": 1, "path": str(adapter)}
-    spec = {"model": str(qckpt), "max_tokens": MAX_TOKENS,
-            "llm_kwargs": {**CPU_LLM, "max_loras": 1},
-            "requests": [{"prompt": prompts[i], "lora": ref if n else None}
-                         for i, n in enumerate(names)]}
-    (tmp_path / "engine").mkdir()
-    result = run_spec(spec, tmp_path / "engine")
-    models = {None: load_quantized_model(qckpt)[0], "a": load_model_with_adapter(qckpt, adapter)}
-    for i, n in enumerate(names):
-        tokens, logprobs = greedy_reference(models[n], prompts[i], MAX_TOKENS)
-        out = result["batched"][i]
-        assert out["token_ids"] == tokens, (i, n)
-        for tok, lp in out["first_logprobs"].items():
-            assert abs(lp - logprobs[int(tok)].item()) < LOGPROB_TOL
-    alone = greedy_reference(models[None], prompts[1], MAX_TOKENS)[0]
-    assert result["batched"][1]["token_ids"] != alone  # the adapter is applied
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ def int4_server(smollm2_quantized, tmp_path_factory):
     ckpt = smollm2_quantized(4, (1, 32))
     log = tmp_path_factory.mktemp("serve") / "server.log"
     with qahira_server([str(ckpt), "--served-model-name", "smollm2-int4",
-                        "--quantization", "qahira", "--gpu-memory-utilization", "0.3",
+                        "--quantization", "qahira", "--kv-cache-memory-bytes", str(256 << 20),
                         "--max-model-len", "1024", "--enforce-eager"], log) as url:
         yield url, log
 

@@ -24,10 +24,11 @@ from qahira_vllm.linear_kernels import LinearKernel, LinearSpec, _set_buffer, re
 
 from . import cpu_lib
 
-# Rows per call up to which the packed GEMV path runs; above it, dequantize + fp32 GEMM wins.
-# Measured on this project's CPU (2 threads, SmolLM2's 1536x576 INT4 1x32 layer, fp32):
-# M=1 0.24 ms vs 0.41 ms (0.17 ms GEMM + 0.24 ms dequantize), M=16 0.65 vs 0.75 ms,
-# M=64 2.0 vs 1.3 ms. Decode batches up to this size stay batch-invariant.
+# Rows per call up to which the packed GEMV path runs; above it, dequantize + fp32 GEMM.
+# benchmarks/cpu_blockwise.py (2 threads): the GEMV wins up to M = 32 on every case measured;
+# at M = 64 dequantize + GEMM wins on SmolLM2's 1536x576 layer (1.2 vs 1.9 ms) but not on a
+# 8192x2048 one (87 vs 48 ms); at M = 256 it wins on both. Decode batches up to this size stay
+# batch-invariant.
 GEMV_MAX_M = 32
 
 

@@ -129,18 +129,22 @@ static int reserve_scratch(size_t need) {
 
 /* Every weight row, split across threads: dequantized into w_out [N, K] (xf == NULL), or into
  * a per-thread row dotted with xf [M, K] into y. A block row's per-column params (bi % 8 != 0)
- * are re-expanded only when n / bo changes. */
-static void for_each_row(const void *qw, int bits, const uint16_t *s, const void *o, int o_f32,
+ * are re-expanded only when n / bo changes. Returns nonzero if a thread had no scratch (OpenMP
+ * does not promise that this team's threads are the ones reserve_scratch ran on). */
+static int for_each_row(const void *qw, int bits, const uint16_t *s, const void *o, int o_f32,
                          int N, int K, int bo, int bi, float *w_out, const float *xf, int M,
                          void *y, int y_dt) {
   const int nb = K / bi;
-#pragma omp parallel
+  int failed = 0;
+#pragma omp parallel reduction(| : failed)
   {
-    float *buf = thread_scratch(3 * (size_t)K); /* reserved by the caller: no allocation */
+    float *buf = thread_scratch(3 * (size_t)K); /* normally reserved already: no allocation */
     float *sexp = buf + K, *oexp = buf + 2 * (long)K;
     int have = -1;
+    failed |= buf == NULL;
 #pragma omp for schedule(static)
     for (int n = 0; n < N; n++) {
+      if (!buf) continue;
       const int br = n / bo;
       const uint16_t *srow = s + (long)br * nb;
       const char *orow = (const char *)o + (long)br * nb * (o_f32 ? 4 : 2);
@@ -165,14 +169,15 @@ static void for_each_row(const void *qw, int bits, const uint16_t *s, const void
       }
     }
   }
+  return failed;
 }
 
-/* w [N, K] fp32 = the dequantized weight. Returns 0, or -2 if out of memory. */
+/* w [N, K] fp32 = the dequantized weight. Returns 0, or -2 if out of memory (w then possibly
+ * partly written). */
 int qahira_blockwise_dequant(const void *qw, int bits, const uint16_t *s, const void *o,
                              int o_f32, int N, int K, int bo, int bi, float *w) {
   if (reserve_scratch(3 * (size_t)K)) return -2;
-  for_each_row(qw, bits, s, o, o_f32, N, K, bo, bi, w, NULL, 0, NULL, DT_F32);
-  return 0;
+  return for_each_row(qw, bits, s, o, o_f32, N, K, bo, bi, w, NULL, 0, NULL, DT_F32) ? -2 : 0;
 }
 
 /* y [M, N] = x [M, K] @ W^T, x and y of dtype x_dt. Returns 0, or -2 if out of memory. */
@@ -195,6 +200,5 @@ int qahira_blockwise_linear(const void *x, int x_dt, int M, int K, const void *q
     xf = xbuf;
   }
   if (reserve_scratch(3 * (size_t)K)) return -2;
-  for_each_row(qw, bits, s, o, o_f32, N, K, bo, bi, NULL, xf, M, y, x_dt);
-  return 0;
+  return for_each_row(qw, bits, s, o, o_f32, N, K, bo, bi, NULL, xf, M, y, x_dt) ? -2 : 0;
 }

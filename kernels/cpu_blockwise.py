@@ -13,6 +13,10 @@ The dequantized weight equals torch's reference dequantization bit for bit.
 
 No compiler or no AVX2: `can_implement` says so and the torch general path serves the layer.
 prepare() keeps `qweight`, `scales` and `offsets` exactly as stored (contiguous).
+
+Under torch.compile (vLLM's default CPU mode) apply() calls the op
+`torch.ops.qahira.cpu_blockwise_linear`, one opaque node that picks its path from M at run
+time; in eager mode it calls the implementation directly (no dispatcher cost).
 """
 
 from __future__ import annotations
@@ -32,6 +36,32 @@ from . import cpu_lib
 GEMV_MAX_M = 32
 
 
+def _check_stored(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+                  bits: int) -> None:
+    """The C code reads the stored dtypes (FORMAT.md); anything else would be misread."""
+    want_q = torch.int32 if bits == 4 else torch.uint8
+    problems = [f"{name} is on {t.device}" for name, t in
+                (("qweight", qweight), ("scales", scales), ("offsets", offsets))
+                if t.device.type != "cpu"]
+    if qweight.dtype != want_q:
+        problems.append(f"qweight is {qweight.dtype}, expected {want_q} for {bits}-bit")
+    if scales.dtype != torch.float16:
+        problems.append(f"scales are {scales.dtype}, expected torch.float16")
+    if offsets.dtype not in (torch.float16, torch.float32):
+        problems.append(f"offsets are {offsets.dtype}, expected torch.float16 or torch.float32")
+    if problems:
+        raise ValueError("qahira cpu_blockwise: " + "; ".join(problems))
+
+
+def stored_layout_ok(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+                     bits: int) -> bool:
+    try:
+        _check_stored(qweight, scales, offsets, bits)
+    except ValueError:
+        return False
+    return True
+
+
 def _check(rc: int, what: str) -> None:
     if rc == -2:
         raise MemoryError(f"qahira {what}: out of memory for its per-thread buffers")
@@ -45,6 +75,8 @@ def blockwise_dequant(qweight: torch.Tensor, scales: torch.Tensor, offsets: torc
     lib = cpu_lib.load_library()
     if lib is None:
         raise RuntimeError(f"qahira cpu_blockwise unavailable: {cpu_lib.library_error()}")
+    _check_stored(qweight, scales, offsets, bits)
+    qweight, scales, offsets = qweight.contiguous(), scales.contiguous(), offsets.contiguous()
     bo, bi = block_size
     n = qweight.shape[0]
     w = torch.empty(n, in_features, dtype=torch.float32)
@@ -60,6 +92,8 @@ def blockwise_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     lib = cpu_lib.load_library()
     if lib is None:
         raise RuntimeError(f"qahira cpu_blockwise unavailable: {cpu_lib.library_error()}")
+    _check_stored(qweight, scales, offsets, bits)
+    qweight, scales, offsets = qweight.contiguous(), scales.contiguous(), offsets.contiguous()
     x = x.contiguous()
     m, k = x.shape
     bo, bi = block_size
@@ -71,6 +105,28 @@ def blockwise_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
                                            offsets.data_ptr(), offsets.dtype == torch.float32,
                                            n, bo, bi, y.data_ptr()), "blockwise_linear")
     return y
+
+
+def cpu_blockwise_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                         offsets: torch.Tensor, bits: int, bo: int, bi: int) -> torch.Tensor:
+    """x [M, K] -> [M, N] in x.dtype: the packed GEMV up to GEMV_MAX_M rows, else dequantize +
+    fp32 GEMM (decided here, at run time, so that a compiled graph keeps both)."""
+    if x.shape[0] <= GEMV_MAX_M:
+        return blockwise_linear(x, qweight, scales, offsets, bits, (bo, bi))
+    w = blockwise_dequant(qweight, scales, offsets, bits, (bo, bi), x.shape[1])
+    return F.linear(x.to(torch.float32), w).to(x.dtype)
+
+
+# A plain torch.library op (as qahira_kernels.cpu_gemv does): a ctypes call is opaque to Dynamo.
+_op_lib = torch.library.Library("qahira", "FRAGMENT")
+_op_lib.define("cpu_blockwise_linear(Tensor x, Tensor qweight, Tensor scales, Tensor offsets, "
+               "int bits, int bo, int bi) -> Tensor")
+_op_lib.impl("cpu_blockwise_linear", cpu_blockwise_linear, "CPU")
+
+
+@torch.library.register_fake("qahira::cpu_blockwise_linear")
+def _cpu_blockwise_linear_fake(x, qweight, scales, offsets, bits, bo, bi):
+    return x.new_empty(x.shape[0], qweight.shape[0])
 
 
 class CpuBlockwiseKernel(LinearKernel):
@@ -96,15 +152,11 @@ class CpuBlockwiseKernel(LinearKernel):
 
     def apply(self, layer, x, bias=None):
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        spec = self.spec
-        if x2.shape[0] <= GEMV_MAX_M:
-            y = blockwise_linear(x2, layer.qweight, layer.scales, layer.offsets, spec.bits,
-                                 spec.block_size)
-        else:
-            w = blockwise_dequant(layer.qweight, layer.scales, layer.offsets, spec.bits,
-                                  spec.block_size, spec.in_features)
-            y = F.linear(x2.to(torch.float32), w).to(x.dtype)
+        # Eager: the implementation directly; under torch.compile: the op, one opaque node.
+        op = (torch.ops.qahira.cpu_blockwise_linear if torch.compiler.is_compiling()
+              else cpu_blockwise_linear)
+        y = op(x.reshape(-1, shape[-1]), layer.qweight, layer.scales, layer.offsets,
+               self.spec.bits, *self.spec.block_size)
         if bias is not None:
             y = y + bias
         return y.reshape(*shape[:-1], y.shape[-1])

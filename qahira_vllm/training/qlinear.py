@@ -19,11 +19,13 @@ from ..quant_math import dequantize_fast, dequantize_packed  # noqa: F401
 
 def _dequantize(qweight, scales, offsets, cfg: QahiraQuantConfig) -> torch.Tensor:
     """fp32 W, the same bits either way: the compiled CPU kernel (qahira_kernels.cpu_blockwise,
-    ~7x faster than torch here) when it is available, else quant_math.dequantize_fast."""
+    ~7x faster than torch here) when it is available and the buffers still have their stored
+    dtypes (a `model.to(dtype)` also casts them), else quant_math.dequantize_fast."""
     if qweight.device.type == "cpu":
         from qahira_kernels import cpu_blockwise, cpu_lib
 
-        if cpu_lib.load_library() is not None:
+        if (cpu_lib.load_library() is not None
+                and cpu_blockwise.stored_layout_ok(qweight, scales, offsets, cfg.bits)):
             return cpu_blockwise.blockwise_dequant(
                 qweight.contiguous(), scales.contiguous(), offsets.contiguous(), cfg.bits,
                 cfg.block_size, scales.shape[1] * cfg.block_size[1])

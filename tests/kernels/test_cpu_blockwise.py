@@ -63,7 +63,7 @@ def test_dequant_is_bit_identical_to_reference(bits, block, out_f, in_f, offset_
 
 
 @pytest.mark.parametrize("bits,block,out_f,in_f", CASES)
-@pytest.mark.parametrize("m", [1, 3, 4, 9])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 9])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_linear_matches_fp64_on_the_reference_weight(bits, block, out_f, in_f, m, dtype):
     qw, s, o = _stored(out_f, in_f, bits, block, seed=m)
@@ -71,6 +71,55 @@ def test_linear_matches_fp64_on_the_reference_weight(bits, block, out_f, in_f, m
     y = cb.blockwise_linear(x, qw, s, o, bits, block)
     assert y.dtype == dtype and y.shape == (m, out_f)
     _assert_close(y, x, _reference_weight(qw, s, o, bits, block))
+
+
+def test_no_rows_and_refused_dtypes():
+    qw, s, o = _stored(16, 64, 4, (1, 32))
+    assert cb.blockwise_linear(torch.empty(0, 64), qw, s, o, 4, (1, 32)).shape == (0, 16)
+    # A model.to(dtype) casts float buffers; the C code would misread them, so they are refused.
+    for bad, phrase in (((qw, s.float(), o), "scales are torch.float32"),
+                        ((qw, s, o.bfloat16()), "offsets are torch.bfloat16"),
+                        ((qw.to(torch.uint8), s, o), "expected torch.int32 for 4-bit")):
+        with pytest.raises(ValueError, match=phrase):
+            cb.blockwise_dequant(*bad, 4, (1, 32), 64)
+        with pytest.raises(ValueError, match=phrase):
+            cb.blockwise_linear(torch.randn(1, 64), *bad, 4, (1, 32))
+        assert not cb.stored_layout_ok(*bad, 4)
+    assert cb.stored_layout_ok(qw, s, o, 4)
+
+
+def test_trainer_dequant_after_model_to_dtype_is_still_right():
+    """QuantLinear after `.to(torch.float32)` (buffers cast): the torch path, same weight."""
+    from qahira_vllm.format import QahiraQuantConfig
+    from qahira_vllm.training.qlinear import QuantLinear
+
+    cfg = QahiraQuantConfig(bits=4, block_size=(8, 4))
+    qw, s, o = _stored(32, 64, 4, (8, 4))
+    layer = QuantLinear(qw, s, o, cfg, 64, 32)
+    x = torch.randn(3, 64)
+    before = layer(x)
+    assert torch.equal(before, x @ _reference_weight(qw, s, o, 4, (8, 4)).t())
+    layer.to(torch.float32)
+    assert layer.scales.dtype == torch.float32
+    assert torch.equal(layer(x), before)
+
+
+def test_traced_by_torch_compile_as_one_op():
+    """vLLM compiles the model on CPU unless eager: the op must trace with fullgraph (fake impl)
+    and pick its path from M at run time."""
+    spec = lk.LinearSpec(bits=8, block_size=(2, 4), out_features=16, in_features=64,
+                         act_dtype=torch.float32, device_type="cpu")
+    qw, s, o = _stored(16, 64, 8, (2, 4))
+    layer = torch.nn.Module()
+    for name, t in (("qweight", qw), ("scales", s), ("offsets", o)):
+        layer.register_parameter(name, torch.nn.Parameter(t, requires_grad=False))
+    kernel = cb.CpuBlockwiseKernel(spec)
+    kernel.prepare(layer)
+    compiled = torch.compile(lambda t: kernel.apply(layer, t) * 2, backend="aot_eager",
+                             fullgraph=True, dynamic=True)
+    for m in (3, cb.GEMV_MAX_M + 5):
+        x = torch.randn(m, 64)
+        assert torch.equal(compiled(x), kernel.apply(layer, x) * 2)
 
 
 def test_each_row_independent_of_batch_and_threads():

@@ -26,9 +26,9 @@ def _dequantize(qweight, scales, offsets, cfg: QahiraQuantConfig) -> torch.Tenso
 
         if (cpu_lib.load_library() is not None
                 and cpu_blockwise.stored_layout_ok(qweight, scales, offsets, cfg.bits)):
-            return cpu_blockwise.blockwise_dequant(
-                qweight.contiguous(), scales.contiguous(), offsets.contiguous(), cfg.bits,
-                cfg.block_size, scales.shape[1] * cfg.block_size[1])
+            return cpu_blockwise.blockwise_dequant(qweight, scales, offsets, cfg.bits,
+                                                   cfg.block_size,
+                                                   scales.shape[1] * cfg.block_size[1])
     return dequantize_fast(qweight, scales, offsets, cfg)
 
 

@@ -25,6 +25,8 @@ BF16_BASE_LOGPROB_TOL = 0.3  # bf16 vs fp32 engine, no adapter (measured max 0.1
 BF16_BATCH_LOGPROB_TOL = 0.05  # bf16 batched vs solo, first step (measured identical)
 MAX_RANK = 16
 ADAPTER_STD = 0.12  # random A and B: large enough that every adapter changes greedy tokens
+# = tests/engine.CPU_ENGINE (engine is not importable at module level when this file runs as
+# the engine script) + fp32 and LoRA.
 CPU_LLM = {"kv_cache_memory_bytes": 256 << 20, "max_model_len": 512, "enforce_eager": True,
            "dtype": "float32", "enable_lora": True, "max_lora_rank": MAX_RANK}
 TEXTS = ["The capital of France is", "def fibonacci(n):", "Water boils at a temperature of",
@@ -422,6 +424,7 @@ def _broken_adapters(qckpt, good: Path, root: Path) -> dict[str, tuple[Path, str
 def server16(smol, tmp_path_factory):
     """`qahira serve` with 16 adapters given at startup and runtime updates allowed."""
     import helpers_tiny
+    from engine import KV_CACHE_BYTES
     from server import qahira_server
 
     qckpt, dirs, _, _ = smol
@@ -435,7 +438,7 @@ def server16(smol, tmp_path_factory):
                                                     repeat=repeat, rank=rank, std=ADAPTER_STD,
                                                     seed=100 + k)
     args = [str(qckpt), "--served-model-name", "base", "--quantization", "qahira",
-            "--dtype", "float32", "--kv-cache-memory-bytes", str(256 << 20),
+            "--dtype", "float32", "--kv-cache-memory-bytes", str(KV_CACHE_BYTES),
             "--max-model-len", "512",
             "--enforce-eager", "--enable-lora", "--max-lora-rank", str(MAX_RANK),
             "--max-loras", "16", "--max-cpu-loras", "24", "--max-num-seqs", "32",

@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+from engine import KV_CACHE_BYTES
 from server import qahira_server
 
 pytestmark = pytest.mark.vllm
@@ -25,7 +26,7 @@ def int4_server(smollm2_quantized, tmp_path_factory):
     ckpt = smollm2_quantized(4, (1, 32))
     log = tmp_path_factory.mktemp("serve") / "server.log"
     with qahira_server([str(ckpt), "--served-model-name", "smollm2-int4",
-                        "--quantization", "qahira", "--kv-cache-memory-bytes", str(256 << 20),
+                        "--quantization", "qahira", "--kv-cache-memory-bytes", str(KV_CACHE_BYTES),
                         "--max-model-len", "1024", "--enforce-eager"], log) as url:
         yield url, log
 

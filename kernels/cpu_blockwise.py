@@ -69,52 +69,67 @@ def _check(rc: int, what: str) -> None:
         raise RuntimeError(f"qahira {what}: failed with code {rc}")
 
 
-def blockwise_dequant(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
-                      bits: int, block_size: tuple[int, int], in_features: int) -> torch.Tensor:
-    """The fp32 weight [out, in] of a stored layer (qweight/scales/offsets as in FORMAT.md)."""
+def _library():
     lib = cpu_lib.load_library()
     if lib is None:
         raise RuntimeError(f"qahira cpu_blockwise unavailable: {cpu_lib.library_error()}")
+    return lib
+
+
+def _stored(qweight, scales, offsets, bits):
     _check_stored(qweight, scales, offsets, bits)
-    qweight, scales, offsets = qweight.contiguous(), scales.contiguous(), offsets.contiguous()
-    bo, bi = block_size
+    return qweight.contiguous(), scales.contiguous(), offsets.contiguous()
+
+
+# The unchecked calls: stored dtypes, CPU, contiguous (the kernel's prepare() checks once).
+def _dequant(qweight, scales, offsets, bits, bo, bi, in_features) -> torch.Tensor:
     n = qweight.shape[0]
     w = torch.empty(n, in_features, dtype=torch.float32)
-    _check(lib.qahira_blockwise_dequant(qweight.data_ptr(), bits, scales.data_ptr(),
-                                        offsets.data_ptr(), offsets.dtype == torch.float32, n,
-                                        in_features, bo, bi, w.data_ptr()), "blockwise_dequant")
+    _check(_library().qahira_blockwise_dequant(
+        qweight.data_ptr(), bits, scales.data_ptr(), offsets.data_ptr(),
+        offsets.dtype == torch.float32, n, in_features, bo, bi, w.data_ptr()),
+        "blockwise_dequant")
     return w
+
+
+def _packed_linear(x, qweight, scales, offsets, bits, bo, bi) -> torch.Tensor:
+    x = x.contiguous()
+    m, k = x.shape
+    n = qweight.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype)
+    if m:
+        _check(_library().qahira_blockwise_linear(
+            x.data_ptr(), cpu_lib.DTYPE_CODES[x.dtype], m, k, qweight.data_ptr(), bits,
+            scales.data_ptr(), offsets.data_ptr(), offsets.dtype == torch.float32, n, bo, bi,
+            y.data_ptr()), "blockwise_linear")
+    return y
+
+
+def _linear(x, qweight, scales, offsets, bits, bo, bi) -> torch.Tensor:
+    """The packed GEMV up to GEMV_MAX_M rows, else dequantize + fp32 GEMM (decided at run
+    time, so that a compiled graph keeps both)."""
+    if x.shape[0] <= GEMV_MAX_M:
+        return _packed_linear(x, qweight, scales, offsets, bits, bo, bi)
+    w = _dequant(qweight, scales, offsets, bits, bo, bi, x.shape[1])
+    return F.linear(x.to(torch.float32), w).to(x.dtype)
+
+
+def blockwise_dequant(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+                      bits: int, block_size: tuple[int, int], in_features: int) -> torch.Tensor:
+    """The fp32 weight [out, in] of a stored layer (qweight/scales/offsets as in FORMAT.md)."""
+    return _dequant(*_stored(qweight, scales, offsets, bits), bits, *block_size, in_features)
 
 
 def blockwise_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                      offsets: torch.Tensor, bits: int, block_size: tuple[int, int]) -> torch.Tensor:
     """x [M, K] -> [M, N] in x.dtype, through the packed GEMV path (any M)."""
-    lib = cpu_lib.load_library()
-    if lib is None:
-        raise RuntimeError(f"qahira cpu_blockwise unavailable: {cpu_lib.library_error()}")
-    _check_stored(qweight, scales, offsets, bits)
-    qweight, scales, offsets = qweight.contiguous(), scales.contiguous(), offsets.contiguous()
-    x = x.contiguous()
-    m, k = x.shape
-    bo, bi = block_size
-    n = qweight.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype)
-    if m:
-        _check(lib.qahira_blockwise_linear(x.data_ptr(), cpu_lib.DTYPE_CODES[x.dtype], m, k,
-                                           qweight.data_ptr(), bits, scales.data_ptr(),
-                                           offsets.data_ptr(), offsets.dtype == torch.float32,
-                                           n, bo, bi, y.data_ptr()), "blockwise_linear")
-    return y
+    return _packed_linear(x, *_stored(qweight, scales, offsets, bits), bits, *block_size)
 
 
 def cpu_blockwise_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                          offsets: torch.Tensor, bits: int, bo: int, bi: int) -> torch.Tensor:
-    """x [M, K] -> [M, N] in x.dtype: the packed GEMV up to GEMV_MAX_M rows, else dequantize +
-    fp32 GEMM (decided here, at run time, so that a compiled graph keeps both)."""
-    if x.shape[0] <= GEMV_MAX_M:
-        return blockwise_linear(x, qweight, scales, offsets, bits, (bo, bi))
-    w = blockwise_dequant(qweight, scales, offsets, bits, (bo, bi), x.shape[1])
-    return F.linear(x.to(torch.float32), w).to(x.dtype)
+    """x [M, K] -> [M, N] in x.dtype, either path by M (the op's implementation)."""
+    return _linear(x, *_stored(qweight, scales, offsets, bits), bits, bo, bi)
 
 
 # A plain torch.library op (as qahira_kernels.cpu_gemv does): a ctypes call is opaque to Dynamo.
@@ -147,14 +162,17 @@ class CpuBlockwiseKernel(LinearKernel):
         return True, None
 
     def prepare(self, layer):
-        for name in ("qweight", "scales", "offsets"):
-            _set_buffer(layer, name, getattr(layer, name).data.contiguous())
+        # Checked once here (a clear error before serving), not on every call.
+        stored = _stored(layer.qweight.data, layer.scales.data, layer.offsets.data,
+                         self.spec.bits)
+        for name, t in zip(("qweight", "scales", "offsets"), stored):
+            _set_buffer(layer, name, t)
 
     def apply(self, layer, x, bias=None):
         shape = x.shape
-        # Eager: the implementation directly; under torch.compile: the op, one opaque node.
-        op = (torch.ops.qahira.cpu_blockwise_linear if torch.compiler.is_compiling()
-              else cpu_blockwise_linear)
+        # Eager: the unchecked implementation directly; under torch.compile: the op, one
+        # opaque node.
+        op = torch.ops.qahira.cpu_blockwise_linear if torch.compiler.is_compiling() else _linear
         y = op(x.reshape(-1, shape[-1]), layer.qweight, layer.scales, layer.offsets,
                self.spec.bits, *self.spec.block_size)
         if bias is not None:

@@ -42,19 +42,21 @@ class EngineFailed(RuntimeError):
         self.log = log
 
 
-def run_engine(spec: dict, tmp_path: Path, env: dict | None = None, timeout: int = 900) -> dict:
-    """Run tests/vllm_runner.py on `spec` in a child process; return its JSON result."""
+def run_engine(spec: dict, tmp_path: Path, env: dict | None = None, timeout: int = 900,
+               script: Path = REPO / "tests" / "vllm_runner.py") -> dict:
+    """Run `script SPEC OUT` (default tests/vllm_runner.py) on `spec` in a child process under
+    the engine lock; return its JSON result plus "log" (the child's stdout + stderr)."""
     spec, env = single_process(spec, env)
     spec_path, out_path = tmp_path / "spec.json", tmp_path / "out.json"
     spec_path.write_text(json.dumps(spec))
     child_env = {**os.environ, **(env or {})}
     with engine_lock():
-        proc = subprocess.run([sys.executable, str(REPO / "tests" / "vllm_runner.py"),
-                               str(spec_path), str(out_path)], capture_output=True, text=True,
-                              env=child_env, timeout=timeout)
+        proc = subprocess.run([sys.executable, str(script), str(spec_path), str(out_path)],
+                              capture_output=True, text=True, env=child_env, timeout=timeout)
+    log = proc.stdout + proc.stderr
     if proc.returncode != 0 or not out_path.exists():
-        raise EngineFailed(proc.stdout + proc.stderr)
-    return json.loads(out_path.read_text())
+        raise EngineFailed(log)
+    return {**json.loads(out_path.read_text()), "log": log}
 
 
 def single_process(spec: dict, env: dict | None) -> tuple[dict, dict]:

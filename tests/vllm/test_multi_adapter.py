@@ -84,22 +84,10 @@ def _engine_main(spec_path: str, out_path: str) -> None:
 
 
 def run_spec(spec: dict, tmp_path: Path, env: dict | None = None) -> dict:
-    """Like tests/engine.run_engine, with this file as the engine script."""
-    import os
-    import subprocess
+    """tests/engine.run_engine with this file as the engine script."""
+    from engine import run_engine
 
-    from engine import EngineFailed, engine_lock, single_process
-
-    spec, env = single_process(spec, env)
-    spec_path, out_path = tmp_path / "spec.json", tmp_path / "out.json"
-    spec_path.write_text(json.dumps(spec))
-    with engine_lock():
-        proc = subprocess.run([sys.executable, __file__, str(spec_path), str(out_path)],
-                              capture_output=True, text=True, timeout=1500,
-                              env={**os.environ, **(env or {})})
-    if proc.returncode != 0 or not out_path.exists():
-        raise EngineFailed(proc.stdout + proc.stderr)
-    return {**json.loads(out_path.read_text()), "log": proc.stdout + proc.stderr}
+    return run_engine(spec, tmp_path, env, timeout=1500, script=Path(__file__))
 
 
 # ----------------------------------------------------------------------------- fixtures

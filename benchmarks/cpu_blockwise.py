@@ -3,9 +3,10 @@
 Times one linear layer's `apply` for M = 1..256 activation rows, on SmolLM2-135M's MLP shape
 (1536 x 576) and a 1B-shaped one (8192 x 2048), for the format cases that reach the general
 path: fp32 INT4 1x32, fp32 INT8 1x64, and bf16 INT4 8x4 (the paper's QA-HiRA tile). Columns:
-  cpu_blockwise   (the kernel as the plugin runs it: packed GEMV up to GEMV_MAX_M rows, then
-                   dequantize + fp32 GEMM)
-  packed_gemv     (the packed GEMV path at every M, to show where the crossover lies)
+  cpu_blockwise   (the kernel as the plugin runs it: the packed GEMV at every M; results up to
+                   2026-11 had dequantize + fp32 GEMM above 32 rows, dropped as not batch-
+                   invariant)
+  packed_gemv     (the packed GEMV path called directly)
   dequant_torch   (qahira_vllm.linear_kernels.DequantLinearKernel, the torch fallback)
   dense_fp32      (F.linear on an already dequantized fp32 weight: no dequantization at all)
 Ratios are within this one run. Threads: torch's default here (both cores); run it alone.
@@ -83,7 +84,7 @@ def main() -> None:
                       flush=True)
     out_dir = Path(os.environ.get("OUT", REPO / "benchmarks" / "results"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"torch_threads": torch.get_num_threads(), "gemv_max_m": cb.GEMV_MAX_M,
+    meta = {"torch_threads": torch.get_num_threads(),
             "note": "ms per apply() of one layer; ratios within this run"}
     tmp = out_dir / "cpu_blockwise.json.tmp"
     tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

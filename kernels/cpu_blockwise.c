@@ -15,8 +15,9 @@
  * byte j holds column 2j in its low nibble, 2j+1 in its high one); 8-bit uint8 [N, K].
  * Scales fp16 [N/bo, K/bi]; offsets fp16 or fp32 [N/bo, K/bi].
  *
- * qahira_blockwise_dequant writes the whole fp32 weight (same bits) for batches large enough
- * that a dense GEMM wins; the Python side (cpu_blockwise.py) picks.
+ * qahira_blockwise_dequant writes the whole fp32 weight (same bits), for the trainer. Serving
+ * uses qahira_blockwise_linear at every M: a dense GEMM above some M would be faster for long
+ * prefills but sums in another order, so a request's logits would depend on its batch.
  */
 #include <stdlib.h>
 

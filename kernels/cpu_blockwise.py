@@ -5,35 +5,29 @@ fp32/bf16/fp16 activations), exact up to fp32 summation order.
 
 It serves what the faster CPU kernels cannot: fp32 models, INT8 and 2-D blocks whose bi is not
 one of torch's int4 group sizes (the paper's 8x4 QA-HiRA tile, for one). The arithmetic is in
-`cpu_blockwise.c` (its header has the details): up to GEMV_MAX_M rows, each weight row is
-dequantized once per call into a per-thread buffer and dotted with every activation row, so
-the weight is read packed and a row's result does not depend on its batch; above that, the
-whole weight is dequantized by the same code into one fp32 tensor for a dense GEMM.
-The dequantized weight equals torch's reference dequantization bit for bit.
+`cpu_blockwise.c` (its header has the details): for every M, each weight row is dequantized
+once per call into a per-thread buffer and dotted with every activation row, so the weight is
+read packed and a row's result does not depend on its batch (bit for bit). There is no
+dense-GEMM path for large M: a GEMM sums in another order, so a prompt prefilled next to
+others (M above a threshold) got other logits than alone (tests/vllm/test_multi_adapter.py saw
+2e-4 in a logprob). The whole-weight dequantization (same code, same bits as torch's reference
+dequantization) serves the trainer.
 
 No compiler or no AVX2: `can_implement` says so and the torch general path serves the layer.
 prepare() keeps `qweight`, `scales` and `offsets` exactly as stored (contiguous).
 
 Under torch.compile (vLLM's default CPU mode) apply() calls the op
-`torch.ops.qahira.cpu_blockwise_linear`, one opaque node that picks its path from M at run
-time; in eager mode it calls the implementation directly (no dispatcher cost).
+`torch.ops.qahira.cpu_blockwise_linear`, one opaque node (a ctypes call is opaque to Dynamo);
+in eager mode it calls the implementation directly (no dispatcher cost).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from qahira_vllm.linear_kernels import LinearKernel, LinearSpec, _set_buffer, register_kernel
 
 from . import cpu_lib
-
-# Rows per call up to which the packed GEMV path runs; above it, dequantize + fp32 GEMM.
-# benchmarks/cpu_blockwise.py (2 threads): the GEMV wins up to M = 32 on every case measured;
-# at M = 64 dequantize + GEMM wins on SmolLM2's 1536x576 layer (1.2 vs 1.9 ms) but not on a
-# 8192x2048 one (87 vs 48 ms); at M = 256 it wins on both. Decode batches up to this size stay
-# batch-invariant.
-GEMV_MAX_M = 32
 
 
 def _check_stored(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
@@ -105,13 +99,10 @@ def _packed_linear(x, qweight, scales, offsets, bits, bo, bi) -> torch.Tensor:
     return y
 
 
-def _linear(x, qweight, scales, offsets, bits, bo, bi) -> torch.Tensor:
-    """The packed GEMV up to GEMV_MAX_M rows, else dequantize + fp32 GEMM (decided at run
-    time, so that a compiled graph keeps both)."""
-    if x.shape[0] <= GEMV_MAX_M:
-        return _packed_linear(x, qweight, scales, offsets, bits, bo, bi)
-    w = _dequant(qweight, scales, offsets, bits, bo, bi, x.shape[1])
-    return F.linear(x.to(torch.float32), w).to(x.dtype)
+# One path for every M (batch invariance). Its price, benchmarks/cpu_blockwise.py (2 threads):
+# the GEMV is as fast as dequantize + fp32 GEMM up to M = 32, 1.4-2.3x slower at M = 256
+# (prefill of long batches; e.g. 8.8 vs 5.0 ms on SmolLM2's 1536x576 INT4 layer).
+_linear = _packed_linear
 
 
 def blockwise_dequant(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
@@ -128,7 +119,8 @@ def blockwise_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
 
 def cpu_blockwise_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                          offsets: torch.Tensor, bits: int, bo: int, bi: int) -> torch.Tensor:
-    """x [M, K] -> [M, N] in x.dtype, either path by M (the op's implementation)."""
+    """x [M, K] -> [M, N] in x.dtype (the op's implementation; the packed path for every M,
+    so row i of the result is bit-identical whatever the other rows are)."""
     return _linear(x, *_stored(qweight, scales, offsets, bits), bits, bo, bi)
 
 

@@ -43,8 +43,9 @@ import torch
 
 from .atomic import atomic_dir, write_json
 from .checkpoint import (layer_dims as _stored_layer_dims, quantized_layers, read_headers,
-                         read_quant_config, resolve_model_dir, safetensors_files)
-from .format import QUANT_TENSOR_SUFFIXES
+                         read_quant_config, resolve_model_dir)
+from .format import QUANT_TENSOR_SUFFIXES, QahiraFormatError
+from .safetensors_io import model_tensors, read_safetensors_header
 
 ADAPTER_FORMAT_VERSION = 1
 ADAPTER_TYPES = ("qbara", "qahira", "lora")
@@ -59,6 +60,21 @@ FINGERPRINT_PREFIX = "qahira-fp1:sha256:"
 
 class AdapterError(ValueError):
     """An adapter folder, config or tensor does not follow the format or does not fit the base."""
+
+
+# PEFT LoraConfig fields that change the adapted layer's forward (variants, biases, extra
+# trained modules or tokens, changed model structure) and that this project does not serve:
+# an adapter setting any of them is refused by name (vLLM's PEFTHelper refuses the same ones).
+# Training-only fields (lora_dropout, megatron_config, loftq/eva/corda/lora_ga configs without
+# their init) and fan_in_fan_out (only the base weight's layout; A and B are stored the same)
+# do not change the served math.
+PEFT_UNSUPPORTED = ("use_dora", "lora_bias", "modules_to_save", "trainable_token_indices",
+                    "target_parameters", "layer_replication", "alora_invocation_tokens",
+                    "use_qalora", "use_bdlora", "arrow_config", "kasa_config", "velora_config",
+                    "monteclora_config")
+# init_lora_weights strings that only initialise A and B (the saved adapter is a plain LoRA);
+# "pissa", "olora", "corda", "loftq" change the base weights PEFT loads the adapter onto.
+PEFT_INIT_ONLY = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
 
 
 # ----------------------------------------------------------------------------- config
@@ -96,11 +112,21 @@ def peft_compatible_scaling(scaling: float, r: int) -> float:
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    """What `adapter_config.json` says. pool/repeat are p/q (qbara), pi/qo (qahira), 1/1 (lora)."""
+    """What `adapter_config.json` says. pool/repeat are p/q (qbara), pi/qo (qahira), 1/1 (lora).
+
+    Which layers are adapted is PEFT's rule (`targeted`, PEFT's own check_target_module_exists):
+    target_modules (names, or one regex string fullmatched against the module name),
+    exclude_modules, layers_to_transform / layers_pattern. Per-layer rank and scaling
+    (`layer_rank`, `layer_scaling`) follow PEFT's LoraModel: rank_pattern / alpha_pattern keys
+    matched with PEFT's get_pattern_key (first matching key wins), scaling = alpha / r, or
+    alpha / sqrt(r) with use_rslora. Patterns and rsLoRA exist only in plain PEFT LoRAs (no
+    qahira section, which holds one exact scaling for every layer); `lora_alpha` then keeps
+    PEFT's raw alpha so that alpha / r_layer is PEFT's number bit for bit.
+    """
 
     adapter_type: str
-    target_modules: tuple[str, ...]
-    scaling: float
+    target_modules: tuple[str, ...] | str  # names, or a regex string (PEFT: re.fullmatch)
+    scaling: float                      # the scaling of a layer without a pattern entry
     pool: int = 1
     repeat: int = 1
     rank: int | None = None             # R (qbara) or r (lora); None for qahira
@@ -110,9 +136,19 @@ class AdapterConfig:
     lora_dropout: float = 0.0           # training-time only; recorded for PEFT
     provenance: dict[str, Any] = field(default_factory=dict, compare=False)
     format_version: int = ADAPTER_FORMAT_VERSION
+    # PEFT's targeting options (None: not used), as PEFT's LoraConfig takes them.
+    exclude_modules: tuple[str, ...] | str | None = None
+    layers_to_transform: tuple[int, ...] | int | None = None
+    layers_pattern: tuple[str, ...] | str | None = None
+    # PEFT's per-layer options (plain LoRA only): ((pattern key, value), ...) in file order.
+    rank_pattern: tuple[tuple[str, int], ...] = ()
+    alpha_pattern: tuple[tuple[str, float], ...] = ()
+    use_rslora: bool = False
+    lora_alpha: float | None = None     # PEFT's raw lora_alpha (required with patterns/rsLoRA)
 
     def __post_init__(self) -> None:
         src = "adapter config"
+        self._normalise_peft_options(src)
         if self.adapter_type not in ADAPTER_TYPES:
             raise AdapterError(f"{src}: adapter_type={self.adapter_type!r}, expected one of "
                                f"{ADAPTER_TYPES}")
@@ -138,17 +174,146 @@ class AdapterConfig:
             raise AdapterError(f"{src}: scaling={self.scaling!r}, expected a finite number")
         if not self.target_modules:
             raise AdapterError(f"{src}: target_modules is empty")
-        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if not isinstance(self.target_modules, str):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
         object.__setattr__(self, "scaling", float(self.scaling))
         if self.peft_r is None:
             object.__setattr__(self, "peft_r", self.rank if self.rank is not None else 1)
         if self.adapter_type != "qahira" and self.peft_r != self.rank:
             raise AdapterError(f"{src}: PEFT r={self.peft_r} must equal the stored rank "
                                f"{self.rank} for a {self.adapter_type!r} adapter")
+        per_layer = [k for k in ("rank_pattern", "alpha_pattern", "use_rslora") if getattr(self, k)]
+        if per_layer and self.adapter_type != "lora":
+            raise AdapterError(f"{src}: {per_layer} exist only in plain PEFT LoRAs; a "
+                               f"{self.adapter_type!r} adapter has one scaling for all layers")
+        if per_layer and self.lora_alpha is None:
+            raise AdapterError(f"{src}: {per_layer} need PEFT's raw lora_alpha (lora_alpha=...)")
+        if self.lora_alpha is not None:
+            if (not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool)
+                    or not math.isfinite(self.lora_alpha)):
+                raise AdapterError(f"{src}: lora_alpha={self.lora_alpha!r}, expected a finite "
+                                   "number")
+            if self._peft_scaling(self.peft_r, self.lora_alpha) != self.scaling:
+                raise AdapterError(
+                    f"{src}: scaling={self.scaling!r} is not PEFT's "
+                    f"{'lora_alpha / sqrt(r)' if self.use_rslora else 'lora_alpha / r'} = "
+                    f"{self._peft_scaling(self.peft_r, self.lora_alpha)!r} (lora_alpha="
+                    f"{self.lora_alpha!r}, r={self.peft_r})")
+
+    def _normalise_peft_options(self, src: str) -> None:
+        """PEFT's option values (lists, dicts) -> hashable tuples; empty -> unused, as in PEFT."""
+        def names(key):
+            v = getattr(self, key)
+            if v is None or isinstance(v, str):
+                return v or None
+            if not all(isinstance(x, str) for x in v):
+                raise AdapterError(f"{src}: {key}={v!r}, expected a string or a list of strings")
+            return tuple(v) or None
+
+        object.__setattr__(self, "exclude_modules", names("exclude_modules"))
+        object.__setattr__(self, "layers_pattern", names("layers_pattern"))
+        layers = self.layers_to_transform
+        if layers is not None and not isinstance(layers, int):
+            layers = tuple(layers) or None
+        for i in ((layers,) if isinstance(layers, int) else layers or ()):
+            if not isinstance(i, int) or isinstance(i, bool) or i < 0:
+                raise AdapterError(f"{src}: layers_to_transform={self.layers_to_transform!r}, "
+                                   "expected a layer index or a list of layer indices")
+        object.__setattr__(self, "layers_to_transform", layers)
+        for key, kind in (("rank_pattern", "rank"), ("alpha_pattern", "alpha")):
+            items = getattr(self, key)
+            items = tuple((items or {}).items() if isinstance(items, dict) else items or ())
+            for pattern, v in items:
+                bad = (not isinstance(v, int) or v < 1) if kind == "rank" else \
+                    not (isinstance(v, (int, float)) and math.isfinite(v))
+                if not isinstance(pattern, str) or isinstance(v, bool) or bad:
+                    raise AdapterError(f"{src}: {key}[{pattern!r}]={v!r}, expected a "
+                                       + ("positive integer" if kind == "rank" else "number"))
+            object.__setattr__(self, key, items)
+        if not isinstance(self.use_rslora, bool):
+            raise AdapterError(f"{src}: use_rslora={self.use_rslora!r}, expected true or false")
+
+    def _peft_scaling(self, r: int, alpha: float) -> float:
+        """PEFT's LoraLayer.update_layer: alpha / sqrt(r) with rsLoRA, else alpha / r."""
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    @property
+    def has_layer_patterns(self) -> bool:
+        """True when rank or scaling can differ between layers (rank_pattern / alpha_pattern)."""
+        return bool(self.rank_pattern or self.alpha_pattern)
+
+    def _pattern_value(self, pattern: tuple, module: str):
+        """PEFT's lookup (LoraModel._create_and_replace): get_pattern_key, first key wins."""
+        if not pattern:
+            return None
+        from peft.utils.other import get_pattern_key  # lazily: PEFT is heavy to import
+
+        values = dict(pattern)
+        return values.get(get_pattern_key(list(values), module))
+
+    def layer_rank(self, module: str) -> int | None:
+        """The rank PEFT gives layer `module` (HF name): rank_pattern, else r. None for qahira."""
+        r = self._pattern_value(self.rank_pattern, module)
+        return self.rank if r is None else r
+
+    def layer_scaling(self, module: str) -> float:
+        """The multiplier PEFT applies to layer `module`'s B A x: alpha_l / r_l (or
+        alpha_l / sqrt(r_l) with rsLoRA) with alpha_l, r_l from the patterns; else `scaling`."""
+        if not self.has_layer_patterns:
+            return self.scaling
+        alpha = self._pattern_value(self.alpha_pattern, module)
+        return self._peft_scaling(self.layer_rank(module),
+                                  self.lora_alpha if alpha is None else alpha)
+
+    def peft_lora_config(self, layer_names=()):
+        """PEFT's LoraConfig holding this adapter's targeting options (PEFT validates them:
+        e.g. layers_pattern needs layers_to_transform, a regex excludes layers_to_transform).
+        `layer_names`: the base's adaptable layers, to expand PEFT's "all-linear" the way
+        PEFT does (every linear layer's last name component; lm_head is never in them).
+        Raises AdapterError where PEFT would refuse the config."""
+        import warnings
+
+        from peft import LoraConfig
+        from peft.utils import INCLUDE_LINEAR_LAYERS_SHORTHAND
+
+        def as_list(v):
+            return list(v) if isinstance(v, tuple) else v
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                config = LoraConfig(
+                    r=self.peft_r, lora_alpha=self.peft_lora_alpha,
+                    target_modules=as_list(self.target_modules),
+                    exclude_modules=as_list(self.exclude_modules),
+                    layers_to_transform=as_list(self.layers_to_transform),
+                    layers_pattern=as_list(self.layers_pattern),
+                    rank_pattern=dict(self.rank_pattern), alpha_pattern=dict(self.alpha_pattern),
+                    use_rslora=self.use_rslora)
+        except (ValueError, TypeError) as e:
+            raise AdapterError(f"PEFT refuses this adapter's LoraConfig: {e}") from None
+        if (isinstance(self.target_modules, str)
+                and self.target_modules.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND):
+            # = peft.tuners.tuners_utils._maybe_include_all_linear_layers on the base's layers
+            config.target_modules = {m.rpartition(".")[2] for m in layer_names} - {"lm_head"}
+        return config
+
+    def targeted(self, layer_names) -> list[str]:
+        """The names in `layer_names` that PEFT adapts, in their order: PEFT's own
+        check_target_module_exists (target_modules list or regex, exclude_modules,
+        layers_to_transform / layers_pattern). Raises AdapterError where PEFT would refuse."""
+        from peft.tuners.tuners_utils import check_target_module_exists
+
+        layer_names = list(layer_names)
+        config = self.peft_lora_config(layer_names)
+        return [m for m in layer_names if check_target_module_exists(config, m)]
 
     @property
     def peft_lora_alpha(self) -> float:
-        """lora_alpha with lora_alpha / peft_r == scaling exactly (raises if none exists)."""
+        """lora_alpha with lora_alpha / peft_r == scaling exactly (raises if none exists);
+        PEFT's raw lora_alpha where the config was read from a plain PEFT LoRA."""
+        if self.lora_alpha is not None:
+            return self.lora_alpha
         try:
             return peft_alpha_for(self.scaling, self.peft_r)
         except AdapterError:
@@ -168,14 +333,27 @@ class AdapterConfig:
         if not include_qahira and self.adapter_type != "lora":
             raise AdapterError(f"a {self.adapter_type!r} adapter needs its qahira section "
                                "(pool/repeat change the tensor shapes)")
+        if include_qahira and (self.has_layer_patterns or self.use_rslora):
+            raise AdapterError("a qahira section holds one scaling for all layers: a LoRA with "
+                               "rank_pattern / alpha_pattern / use_rslora is written as a plain "
+                               "PEFT config (include_qahira=False)")
+        targets = self.target_modules
         peft = {
             "peft_type": "LORA", "task_type": "CAUSAL_LM",
             "r": self.peft_r, "lora_alpha": self.peft_lora_alpha,
-            "target_modules": sorted(self.target_modules), "lora_dropout": self.lora_dropout,
-            "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
-            "init_lora_weights": True, "modules_to_save": None,
+            "target_modules": targets if isinstance(targets, str) else sorted(targets),
+            "lora_dropout": self.lora_dropout,
+            "bias": "none", "fan_in_fan_out": False, "use_rslora": self.use_rslora,
+            "use_dora": False, "init_lora_weights": True, "modules_to_save": None,
             "base_model_name_or_path": self.base_model_name_or_path, "inference_mode": True,
         }
+        for key in ("exclude_modules", "layers_to_transform", "layers_pattern"):
+            v = getattr(self, key)
+            if v is not None:
+                peft[key] = list(v) if isinstance(v, tuple) else v
+        if self.has_layer_patterns:
+            peft["rank_pattern"] = dict(self.rank_pattern)
+            peft["alpha_pattern"] = dict(self.alpha_pattern)
         return {**peft, "qahira": qahira} if include_qahira else peft
 
     @classmethod
@@ -187,29 +365,46 @@ class AdapterConfig:
         for key in ("r", "lora_alpha", "target_modules"):
             if key not in d:
                 raise AdapterError(f"{source}: missing required field {key!r}")
-        unsupported = [k for k in ("use_dora", "lora_bias") if d.get(k)]
-        unsupported += [k for k in ("rank_pattern", "alpha_pattern", "modules_to_save") if d.get(k)]
+        unsupported = [k for k in PEFT_UNSUPPORTED if d.get(k)]
         if d.get("bias", "none") != "none":
             unsupported.append(f"bias={d['bias']!r}")
+        init = d.get("init_lora_weights", True)
+        if isinstance(init, str) and init.lower() not in PEFT_INIT_ONLY:
+            unsupported.append(f"init_lora_weights={init!r}")
         if unsupported:
-            raise AdapterError(f"{source}: unsupported PEFT features {unsupported}: expected a "
-                               "plain LoRA (one r and lora_alpha for all modules, no bias)")
+            raise AdapterError(
+                f"{source}: unsupported PEFT features {unsupported}: they change the layer's "
+                "forward (or, for init_lora_weights, the base weights PEFT loads the adapter "
+                "onto), which this server does not implement; expected a LoRA delta "
+                "s * B A x on the unchanged base (no DoRA, bias, modules_to_save, variants)")
         targets = d["target_modules"]
-        if isinstance(targets, str):
-            raise AdapterError(f"{source}: target_modules={targets!r} is a regex; expected a "
-                               "list of module names (e.g. [\"q_proj\", \"v_proj\"])")
+        if not isinstance(targets, (str, list)) or not all(isinstance(t, str) for t in targets):
+            raise AdapterError(f"{source}: target_modules={targets!r}, expected a list of "
+                               "module names or one regex string")
         r, alpha = d["r"], d["lora_alpha"]
-        if not isinstance(r, int) or r < 1:
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
             raise AdapterError(f"{source}: r={r!r}, expected a positive integer")
-        if not isinstance(alpha, (int, float)):
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
             raise AdapterError(f"{source}: lora_alpha={alpha!r}, expected a number")
         peft_scaling = alpha / math.sqrt(r) if d.get("use_rslora") else alpha / r
-        common = dict(target_modules=tuple(targets), peft_r=r,
-                      base_model_name_or_path=d.get("base_model_name_or_path") or "",
-                      lora_dropout=float(d.get("lora_dropout") or 0.0))
+        common = dict(target_modules=targets if isinstance(targets, str) else tuple(targets),
+                      peft_r=r, base_model_name_or_path=d.get("base_model_name_or_path") or "",
+                      lora_dropout=float(d.get("lora_dropout") or 0.0),
+                      **{k: d.get(k) for k in ("exclude_modules", "layers_to_transform",
+                                               "layers_pattern")})
         q = d.get("qahira")
         if q is None:  # a plain PEFT LoRA from elsewhere: scaling from PEFT's own rule
-            return cls(adapter_type="lora", scaling=peft_scaling, rank=r, **common)
+            try:
+                return cls(adapter_type="lora", scaling=peft_scaling, rank=r, lora_alpha=alpha,
+                           use_rslora=bool(d.get("use_rslora")),
+                           rank_pattern=d.get("rank_pattern") or {},
+                           alpha_pattern=d.get("alpha_pattern") or {}, **common)
+            except AdapterError as e:
+                raise AdapterError(str(e).replace("adapter config", source, 1)) from None
+        per_layer = [k for k in ("rank_pattern", "alpha_pattern") if d.get(k)]
+        if per_layer:
+            raise AdapterError(f"{source}: {per_layer} contradict qahira.scaling (one scaling "
+                               "and one rank for every layer)")
         if not isinstance(q, dict):
             raise AdapterError(f"{source}: 'qahira' must be an object")
         missing = [k for k in ("adapter_type", "format_version", "scaling") if k not in q]
@@ -261,17 +456,24 @@ def parse_tensor_name(name: str) -> tuple[str, str] | None:
     return module, kind
 
 
-def expected_shapes(cfg: AdapterConfig, out_features: int,
-                    in_features: int) -> dict[str, tuple[int, int]]:
-    """Compact shape of each tensor of one layer with weight [out, in]."""
+def expected_shapes(cfg: AdapterConfig, out_features: int, in_features: int,
+                    module: str | None = None) -> dict[str, tuple[int, int]]:
+    """Compact shape of each tensor of one layer with weight [out, in]; `module` (its HF
+    name) selects its rank_pattern rank, else the config's rank."""
     if cfg.adapter_type == "qahira":
         return {QAHIRA_M: (out_features // cfg.repeat, in_features // cfg.pool)}
-    return {LORA_A: (cfg.rank, in_features // cfg.pool),
-            LORA_B: (out_features // cfg.repeat, cfg.rank)}
+    rank = cfg.rank if module is None else cfg.layer_rank(module)
+    return {LORA_A: (rank, in_features // cfg.pool),
+            LORA_B: (out_features // cfg.repeat, rank)}
 
 
 def matches_targets(module: str, targets) -> bool:
-    """PEFT's rule for a list of target_modules: the full name or a '.'-suffix."""
+    """PEFT's rule for a list of target_modules alone: the full name or a '.'-suffix. An
+    adapter config's full rule (regex, exclude_modules, layers_to_transform) is
+    `AdapterConfig.targeted`."""
+    if isinstance(targets, str):
+        raise TypeError("matches_targets takes a list of names; use AdapterConfig.targeted "
+                        "for a regex target_modules")
     return any(module == t or module.endswith("." + t) for t in targets)
 
 
@@ -307,6 +509,10 @@ def load_adapter(adapter_dir: str | os.PathLike) -> Adapter:
         raise AdapterError(f"{weights} not found (adapter tensors; .bin files are not read)")
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     kinds = TENSOR_KINDS[config.adapter_type]
+    try:  # git-lfs pointer, bad header length, non-JSON header, truncated data: named here
+        read_safetensors_header(weights)
+    except QahiraFormatError as e:
+        raise AdapterError(f"not a readable safetensors file: {e}") from None
     try:
         stored = load_file(str(weights))
     except Exception as e:  # safetensors raises its own error types for corrupt files
@@ -369,20 +575,14 @@ def checkpoint_fingerprint(model_dir: str | os.PathLike) -> str:
             "offset_dtype": cfg.offset_dtype,
             "modules_not_converted": sorted(cfg.modules_not_converted)}
     h.update(json.dumps(core, sort_keys=True).encode())
-    entries = []
-    for f in safetensors_files(model_dir):
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(n))
-        for name, info in header.items():
-            if name != "__metadata__":
-                entries.append((name, info["dtype"], info["shape"], f, 8 + n, info["data_offsets"]))
-    for name, dtype, shape, f, data_start, (begin, end) in sorted(entries, key=lambda e: e[0]):
-        h.update(f"\0{name}\0{dtype}\0{shape}\0".encode())
+    # The model's files and checked headers (safetensors_io): the same tensors vLLM serves.
+    for name, e in sorted(model_tensors(model_dir).items()):
+        h.update(f"\0{name}\0{e.dtype}\0{list(e.shape)}\0".encode())
         if name.rpartition(".")[2] in QUANT_TENSOR_SUFFIXES:
+            f = e.file
             with open(f, "rb") as fh:
-                fh.seek(data_start + begin)
-                remaining = end - begin
+                fh.seek(e.data_start)
+                remaining = e.nbytes
                 while remaining:
                     chunk = fh.read(min(remaining, 1 << 24))
                     if not chunk:
@@ -423,9 +623,6 @@ def validate_adapter(adapter: Adapter, layer_dims: dict[str, tuple[int, int]],
                 f"{adapter.path}: adapter was trained on a base with fingerprint "
                 f"{cfg.base_fingerprint}, this base has {base_fingerprint}: its quantized "
                 "weights differ (another model, quantization or an already merged checkpoint)")
-    if max_rank is not None and cfg.rank is not None and cfg.rank > max_rank:
-        raise AdapterError(f"{adapter.path}: rank {cfg.rank} is above the maximum {max_rank} "
-                           f"(raise max rank or use a smaller adapter)")
     for module in sorted(adapter.tensors):
         if module not in layer_dims:
             some = ", ".join(list(layer_dims)[:3])
@@ -433,10 +630,19 @@ def validate_adapter(adapter: Adapter, layer_dims: dict[str, tuple[int, int]],
                 f"{where}: tensor {tensor_name(module, next(iter(adapter.tensors[module])))!r} "
                 f"targets layer {module!r}, which is not a quantized linear layer of the base "
                 f"(e.g. {some}, ...)")
-    targeted = [m for m in layer_dims if matches_targets(m, cfg.target_modules)]
+    try:  # exactly the layers PEFT adapts (its own matching function)
+        targeted = cfg.targeted(layer_dims)
+    except AdapterError as e:
+        raise AdapterError(f"{adapter.path}: {e}") from None
     if not targeted:
-        raise AdapterError(f"{adapter.path}: target_modules {list(cfg.target_modules)} match no "
-                           "quantized linear layer of the base")
+        raise AdapterError(f"{adapter.path}: {_targeting(cfg)} match no quantized linear layer "
+                           "of the base")
+    if max_rank is not None and cfg.rank is not None:
+        rank, module = max((cfg.layer_rank(m), m) for m in targeted)
+        if rank > max_rank:
+            where_rank = f" (layer {module!r}, rank_pattern)" if rank != cfg.rank else ""
+            raise AdapterError(f"{adapter.path}: rank {rank}{where_rank} is above the maximum "
+                               f"{max_rank} (raise max rank or use a smaller adapter)")
     for module in targeted:
         out_f, in_f = layer_dims[module]
         problems = []
@@ -448,17 +654,18 @@ def validate_adapter(adapter: Adapter, layer_dims: dict[str, tuple[int, int]],
             raise AdapterError(f"{adapter.path}: layer {module!r} [out={out_f}, in={in_f}]: "
                                + "; ".join(problems))
         group = adapter.tensors.get(module, {})
-        for kind, shape in expected_shapes(cfg, out_f, in_f).items():
+        for kind, shape in expected_shapes(cfg, out_f, in_f, module).items():
             name = tensor_name(module, kind)
             t = group.get(kind)
             if t is None:
                 raise AdapterError(f"{where}: missing tensor {name!r}: expected {list(shape)} "
-                                   f"for layer {module!r} [out={out_f}, in={in_f}]")
+                                   f"for layer {module!r} [out={out_f}, in={in_f}], which "
+                                   f"PEFT adapts by {_targeting(cfg)}")
             if tuple(t.shape) != shape:
                 raise AdapterError(
                     f"{where}: tensor {name!r} has shape {list(t.shape)}: expected {list(shape)} "
                     f"({cfg.adapter_type}, pool={cfg.pool}, repeat={cfg.repeat}, rank="
-                    f"{cfg.rank}, layer [out={out_f}, in={in_f}])")
+                    f"{cfg.layer_rank(module)}, layer [out={out_f}, in={in_f}])")
             if t.dtype not in ACCEPTED_DTYPES:
                 raise AdapterError(f"{where}: tensor {name!r} is {t.dtype}: expected one of "
                                    f"{[str(d) for d in ACCEPTED_DTYPES]}")
@@ -468,8 +675,19 @@ def validate_adapter(adapter: Adapter, layer_dims: dict[str, tuple[int, int]],
                                    "(inf/nan): expected finite weights")
     untargeted = sorted(set(adapter.tensors) - set(targeted))
     if untargeted:
-        raise AdapterError(f"{where}: layers {untargeted[:3]} have tensors but do not match "
-                           f"target_modules {list(cfg.target_modules)}")
+        raise AdapterError(f"{where}: layers {untargeted[:3]} have tensors but PEFT does not "
+                           f"adapt them by {_targeting(cfg)}")
+
+
+def _targeting(cfg: AdapterConfig) -> str:
+    """The config's targeting options, for messages."""
+    t = cfg.target_modules
+    parts = [f"target_modules {t!r}" if isinstance(t, str) else f"target_modules {list(t)}"]
+    for key in ("exclude_modules", "layers_to_transform", "layers_pattern"):
+        v = getattr(cfg, key)
+        if v is not None:
+            parts.append(f"{key} {list(v) if isinstance(v, tuple) else v!r}")
+    return ", ".join(parts)
 
 
 # ----------------------------------------------------------------------------- QA-HiRA geometry

@@ -14,6 +14,7 @@ from safetensors import safe_open
 from .format import (QUANT_TENSOR_SUFFIXES, QWEIGHT, INT4_PER_WORD, QahiraFormatError,
                      QahiraQuantConfig, validate_layer_tensors)
 from .quant_math import dequantize_packed
+from .safetensors_io import check_vllm_reads_same, model_tensors, model_weight_files
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I32": torch.int32, "U8": torch.uint8, "I8": torch.int8, "I64": torch.int64,
@@ -37,10 +38,9 @@ def resolve_model_dir(name_or_path: str | os.PathLike, revision: str | None = No
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
-    return files
+    """The files that form the model (safetensors_io.model_weight_files: the index's shards,
+    else model.safetensors); FileNotFoundError / QahiraFormatError as documented there."""
+    return model_weight_files(model_dir)
 
 
 class _Meta:
@@ -51,17 +51,12 @@ class _Meta:
 
 
 def read_headers(model_dir: Path) -> dict[str, _Meta]:
-    """Tensor name -> shape/dtype/file, from the safetensors headers only (no data read)."""
-    metas = {}
-    for f in safetensors_files(model_dir):
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(n))
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            metas[name] = _Meta(info["shape"], _ST_DTYPES.get(info["dtype"], info["dtype"]), f)
-    return metas
+    """Tensor name -> shape/dtype/file, from the safetensors headers only (no data read).
+
+    Files and header checks: safetensors_io.model_tensors (QahiraFormatError naming the file
+    for a damaged one, or both files for a tensor stored twice)."""
+    return {name: _Meta(e.shape, _ST_DTYPES.get(e.dtype, e.dtype), e.file)
+            for name, e in model_tensors(model_dir).items()}
 
 
 class _ShapeOnly:
@@ -97,6 +92,7 @@ def validate_checkpoint(model_dir: str | os.PathLike, cfg: QahiraQuantConfig) ->
     """Check every quantized layer's tensors (headers only). Returns the layer names, sorted."""
     model_dir = resolve_model_dir(model_dir)
     metas = read_headers(model_dir)
+    check_vllm_reads_same(model_dir)  # vLLM must load the very files validated here
     layers = quantized_layers(metas)
     if not layers:
         raise QahiraFormatError(
@@ -125,7 +121,15 @@ def read_quant_config(model_dir: Path) -> QahiraQuantConfig:
 
 
 def iter_tensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    for f in safetensors_files(model_dir):
+    """(name, tensor) of every tensor of the model, file by file. Every header is checked
+    (safetensors_io.model_tensors) when this is called, before any tensor data is read."""
+    files = model_weight_files(model_dir)
+    model_tensors(model_dir)  # check every header (and duplicates) before reading any data
+    return _iter_files(files)
+
+
+def _iter_files(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    for f in files:
         with safe_open(str(f), framework="pt") as fh:
             for name in fh.keys():
                 yield name, fh.get_tensor(name)
@@ -176,3 +180,24 @@ def load_reference_model(model_dir: str | os.PathLike, dtype: torch.dtype = torc
     if config.tie_word_embeddings:
         model.tie_weights()
     return model.eval()
+
+
+def check_block_params_finite(model_dir: str | os.PathLike) -> None:
+    """Raise QahiraFormatError naming the first stored `scales` / `offsets` tensor (and file,
+    and block index) that holds NaN or +-inf: one such value turns a whole block of weights
+    into NaN, and vLLM would serve NaN logits without an error. Reads only those tensors
+    (1/(bo*bi) of the weights each)."""
+    model_dir = resolve_model_dir(model_dir)
+    for name, meta in sorted(read_headers(model_dir).items()):
+        if name.rpartition(".")[2] not in QUANT_TENSOR_SUFFIXES[1:]:
+            continue
+        with safe_open(str(meta.file), framework="pt") as fh:
+            t = fh.get_tensor(name)
+        finite = torch.isfinite(t)
+        if not bool(finite.all()):
+            bad = (~finite).nonzero()
+            first = bad[0].tolist()
+            raise QahiraFormatError(
+                f"tensor {name!r} in {meta.file} holds {t[tuple(first)].item()} at block "
+                f"{first} ({bad.shape[0]} non-finite value(s)): the checkpoint is damaged; "
+                "re-create it with `qahira quantize`")

@@ -35,12 +35,18 @@ def export_peft_lora(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike,
             f"{adapter.path}: a QA-HiRA adapter has no low-rank form (M is a full matrix, rank "
             "up to min(out/qo, in/pi)); merge it into the base instead: qahira merge QCKPT "
             "ADAPTER OUT_DIR")
+    if c.has_layer_patterns:
+        raise AdapterError(
+            f"{adapter.path}: already a plain PEFT LoRA with per-layer rank_pattern / "
+            "alpha_pattern: serve or load it as it is (nothing to export)")
     tensors = {}
     for layer, group in adapter.tensors.items():
         a, b = qbara_to_lora(group[LORA_A].float(), group[LORA_B].float(), c.pool, c.repeat)
         tensors[layer] = {LORA_A: a, LORA_B: b}
     lora = AdapterConfig(
         adapter_type="lora", target_modules=c.target_modules, scaling=c.scaling, rank=c.rank,
+        exclude_modules=c.exclude_modules, layers_to_transform=c.layers_to_transform,
+        layers_pattern=c.layers_pattern,
         base_fingerprint=c.base_fingerprint, base_model_name_or_path=c.base_model_name_or_path,
         provenance={**c.provenance, "exported_from": {"adapter_type": c.adapter_type,
                                                       "pool": c.pool, "repeat": c.repeat,

@@ -50,7 +50,7 @@ def _delta_weight(adapter, layer: str) -> torch.Tensor:
     if c.adapter_type == "qahira":
         return qahira_delta_weight(t[QAHIRA_M].float(), c.pool, c.repeat, c.scaling)
     return qbara_delta_weight(t[LORA_A].float(), t[LORA_B].float(), c.pool, c.repeat,
-                              c.scaling)
+                              c.layer_scaling(layer))  # PEFT's per-layer alpha_pattern/rank
 
 
 def _write_checkpoint(qckpt: Path, out_dir, config: dict, tensors: dict, overwrite: bool) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .format import INT4_PER_WORD, SCALE_DTYPE, QahiraQuantConfig
+from .format import INT4_PER_WORD, SCALE_DTYPE, QahiraFormatError, QahiraQuantConfig
 
 # Clip ratios tried per block by the MSE search; 1.0 (plain min-max) is always a candidate,
 # so the search never has a larger block error than min-max.
@@ -83,6 +83,42 @@ def _round_to_grid(blocks: torch.Tensor, scale: torch.Tensor, offset: torch.Tens
     s = scale.to(torch.float32).unsqueeze(-1)
     z = offset.to(torch.float32).unsqueeze(-1)
     return torch.clamp(torch.round((blocks - z) / s), 0, qmax)
+
+
+def check_quantizable(w: torch.Tensor, cfg: QahiraQuantConfig, name: str) -> None:
+    """Refuse W [out, in] (any float dtype) if its stored form would not be W's block grid.
+
+    Raises QahiraFormatError naming tensor `name` and the first offending index or block when
+    W holds NaN or +-inf; when a block's min-max scale (hi - lo) / (2**bits - 1) exceeds the
+    largest float16 (65504, the v1 scale dtype: it would be clamped, silently storing other
+    weights); or when a block's minimum, the min-max offset, rounds to +-inf in the offset
+    dtype (with float16 offsets: |lo| >= 65520; the fix is float32 offsets). Clipped candidates
+    of the MSE search lie inside [lo, hi], so they fit whenever min-max fits.
+    """
+    finite = torch.isfinite(w)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero()
+        first = bad[0].tolist()
+        raise QahiraFormatError(
+            f"tensor {name!r} holds {w[tuple(first)].item()} at {first} ({bad.shape[0]} "
+            "non-finite value(s) in all): fix or replace the source weights before quantizing")
+    blocks = _to_blocks(w.detach().to(torch.float32), cfg.block_size)
+    lo, hi = blocks.amin(dim=-1), blocks.amax(dim=-1)
+    scale = (hi - lo) / cfg.qmax
+    fp16_max = torch.finfo(SCALE_DTYPE).max
+    if bool((scale > fp16_max).any()):
+        b = (scale > fp16_max).nonzero()[0].tolist()
+        raise QahiraFormatError(
+            f"tensor {name!r}: block {b} (block size {list(cfg.block_size)}) spans "
+            f"[{lo[tuple(b)].item():g}, {hi[tuple(b)].item():g}], so its scale "
+            f"{scale[tuple(b)].item():g} exceeds float16's largest value {fp16_max:g}, the "
+            "scale dtype of this format: such weights cannot be stored (check the source)")
+    overflow = torch.isinf(lo.to(cfg.offset_torch_dtype))
+    if bool(overflow.any()):
+        b = overflow.nonzero()[0].tolist()
+        raise QahiraFormatError(
+            f"tensor {name!r}: block {b} has minimum {lo[tuple(b)].item():g}, which overflows a "
+            f"{cfg.offset_dtype} offset: quantize with --offset-dtype float32")
 
 
 def quantize(w: torch.Tensor, cfg: QahiraQuantConfig, clip_search: bool = True,

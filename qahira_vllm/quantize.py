@@ -13,9 +13,10 @@ from tqdm import tqdm
 
 from . import __version__
 from .atomic import atomic_dir, write_json
-from .checkpoint import iter_tensors, resolve_model_dir, safetensors_files
+from .checkpoint import iter_tensors, read_headers, resolve_model_dir
 from .format import QahiraFormatError, QahiraQuantConfig, check_divides
-from .quant_math import pack_qweight, quantize
+from .fused_layers import packed_modules_mapping, widen_to_fused_groups
+from .quant_math import check_quantizable, dequantize, pack_qweight, quantize
 
 MAX_SHARD_SIZE = "2GB"
 
@@ -64,10 +65,41 @@ def default_targets(linear_names: list[str], skip: tuple[str, ...] = ()) -> list
             and not any(n == s or n.endswith("." + s) for s in skip)]
 
 
+def plan_conversion(linear_names: list[str], weight_shapes: dict[str, tuple[int, int]],
+                    targets: set[str], cfg: QahiraQuantConfig, keep_unconvertible: bool,
+                    fused_mapping: dict[str, tuple[str, ...]] | None
+                    ) -> tuple[set[str], list[str], dict[str, list[str]]]:
+    """Which layers to convert, decided from shapes before any weight is read.
+
+    Returns (layers to convert, layers kept in float because the block does not tile them,
+    {fused vLLM layer: members kept in float because another member is not converted}).
+    A layer the block does not tile raises QahiraFormatError unless keep_unconvertible.
+    vLLM serves each fused group (qkv_proj, gate_up_proj, ...) with one method, so a group
+    is converted whole or kept whole (fused_layers.widen_to_fused_groups).
+    """
+    unconvertible = []
+    for layer in sorted(targets):
+        out_f, in_f = weight_shapes[layer]
+        try:
+            check_divides(layer, out_f, in_f, cfg)
+        except QahiraFormatError as e:
+            if not keep_unconvertible:
+                raise QahiraFormatError(f"{e} (pass --keep-unconvertible to keep it in float)"
+                                        ) from None
+            unconvertible.append(layer)
+    convert, widened = widen_to_fused_groups(targets - set(unconvertible), linear_names,
+                                             fused_mapping)
+    return convert, unconvertible, widened
+
+
 def quantize_state_dict(tensors, targets: set[str], cfg: QahiraQuantConfig, clip_search: bool,
-                        keep_unconvertible: bool, progress: bool = True):
-    """Yield (name, tensor) of the quantized checkpoint; also returns kept-in-float layers."""
-    kept: list[str] = []
+                        progress: bool = True):
+    """The quantized checkpoint's tensors: {name: tensor} and error statistics.
+
+    Every float tensor is checked finite (QahiraFormatError naming tensor and index); each
+    layer in `targets` is checked storable (quant_math.check_quantizable) and replaced by its
+    qweight / scales / offsets; everything else passes through unchanged.
+    """
     out: dict[str, torch.Tensor] = {}
     stats = {"layers": 0, "sq_err": 0.0, "sq_ref": 0.0}
     bar = tqdm(total=len(targets), desc="quantizing", unit="layer", disable=not progress)
@@ -75,35 +107,27 @@ def quantize_state_dict(tensors, targets: set[str], cfg: QahiraQuantConfig, clip
         for name, t in tensors:
             layer = name[: -len(".weight")] if name.endswith(".weight") else None
             if layer is None or layer not in targets:
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    check_quantizable(t, cfg, name)  # raises, naming the first bad index
                 out[name] = t
                 continue
-            out_f, in_f = t.shape
-            try:
-                check_divides(layer, out_f, in_f, cfg)
-            except QahiraFormatError as e:
-                if not keep_unconvertible:
-                    raise QahiraFormatError(f"{e} (pass --keep-unconvertible to keep it in float)")
-                kept.append(layer)
-                out[name] = t
-                bar.update(1)
-                continue
+            check_quantizable(t, cfg, name)
             q, scales, offsets = quantize(t, cfg, clip_search=clip_search)
             out[f"{layer}.qweight"] = pack_qweight(q, cfg.bits)
             out[f"{layer}.scales"] = scales
             out[f"{layer}.offsets"] = offsets
             w = t.float()
-            deq = (q.float() * scales.float().repeat_interleave(cfg.bo, 0).repeat_interleave(cfg.bi, 1)
-                   + offsets.float().repeat_interleave(cfg.bo, 0).repeat_interleave(cfg.bi, 1))
+            deq = dequantize(q, scales, offsets, cfg.block_size)
             stats["sq_err"] += (deq - w).square().sum().item()
             stats["sq_ref"] += w.square().sum().item()
             stats["layers"] += 1
             bar.update(1)
     finally:
         bar.close()
-    missing = targets - {n.rsplit(".", 1)[0] for n in out if n.endswith(".qweight")} - set(kept)
+    missing = targets - {n.rsplit(".", 1)[0] for n in out if n.endswith(".qweight")}
     if missing:
         raise QahiraFormatError(f"linear layers without a stored weight: {sorted(missing)[:5]}")
-    return out, kept, stats
+    return out, stats
 
 
 def quantize_model(model: str | os.PathLike, out_dir: str | os.PathLike, bits: int = 4,
@@ -126,9 +150,14 @@ def quantize_model(model: str | os.PathLike, out_dir: str | os.PathLike, bits: i
                               "(pass --overwrite to replace)")
     src = resolve_model_dir(model)
     cfg0 = QahiraQuantConfig(bits=bits, block_size=tuple(block_size), offset_dtype=offset_dtype)
-    safetensors_files(src)  # clear error early if there are none
-    targets = set(default_targets(linear_module_names(src), skip))
+    # The model's files (the index's shards, else model.safetensors), every header checked
+    # (damaged, truncated, git-lfs pointer, a tensor in two files): refused before any work.
+    read_headers(src)
+    linear_names = linear_module_names(src)
+    targets = set(default_targets(linear_names, skip))
     tensors, untie = iter_tensors(src), False
+    shapes = {name[: -len(".weight")]: tuple(meta.shape)
+              for name, meta in read_headers(src).items() if name.endswith(".weight")}
     if lm_head:
         head, embed_name, untie = lm_head_layout(src)
         if any(head == k or head.endswith("." + k) for k in skip):
@@ -137,11 +166,22 @@ def quantize_model(model: str | os.PathLike, out_dir: str | os.PathLike, bits: i
         targets.add(head)
         if untie:
             tensors = _with_untied_head(tensors, embed_name, head)
-    state, kept, stats = quantize_state_dict(tensors, targets, cfg0, clip_search,
-                                             keep_unconvertible, progress)
+            shapes[head] = shapes[embed_name[: -len(".weight")]]
+    missing = sorted(t for t in targets if t not in shapes)
+    if missing:
+        raise QahiraFormatError(f"{src}: linear layers without a stored weight: {missing[:5]}")
+    architectures = json.loads((src / "config.json").read_text()).get("architectures") or []
+    convert, kept, widened = plan_conversion(linear_names, shapes, targets, cfg0,
+                                             keep_unconvertible,
+                                             packed_modules_mapping(architectures))
+    notes = [f"kept {', '.join(members)} in float too: vLLM serves them as one layer "
+             f"({fused}) with another member that is not converted"
+             for fused, members in sorted(widened.items())]
+    state, stats = quantize_state_dict(tensors, convert, cfg0, clip_search, progress)
+    widened_members = sorted(m for members in widened.values() for m in members)
     cfg = QahiraQuantConfig(
         bits=bits, block_size=tuple(block_size), offset_dtype=offset_dtype,
-        modules_not_converted=tuple(sorted(kept)) + tuple(skip),
+        modules_not_converted=tuple(sorted(kept)) + tuple(skip) + tuple(widened_members),
         extra={"quantizer": "mse_clip" if clip_search else "minmax",
                "source_model": str(model), "created_by": f"qahira-vllm {__version__}"})
     config = json.loads((src / "config.json").read_text())
@@ -160,5 +200,5 @@ def quantize_model(model: str | os.PathLike, out_dir: str | os.PathLike, bits: i
         write_json(tmp / "config.json", config)
     rel_err = (stats["sq_err"] / max(stats["sq_ref"], 1e-30)) ** 0.5
     return {"out_dir": str(Path(out_dir).resolve()), "layers_converted": stats["layers"],
-            "modules_not_converted": list(cfg.modules_not_converted),
+            "modules_not_converted": list(cfg.modules_not_converted), "notes": notes,
             "relative_weight_error": rel_err, "seconds": round(time.time() - t0, 2)}

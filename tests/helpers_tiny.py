@@ -152,3 +152,51 @@ def random_adapter(qckpt: Path, out_dir: Path, adapter_type: str = "qbara", pool
 # Token-id prompts for engine tests on the tiny models (no tokenizer needed).
 TOKEN_PROMPTS = [[72, 101, 108, 108, 111, 44, 32], [84, 104, 101, 32, 99, 97, 116],
                  [50, 43, 50, 61, 52, 10, 51, 43]]
+
+
+# PEFT LoRA targeting / per-layer options, one adapter each (tests of PEFT's rules, issue 11.5),
+# for the tiny Llama's layers model.layers.{0,1}.{self_attn.{q,k,v,o},mlp.{gate,up,down}}_proj.
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PEFT_OPTIONS = {
+    "list": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "regex": dict(r=8, lora_alpha=16,
+                  target_modules=r".*\.layers\.1\.(self_attn\.(k|o)_proj|mlp\.up_proj)"),
+    "layers": dict(r=8, lora_alpha=16, target_modules=ALL_LINEAR, layers_to_transform=[0],
+                   layers_pattern="layers"),
+    "exclude": dict(r=8, lora_alpha=16, target_modules=ALL_LINEAR,
+                    exclude_modules=["o_proj", "model.layers.0.mlp.gate_proj"]),
+    "rank_pattern": dict(r=8, lora_alpha=16, target_modules=ALL_LINEAR,
+                         rank_pattern={"q_proj": 4, "model.layers.1.mlp.down_proj": 2}),
+    "alpha_pattern": dict(r=8, lora_alpha=16, target_modules=ALL_LINEAR,
+                          alpha_pattern={"v_proj": 48, r"layers\.0\.mlp\.up_proj": 4}),
+    "rslora": dict(r=8, lora_alpha=12, target_modules=ALL_LINEAR, use_rslora=True,
+                   rank_pattern={"k_proj": 2}),
+}
+
+
+def peft_adapter(qckpt: Path, out_dir: Path, seed: int = 0, std: float = 0.1,
+                 **lora_kwargs) -> Path:
+    """A real PEFT LoRA (peft.get_peft_model + LoraConfig(**lora_kwargs) on the checkpoint's
+    dequantized model, saved by PEFT) with random A and B (PEFT starts B at zero)."""
+    from peft import LoraConfig, get_peft_model
+
+    from qahira_vllm.checkpoint import load_reference_model
+
+    model = get_peft_model(load_reference_model(qckpt),
+                           LoraConfig(task_type="CAUSAL_LM", **lora_kwargs))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_A." in name or ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    model.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def peft_reference(qckpt: Path, adapter_dir: Path):
+    """PEFT's own forward: PeftModel.from_pretrained on the dequantized model (fp32, eval)."""
+    from peft import PeftModel
+
+    from qahira_vllm.checkpoint import load_reference_model
+
+    return PeftModel.from_pretrained(load_reference_model(qckpt), str(adapter_dir)).eval()

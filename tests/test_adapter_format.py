@@ -228,3 +228,157 @@ def test_converted_lm_head_is_not_an_adapter_target():
     assert "lm_head" in quantized_layers(read_headers(base))
     dims = base_layer_dims(base)
     assert len(dims) == 14 and "lm_head" not in dims
+
+
+# ----------------------------------------------------------------------------- PEFT's rules
+# Real PEFT adapters (get_peft_model + LoraConfig, random A and B), one per option; the
+# reference is PEFT itself: the modules it adapted (the tensors it saved), each module's r and
+# scaling, and its forward (PeftModel.from_pretrained on the dequantized base, fp32).
+
+PEFT_FORWARD_TOL = 1e-4  # fp32 logits, trainer QuantLinear vs PEFT on the same dequantized W
+PEFT_OPTION_CASES = {**helpers_tiny.PEFT_OPTIONS,
+                     "layers_no_pattern": dict(r=4, lora_alpha=8, layers_to_transform=1,
+                                               target_modules=["q_proj", "gate_proj"])}
+
+
+@pytest.fixture(scope="module")
+def peft_adapters(qckpt, tmp_path_factory):
+    root = tmp_path_factory.mktemp("peft-options")
+    return {name: helpers_tiny.peft_adapter(qckpt, root / name, seed=i, **kw)
+            for i, (name, kw) in enumerate(PEFT_OPTION_CASES.items())}
+
+
+@pytest.mark.parametrize("option", list(PEFT_OPTION_CASES))
+def test_peft_option_adapts_what_peft_adapts(option, peft_adapters, qckpt):
+    from peft.tuners.lora import LoraLayer
+
+    from qahira_vllm.training.model import load_model_with_adapter
+
+    path = peft_adapters[option]
+    adapter = load_adapter(path)
+    dims = base_layer_dims(qckpt)
+    validate_adapter(adapter, dims, checkpoint_fingerprint(qckpt), max_rank=8)
+    cfg = adapter.config
+    assert set(cfg.targeted(dims)) == set(adapter.tensors)  # PEFT saved what it adapted
+    peft_model = helpers_tiny.peft_reference(qckpt, path)
+    peft_layers = {n.removeprefix("base_model.model."): m
+                   for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)}
+    assert set(peft_layers) == set(adapter.tensors)
+    for name, m in peft_layers.items():  # exactly PEFT's per-layer r and scaling
+        assert (cfg.layer_rank(name), cfg.layer_scaling(name)) == \
+            (m.r["default"], m.scaling["default"]), name
+    ids = torch.tensor([helpers_tiny.TOKEN_PROMPTS[0]])
+    with torch.no_grad():
+        expected = peft_model(ids).logits
+        base = peft_model.get_base_model()
+        with peft_model.disable_adapter():
+            base_logits = base(ids).logits
+        ours = load_model_with_adapter(qckpt, path)(ids).logits
+    assert (expected - base_logits).abs().max() > 0.1  # the adapter matters
+    assert (ours - expected).abs().max() < PEFT_FORWARD_TOL
+
+
+def test_per_layer_scaling_is_not_the_global_one(peft_adapters):
+    """The options under test really change the numbers (else the tests above prove nothing)."""
+    alpha = load_adapter(peft_adapters["alpha_pattern"]).config
+    assert alpha.layer_scaling("model.layers.1.self_attn.v_proj") == 48 / 8 != alpha.scaling
+    assert alpha.layer_scaling("model.layers.0.mlp.up_proj") == 4 / 8
+    assert alpha.layer_scaling("model.layers.1.mlp.up_proj") == alpha.scaling == 2.0
+    rs = load_adapter(peft_adapters["rslora"]).config
+    assert rs.layer_scaling("model.layers.0.self_attn.k_proj") == 12 / math.sqrt(2)
+    assert rs.scaling == 12 / math.sqrt(8)
+    ranks = load_adapter(peft_adapters["rank_pattern"]).config
+    assert [ranks.layer_rank(f"model.layers.{i}.mlp.down_proj") for i in (0, 1)] == [8, 2]
+    assert ranks.layer_scaling("model.layers.1.mlp.down_proj") == 16 / 2
+
+
+def test_peft_config_round_trip_and_all_linear(peft_adapters, qckpt):
+    for path in peft_adapters.values():
+        cfg = load_adapter(path).config
+        again = AdapterConfig.from_json_dict(cfg.to_json_dict(include_qahira=False))
+        targets = cfg.target_modules
+        assert again == AdapterConfig.from_json_dict(
+            {**cfg.to_json_dict(include_qahira=False),
+             "target_modules": targets if isinstance(targets, str) else sorted(targets)})
+        assert again.targeted(base_layer_dims(qckpt)) == cfg.targeted(base_layer_dims(qckpt))
+    d = json.loads((peft_adapters["list"] / CONFIG_NAME).read_text())
+    everything = AdapterConfig.from_json_dict({**d, "target_modules": "all-linear"})
+    assert everything.targeted(base_layer_dims(qckpt)) == list(base_layer_dims(qckpt))
+
+
+@pytest.mark.parametrize("field, value", [
+    ("use_dora", True), ("lora_bias", True), ("modules_to_save", ["lm_head"]),
+    ("trainable_token_indices", [1, 2]), ("target_parameters", ["mlp.experts.down_proj"]),
+    ("layer_replication", [[0, 2]]), ("alora_invocation_tokens", [5]), ("use_qalora", True),
+    ("use_bdlora", {"target_modules_bd_a": ["q_proj"]}), ("arrow_config", {"top_k": 2}),
+    ("kasa_config", {"beta": 0.1}), ("velora_config", {"rank": 4}),
+    ("monteclora_config", {"num_samples": 2}), ("bias", "all"),
+    ("init_lora_weights", "pissa"), ("init_lora_weights", "olora"),
+    ("init_lora_weights", "loftq"), ("init_lora_weights", "corda"),
+])
+def test_peft_features_that_change_the_forward_are_refused_by_name(field, value, peft_adapters,
+                                                                   tmp_path):
+    path = tmp_path / "a"
+    shutil.copytree(peft_adapters["list"], path)
+    _edit_config(path, lambda d: d.update({field: value}))
+    with pytest.raises(AdapterError, match="unsupported PEFT features") as e:
+        load_adapter(path)
+    assert field in str(e.value) and CONFIG_NAME in str(e.value)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("init_lora_weights", "gaussian"), ("init_lora_weights", False), ("fan_in_fan_out", True),
+    ("lora_dropout", 0.1), ("megatron_core", "megatron.core"), ("eva_config", None),
+])
+def test_peft_fields_that_do_not_change_the_forward_are_accepted(field, value, peft_adapters,
+                                                                 tmp_path, qckpt):
+    path = tmp_path / "a"
+    shutil.copytree(peft_adapters["list"], path)
+    _edit_config(path, lambda d: d.update({field: value}))
+    _check(path, qckpt)
+
+
+def test_peft_targeting_errors(peft_adapters, qckpt, tmp_path):
+    layers = tmp_path / "layers"
+    shutil.copytree(peft_adapters["layers"], layers)
+    # Layer 1 is not adapted by layers_to_transform=[0]: extra tensors for it are refused ...
+    one = "base_model.model.model.layers.1.self_attn.q_proj"
+    _edit_tensors(layers, lambda t: t.update({f"{one}.lora_A.weight": torch.zeros(8, 64),
+                                              f"{one}.lora_B.weight": torch.zeros(64, 8)}))
+    with pytest.raises(AdapterError, match=r"layers \['model.layers.1.self_attn.q_proj'\] have "
+                                           r"tensors but PEFT does not adapt them by .*"
+                                           r"layers_to_transform \[0\]"):
+        _check(layers, qckpt)
+    # ... and with layers_to_transform=[0, 1] the layer-1 tensors are required.
+    shutil.rmtree(layers)
+    shutil.copytree(peft_adapters["layers"], layers)
+    _edit_config(layers, lambda d: d.update(layers_to_transform=[0, 1]))
+    with pytest.raises(AdapterError, match=r"missing tensor 'base_model.model.model.layers.1\."
+                                           r".*which PEFT adapts by"):
+        _check(layers, qckpt)
+    _edit_config(layers, lambda d: d.update(layers_to_transform=None))
+    with pytest.raises(AdapterError, match="PEFT refuses this adapter's LoraConfig: When "
+                                           "`layers_pattern` is specified"):
+        _check(layers, qckpt)
+    regex = tmp_path / "regex"
+    shutil.copytree(peft_adapters["regex"], regex)
+    _edit_config(regex, lambda d: d.update(target_modules=r".*\.layers\.7\..*"))
+    with pytest.raises(AdapterError, match=r"match no quantized linear layer"):
+        _check(regex, qckpt)
+    ranks = peft_adapters["rank_pattern"]
+    with pytest.raises(AdapterError, match=r"rank 8 is above the maximum 4"):
+        _check(ranks, qckpt, max_rank=4)
+    _check(ranks, qckpt, max_rank=8)
+
+
+def test_patterns_and_rslora_need_a_plain_peft_config(qbara_dir):
+    _edit_config(qbara_dir, lambda d: d.update(rank_pattern={"q_proj": 2}))
+    with pytest.raises(AdapterError, match=r"\['rank_pattern'\] contradict qahira.scaling"):
+        load_adapter(qbara_dir)
+    cfg = AdapterConfig.from_json_dict({"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"],
+                                        "alpha_pattern": {"q_proj": 4}})
+    with pytest.raises(AdapterError, match="a qahira section holds one scaling"):
+        cfg.to_json_dict(include_qahira=True)
+    with pytest.raises(AdapterError, match="exist only in plain PEFT LoRAs"):
+        AdapterConfig(adapter_type="qbara", target_modules=("q_proj",), scaling=2.0, rank=4,
+                      pool=2, repeat=2, rank_pattern={"q_proj": 2}, lora_alpha=8.0)

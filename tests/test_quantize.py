@@ -385,3 +385,121 @@ def test_reference_model_logits(src, quantized, arch, bits, block):
     assert not torch.allclose(a, f, atol=1e-3)
     cos = torch.nn.functional.cosine_similarity(a.flatten(), f.flatten(), dim=0)
     assert cos > (0.9 if bits == 4 else 0.999)
+
+
+# ---- fused groups (vLLM's packed_modules_mapping) ---------------------------------------------
+
+GQA = dict(hidden=128, intermediate=256, layers=2, heads=2, kv_heads=1)  # q out 128, k/v out 64
+
+
+@pytest.fixture(scope="module")
+def gqa_src(tmp_path_factory):
+    return tm.make_model_dir(tmp_path_factory.mktemp("gqa") / "llama", "llama", seed=4, **GQA)
+
+
+def _vllm_fused_prefixes_consistent(ckpt):
+    """vLLM's own rule (is_layer_skipped over the model class's packed_modules_mapping) raises
+    for a fused layer whose members are partly converted; returns {fused prefix: skipped}."""
+    from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
+    from vllm.model_executor.models.llama import LlamaForCausalLM
+
+    cfg = read_quant_config(ckpt)
+    mapping = LlamaForCausalLM.packed_modules_mapping
+    out = {}
+    for i in range(GQA["layers"]):
+        for fused in (f"model.layers.{i}.self_attn.qkv_proj", f"model.layers.{i}.mlp.gate_up_proj",
+                      f"model.layers.{i}.self_attn.o_proj", f"model.layers.{i}.mlp.down_proj"):
+            out[fused] = is_layer_skipped(fused, list(cfg.modules_not_converted), mapping,
+                                          match_mode="suffix")
+    return out
+
+
+@pytest.mark.parametrize("case", ["skip-q", "skip-gate", "block-128x32-keep"])
+def test_partly_converted_fused_group_is_kept_whole(gqa_src, tmp_path, case):
+    kwargs = {"skip-q": dict(skip=("q_proj",)), "skip-gate": dict(skip=("gate_proj",)),
+              "block-128x32-keep": dict(block_size=(128, 32), keep_unconvertible=True)}[case]
+    kwargs = {"block_size": (1, 32), **kwargs}
+    out = tmp_path / case
+    summary = quantize_model(gqa_src, out, bits=4, progress=False, **kwargs)
+    skipped = _vllm_fused_prefixes_consistent(out)  # raises if vLLM would refuse the folder
+    float_group = "qkv_proj" if case != "skip-gate" else "gate_up_proj"
+    got = tm.load_safetensors_dir(out)
+    source = tm.load_safetensors_dir(gqa_src)
+    for fused, is_skipped in skipped.items():
+        assert is_skipped == fused.endswith(float_group), (fused, is_skipped)
+    members = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+    for i in range(GQA["layers"]):
+        parent = f"model.layers.{i}." + ("self_attn" if float_group == "qkv_proj" else "mlp")
+        for m in members[float_group]:
+            name = f"{parent}.{m}"
+            assert torch.equal(got[f"{name}.weight"], source[f"{name}.weight"]), name
+            assert f"{name}.qweight" not in got
+        assert any(f"{parent}.{float_group}" in note for note in summary["notes"]), summary
+    assert "model.layers.0.self_attn.o_proj.qweight" in got
+    assert summary["layers_converted"] == 14 - 2 * len(members[float_group])
+
+
+def test_partly_converted_fused_group_cli_says_so(gqa_src, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "qahira_vllm.cli", "quantize", str(gqa_src),
+                           str(tmp_path / "o"), "--block", "1x32", "--skip", "q_proj"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert "model.layers.1.self_attn.k_proj, model.layers.1.self_attn.v_proj" in proc.stderr
+    assert "qkv_proj" in proc.stderr
+
+
+# ---- non-finite and out-of-range weights ------------------------------------------------------
+
+def _with_value(src, dst, name, index, value):
+    """A copy of the model folder `src` with tensor `name`[index] = value."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    sd = load_file(dst / "model.safetensors")
+    sd[name][index] = value
+    save_file(sd, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+DOWN = "model.layers.0.mlp.down_proj.weight"
+
+
+@pytest.mark.parametrize("value,phrase", [(float("nan"), "nan at [5, 7]"),
+                                          (float("inf"), "inf at [5, 7]"),
+                                          (float("-inf"), "-inf at [5, 7]")])
+def test_non_finite_weight_is_refused(src, tmp_path, value, phrase):
+    bad = _with_value(src["llama"], tmp_path / "bad", DOWN, (5, 7), value)
+    with pytest.raises(QahiraFormatError) as ei:
+        quantize_model(bad, tmp_path / "out", progress=False)
+    assert DOWN in str(ei.value) and phrase in str(ei.value), str(ei.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_finite_float_tensor_kept_as_is_is_refused(src, tmp_path):
+    norm = "model.layers.1.post_attention_layernorm.weight"
+    bad = _with_value(src["llama"], tmp_path / "bad", norm, (3,), float("nan"))
+    with pytest.raises(QahiraFormatError, match=rf"{norm}.*nan at \[3\]"):
+        quantize_model(bad, tmp_path / "out", progress=False)
+
+
+def test_offset_overflowing_float16_says_use_float32(src, tmp_path):
+    bad = _with_value(src["llama"], tmp_path / "bad", DOWN, (5, 7), -1e5)
+    with pytest.raises(QahiraFormatError) as ei:
+        quantize_model(bad, tmp_path / "out16", progress=False)
+    msg = str(ei.value)
+    assert DOWN in msg and "block [5, 0]" in msg and "--offset-dtype float32" in msg, msg
+    # With float32 offsets the block is stored: its minimum is a grid point, exactly.
+    quantize_model(bad, tmp_path / "out32", offset_dtype="float32", progress=False)
+    deq = dequantized_state_dict(tmp_path / "out32")[DOWN]
+    assert deq[5, 7].item() == -1e5
+    assert torch.isfinite(deq).all()
+
+
+def test_scale_overflowing_float16_is_refused(src, tmp_path):
+    # INT4: a block spanning more than 15 * 65504 cannot have a float16 scale.
+    bad = _with_value(src["llama"], tmp_path / "bad", DOWN, (5, 7), 1e6)
+    with pytest.raises(QahiraFormatError) as ei:
+        quantize_model(bad, tmp_path / "out", offset_dtype="float32", progress=False)
+    assert DOWN in str(ei.value) and "exceeds float16" in str(ei.value), str(ei.value)

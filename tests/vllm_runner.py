@@ -6,9 +6,16 @@ its own environment (tensor parallel needs its own OpenMP binding) and is torn d
     python tests/vllm_runner.py SPEC.json OUT.json
 
 SPEC: {"model": path, "llm_kwargs": {...}, "prompts": [str | [token ids]], "max_tokens": 16,
-       "logprobs": 5, "lora": [{"name", "id", "path"} | null per prompt] (optional)}
+       "logprobs": 5, "lora": [{"name", "id", "path"} | null per prompt] (optional),
+       "dump_qahira": path.safetensors (optional; TP=1 in-process engine only)}
 OUT:  {"outputs": [{"token_ids": [...], "text": str,
-                    "first_logprobs": {token_id: logprob}}], "seconds_startup": float}
+                    "first_logprobs": {token_id: logprob}}], "seconds_startup": float,
+       "qahira_kernels": {vLLM module name: kernel name} (with dump_qahira)}
+
+dump_qahira writes the qweight / scales / offsets of every module served by a qahira kernel,
+as "<vLLM module name>.<tensor>", for kernels that keep them as stored (cpu_blockwise,
+dequant_torch's qweight; e.g. at fp32); it needs the model in this process
+(VLLM_ENABLE_V1_MULTIPROCESSING=0, the uni executor: what tests/engine.py sets at TP=1).
 """
 
 import json
@@ -40,7 +47,26 @@ def main(spec_path: str, out_path: str) -> None:
         first = {str(k): v.logprob for k, v in c.logprobs[0].items()} if c.logprobs else {}
         result["outputs"].append({"token_ids": list(c.token_ids), "text": c.text,
                                   "first_logprobs": first})
+    if spec.get("dump_qahira"):
+        result["qahira_kernels"] = _dump_qahira(llm, spec["dump_qahira"])
     json.dump(result, open(out_path, "w"))
+
+
+def _dump_qahira(llm, path: str) -> dict:
+    from safetensors.torch import save_file
+
+    model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+    tensors, kernels = {}, {}
+    for name, module in model.named_modules():
+        kernel = getattr(module, "qahira_kernel", None)
+        if kernel is None:
+            continue
+        kernels[name] = kernel.name
+        for t in ("qweight", "scales", "offsets"):
+            if hasattr(module, t):
+                tensors[f"{name}.{t}"] = getattr(module, t).detach().cpu().contiguous()
+    save_file(tensors, path)
+    return kernels
 
 
 if __name__ == "__main__":

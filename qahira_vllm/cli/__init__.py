@@ -1,4 +1,8 @@
-"""`qahira` console script: one module per verb, each with add_parser(sub) and run(args)."""
+"""qahira: quantize models to block-wise INT4/INT8 with float offsets, serve them with vLLM
+(many Q-BaRA / LoRA adapters per batch), fine-tune adapters against the served weights and
+merge QA-HiRA adapters exactly. Run `qahira VERB --help` for a verb's options."""
+
+# Each verb lives in qahira_vllm/cli/VERB.py with add_arguments(parser) and run(args).
 
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ VERBS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qahira", description=__doc__)
+    parser = argparse.ArgumentParser(prog="qahira", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for verb, help_text in VERBS.items():
         p = sub.add_parser(verb, help=help_text, description=help_text, add_help=verb != "serve")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def parse_block(text: str) -> tuple[int, int]:
@@ -52,5 +53,7 @@ def run(args) -> int:
         api.create_repo(args.push_to_hub, exist_ok=True)
         api.upload_folder(folder_path=args.out_dir, repo_id=args.push_to_hub)
         summary["pushed_to"] = args.push_to_hub
+    for note in summary.get("notes", ()):
+        print(f"qahira quantize: {note}", file=sys.stderr)
     print(json.dumps(summary, indent=2))
     return 0

@@ -10,7 +10,9 @@ all-reduce stay vLLM's) and replaces the adapter storage and math:
 Slices: 1 (column / row parallel), 2 (gate_up), 3 (q, k, v). Geometry is read from the compact
 tensor shapes at set_lora (p = in / A.cols, q = out / B.rows), so a plain LoRA is p = q = 1 and
 vLLM's adapter pipeline carries Q-BaRA tensors unchanged. vLLM folds the scaling into B once
-(LoRALayerWeights.optimize), so the per-slot scaling is 1.
+(LoRALayerWeights.optimize), per layer as its PEFTHelper resolves it (PEFT's rank_pattern /
+alpha_pattern / rsLoRA; loader.check_vllm_scaling checks it equals PEFT's), so the per-slot
+scaling is 1 and a slice's rank comes from its own tensors.
 
 Tensor parallel: B rows are sharded like the base's output rows (column parallel), A columns
 like its input columns (row parallel), in compact units: a shard boundary must fall on a

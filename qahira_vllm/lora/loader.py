@@ -7,6 +7,9 @@ A qahira engine (one whose linear layers are our Q-BaRA LoRA layers) accepts an 
                                   the layer dims, finite values
   check_engine_fit                the adapter's geometry fits the engine's layers, including
                                   tensor-parallel shard boundaries
+  check_vllm_scaling              (plain PEFT LoRAs) the per-layer rank and scaling vLLM's
+                                  loader will fold into B are PEFT's (rank_pattern,
+                                  alpha_pattern, rsLoRA)
 Failures raise AdapterRejected, whose message starts with REJECTED so the HTTP layer can answer
 400 instead of vLLM's generic 500 (install.py). vLLM's own loader runs afterwards, unchanged.
 """
@@ -16,8 +19,10 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from ..adapter_format import (LORA_A, LORA_B, Adapter, AdapterError, base_layer_dims,
-                              checkpoint_fingerprint, load_adapter, validate_adapter)
+from ..adapter_format import (CONFIG_NAME, LORA_A, LORA_B, Adapter, AdapterError,
+                              base_layer_dims, checkpoint_fingerprint, load_adapter,
+                              validate_adapter)
+from ..format import QahiraFormatError
 from .layers import QbaraSlotsMixin
 
 REJECTED = "qahira: adapter rejected"
@@ -66,6 +71,29 @@ def check_engine_fit(adapter: Adapter, modules: dict, packed_modules_mapping: di
                 f"only plain LoRA; this adapter has pool={cfg.pool}, repeat={cfg.repeat}")
 
 
+def check_vllm_scaling(adapter: Adapter) -> None:
+    """vLLM's loader multiplies each layer's B by the scaling its PEFTHelper resolves
+    (rank_pattern / alpha_pattern / rsLoRA) and our layers serve B as given (slot scaling 1):
+    refuse the adapter unless that is PEFT's scaling for every adapted layer, bit for bit.
+    Plain PEFT LoRAs only: a qahira section's scaling is checked against lora_alpha / r
+    by AdapterConfig.from_json_dict."""
+    import json
+
+    from vllm.lora.peft_helper import PEFTHelper
+
+    cfg = adapter.config
+    if cfg.lora_alpha is None or adapter.path is None:
+        return
+    helper = PEFTHelper.from_dict(json.loads((adapter.path / CONFIG_NAME).read_text()))
+    for module in sorted(adapter.tensors):
+        rank, scaling = helper.get_rank_and_scaling(module)
+        if (rank, scaling) != (cfg.layer_rank(module), cfg.layer_scaling(module)):
+            raise AdapterError(
+                f"layer {module!r}: vLLM's loader would apply rank {rank}, scaling {scaling!r}, "
+                f"PEFT rank {cfg.layer_rank(module)}, scaling {cfg.layer_scaling(module)!r} "
+                "(rank_pattern / alpha_pattern keys read differently)")
+
+
 def check_adapter_for_engine(lora_path: str, lora_name: str, model_dir: str, max_rank: int,
                              modules: dict, packed_modules_mapping: dict) -> Adapter:
     """Run every check; raise AdapterRejected with a message naming the adapter and the fault."""
@@ -77,9 +105,21 @@ def check_adapter_for_engine(lora_path: str, lora_name: str, model_dir: str, max
         validate_adapter(adapter, _base_layer_dims(model_dir), _base_fingerprint(model_dir),
                          max_rank=max_rank)
         check_engine_fit(adapter, modules, packed_modules_mapping)
-    except AdapterError as e:
+        check_vllm_scaling(adapter)
+    except (AdapterError, QahiraFormatError) as e:  # damaged files raise the latter
         raise AdapterRejected(f"{REJECTED} {lora_name!r} ({lora_path}): {e}") from None
     return adapter
+
+
+def check_adapter_path(path: Path, lora_name: str) -> None:
+    """An existing adapter path that is no adapter folder is the client's error (400), on any
+    engine: vLLM itself answers 500 ("Not a directory", a missing-file traceback)."""
+    if not path.is_dir():
+        raise AdapterRejected(f"{REJECTED} {lora_name!r} ({path}): is a file; expected an "
+                              f"adapter folder holding {CONFIG_NAME} and the adapter weights")
+    if not (path / CONFIG_NAME).is_file():
+        raise AdapterRejected(f"{REJECTED} {lora_name!r} ({path}): the folder has no "
+                              f"{CONFIG_NAME}: not an adapter folder")
 
 
 def engine_serves_qbara(lora_model_manager) -> bool:
@@ -91,11 +131,12 @@ def validate_lora_request(worker_lora_manager, lora_request) -> None:
     from vllm.lora.utils import get_adapter_absolute_path
 
     manager = worker_lora_manager._adapter_manager
-    if not engine_serves_qbara(manager):
-        return  # not a qahira engine: vLLM's stock behaviour
     path = get_adapter_absolute_path(lora_request.lora_path)
-    if not Path(path).is_dir():
+    if not Path(path).exists():
         return  # vLLM answers "not found" itself (404)
+    check_adapter_path(Path(path), lora_request.lora_name)
+    if not engine_serves_qbara(manager):
+        return  # not a qahira engine: vLLM's own checks
     model_dir = getattr(worker_lora_manager, "_qahira_model_dir", None)
     if model_dir is None:
         raise AdapterRejected(f"{REJECTED} {lora_request.lora_name!r}: the served model folder "

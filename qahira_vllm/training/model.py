@@ -197,17 +197,17 @@ def inject_adapters(model: nn.Module, config: AdapterConfig, init: str = "zeros"
     """Wrap each targeted QuantLinear in AdaptedLinear. Returns the adapted layer names."""
     if seed is not None:
         torch.manual_seed(seed)
-    names = [n for n, m in model.named_modules()
-             if isinstance(m, QuantLinear) and matches_targets(n, config.target_modules)]
+    # PEFT's targeting (regex, exclude_modules, layers_to_transform) and per-layer rank/scaling
+    names = config.targeted([n for n, m in model.named_modules() if isinstance(m, QuantLinear)])
     for name in names:  # sorted by module order, so initialization is reproducible
         base = model.get_submodule(name)
-        i, o, s = base.in_features, base.out_features, config.scaling
+        i, o, s = base.in_features, base.out_features, config.layer_scaling(name)
         if config.adapter_type == "qbara":
             adapter = QBaRA(i, o, config.rank, config.pool, config.repeat, s, dropout)
         elif config.adapter_type == "qahira":
             adapter = QAHiRA(i, o, config.pool, config.repeat, s, dropout, init=init)
         else:
-            adapter = LoRA(i, o, config.rank, s, dropout)
+            adapter = LoRA(i, o, config.layer_rank(name), s, dropout)
         _set_submodule(model, name, AdaptedLinear(base, adapter))
     return names
 

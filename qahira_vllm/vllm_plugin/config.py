@@ -15,15 +15,26 @@ from ..format import QUANT_METHOD, QahiraQuantConfig
 class QahiraConfig(QuantizationConfig):
     """Block-wise INT4/INT8 weights with float offsets per block (docs/FORMAT.md)."""
 
-    def __init__(self, fmt: QahiraQuantConfig):
+    def __init__(self, fmt: QahiraQuantConfig | None = None, online=None):
+        """fmt: the checkpoint's format. Without it (vLLM's call for `--quantization qahira`
+        when config.json has no quantization_config): online quantization of a float model
+        with `online` settings (vllm_plugin.online.OnlineSettings; default: the defaults of
+        `qahira quantize`)."""
         super().__init__()
+        if fmt is None:
+            from .online import OnlineSettings  # not at import: registration stays cheap
+
+            online = online or OnlineSettings.from_dict(None, "online quantization defaults")
+            fmt = online.fmt
         self.fmt = fmt
+        self.online = online
         # Layers stored quantized, read from the tensor headers in maybe_update_config: decides
         # whether lm_head (kept in float unless `qahira quantize --lm-head`) is ours.
         self.converted_layers: frozenset[str] = frozenset()
 
     def __repr__(self) -> str:
-        return f"QahiraConfig(bits={self.fmt.bits}, block_size={list(self.fmt.block_size)})"
+        mode = ", online" if self.online else ""
+        return f"QahiraConfig(bits={self.fmt.bits}, block_size={list(self.fmt.block_size)}{mode})"
 
     def get_name(self) -> str:
         return QUANT_METHOD
@@ -43,12 +54,31 @@ class QahiraConfig(QuantizationConfig):
     def from_config(cls, config: dict[str, Any]) -> "QahiraConfig":
         return cls(QahiraQuantConfig.from_dict(config, source="config.json quantization_config"))
 
+    # vLLM reads these for a model without quantization_config, from
+    # hf_overrides["quantization_config_file" | "quantization_config_dict_json"]: online settings.
+    @classmethod
+    def from_config_file(cls, config_file: str) -> "QahiraConfig":
+        from .online import OnlineSettings
+
+        return cls(online=OnlineSettings.from_file(config_file))
+
+    @classmethod
+    def from_config_dict_json(cls, config_dict_json: str) -> "QahiraConfig":
+        from .online import OnlineSettings
+
+        return cls(online=OnlineSettings.from_json(
+            config_dict_json, "hf_overrides quantization_config_dict_json"))
+
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
         # Imported here, not at module level: registration must stay cheap (plugin contract).
         from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
         from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
         from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
+        if self.online:
+            from .online import online_quant_method
+
+            return online_quant_method(self.online, layer, prefix, self.packed_modules_mapping)
         if isinstance(layer, ParallelLMHead) and prefix in self.converted_layers:
             from .linear_method import QahiraLinearMethod
 
@@ -64,7 +94,10 @@ class QahiraConfig(QuantizationConfig):
         return QahiraLinearMethod(self.fmt, prefix)
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision=None) -> None:
+        if self.online:
+            return  # a float model: each layer is checked as it is created and quantized
         # Check every stored tensor's shape and dtype before any request can be served.
-        from ..checkpoint import validate_checkpoint
+        from ..checkpoint import check_block_params_finite, validate_checkpoint
 
         self.converted_layers = frozenset(validate_checkpoint(model_name, self.fmt))
+        check_block_params_finite(model_name)

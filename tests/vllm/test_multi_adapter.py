@@ -143,10 +143,15 @@ def trainer_reference(smol):
 # ----------------------------------------------------------------------------- tests
 
 def test_mixed_batch_equals_each_request_alone(native_mixed):
+    """Bit for bit, logprobs included: in this fp32 eager CPU engine every op computes a row
+    (token) the same way whatever else is in the batch: our base kernel (cpu_blockwise, one
+    path for every M) and adapter kernel (cpu_qbara) by construction, vLLM's attention, norms
+    and lm_head as measured. The batched prefill here has 47 tokens, the solo ones 4-8; when
+    cpu_blockwise switched to dequantize + GEMM above 32 rows, request 6 differed by up to
+    2.1e-4 (a 1e-4 bound failed at random); with one path: 0.0 for every request."""
     for i, (batched, solo) in enumerate(zip(native_mixed["batched"], native_mixed["solo"])):
         assert batched["token_ids"] == solo["token_ids"], f"request {i} ({MIXED[i]})"
-        for tok, lp in batched["first_logprobs"].items():
-            assert abs(lp - solo["first_logprobs"][tok]) < 1e-4, f"request {i} ({MIXED[i]})"
+        assert batched["first_logprobs"] == solo["first_logprobs"], f"request {i} ({MIXED[i]})"
 
 
 def test_mixed_batch_equals_trainer_forward(native_mixed, trainer_reference):
@@ -396,7 +401,18 @@ def _broken_adapters(qckpt, good: Path, root: Path) -> dict[str, tuple[Path, str
     high_rank = helpers_tiny.random_adapter(qckpt, root / "rank-32", "qbara", pool=2, repeat=2,
                                             rank=32, seed=9)
     bad_pool = variant("pool-5", edit_config=lambda c: c["qahira"].update(pool=5))
+    no_config = variant("no-config")
+    (no_config / CONFIG_NAME).unlink()
+    bad_json = variant("bad-json")
+    (bad_json / CONFIG_NAME).write_text("{not json")
+    lfs_pointer = variant("lfs-pointer")
+    (lfs_pointer / WEIGHTS_NAME).write_text(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 1234\n")
     return {
+        "file-path": (good / CONFIG_NAME, "is a file"),
+        "no-config": (no_config, f"has no {CONFIG_NAME}"),
+        "bad-json": (bad_json, "invalid JSON"),
+        "lfs-pointer": (lfs_pointer, "git-lfs pointer"),
         "fingerprint": (variant("fingerprint", edit_config=fingerprint), "fingerprint"),
         "format-version": (variant("format-version", edit_config=version), "format_version"),
         "adapter-type": (variant("adapter-type", edit_config=adapter_type), "adapter_type"),

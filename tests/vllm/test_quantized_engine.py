@@ -137,15 +137,80 @@ def test_unknown_bits_is_refused(smollm2_quantized, prompt_ids, tmp_path):
 
 
 def test_qwen2_style_with_qkv_bias(tmp_path):
-    """Qwen2 projections carry a bias; vLLM merges q/k/v (and their biases) into one layer."""
+    """Qwen2 projections carry a bias; vLLM merges q/k/v (and their biases) into one layer.
+
+    The same engine run serves the checkpoint sharded (index + shards) with a stale
+    model.safetensors of another model beside the shards: vLLM's loader reads only the files
+    the index names (weight_utils.filter_duplicate_safetensors_files), as our readers (the
+    reference) do, so the stale file must change nothing."""
+    import shutil
+
+    from huggingface_hub import save_torch_state_dict
     from tiny_models import make_model_dir
 
+    from qahira_vllm.checkpoint import load_reference_model
     from qahira_vllm.quantize import quantize_model
 
     src = make_model_dir(tmp_path / "qwen2", arch="qwen2", seed=3)
     ckpt = tmp_path / "qwen2-int4-2x32"
     quantize_model(src, ckpt, bits=4, block_size=(2, 32), progress=False)
+    stale = tmp_path / "stale"
+    quantize_model(make_model_dir(tmp_path / "qwen2-other", arch="qwen2", seed=4), stale,
+                   bits=4, block_size=(2, 32), progress=False)
+    tensors = load_file(ckpt / "model.safetensors")
+    (ckpt / "model.safetensors").unlink()
+    save_torch_state_dict(tensors, ckpt, max_shard_size="200KB")
+    assert (ckpt / "model.safetensors.index.json").exists()
+    shutil.copy(stale / "model.safetensors", ckpt / "model.safetensors")
     prompts = [[5, 17, 42, 99, 3], [200, 11, 7], [64, 65, 66, 67, 68, 69]]
     spec = _engine_spec(ckpt, prompts, skip_tokenizer_init=True, max_model_len=128)
     result = run_engine(spec, tmp_path)
     _compare_to_reference(result, ckpt, prompts)
+    # Had the stale file been served, the tokens would differ: the check above has teeth.
+    ref_stale = load_reference_model(stale, torch.float32)
+    assert any(out["token_ids"] != greedy_reference(ref_stale, ids, MAX_TOKENS)[0]
+               for ids, out in zip(prompts, result["outputs"]))
+
+
+GQA = dict(hidden=128, intermediate=256, layers=2, heads=2, kv_heads=1)  # q out 128, k/v out 64
+TOKEN_PROMPTS = [[5, 17, 42, 99, 3], [200, 11, 7], [64, 65, 66, 67, 68, 69]]
+
+
+@pytest.fixture(scope="module")
+def gqa_src(tmp_path_factory):
+    from tiny_models import make_model_dir
+
+    return make_model_dir(tmp_path_factory.mktemp("gqa") / "llama", "llama", seed=4, **GQA)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(block_size=(1, 32), skip=("model.layers.0.self_attn.q_proj",
+                                   "model.layers.1.mlp.gate_proj")),
+    dict(block_size=(128, 32), keep_unconvertible=True),  # fits q, not k/v
+], ids=["skip-one-member", "block-fits-one-member"])
+def test_partly_converted_fused_groups_serve(gqa_src, tmp_path, kwargs):
+    """`quantize` keeps a fused group (qkv_proj, gate_up_proj) whole; vLLM serves the result."""
+    from qahira_vllm.quantize import quantize_model
+
+    ckpt = tmp_path / "ckpt"
+    summary = quantize_model(gqa_src, ckpt, bits=4, progress=False, **kwargs)
+    assert summary["notes"]
+    result = run_engine(_engine_spec(ckpt, TOKEN_PROMPTS, skip_tokenizer_init=True,
+                                     max_model_len=128), tmp_path)
+    _compare_to_reference(result, ckpt, TOKEN_PROMPTS)
+
+
+def test_non_finite_offsets_are_refused_before_serving(gqa_src, tmp_path):
+    from qahira_vllm.quantize import quantize_model
+
+    ckpt = tmp_path / "ckpt"
+    quantize_model(gqa_src, ckpt, bits=4, block_size=(1, 32), progress=False)
+    name = "model.layers.1.mlp.down_proj.offsets"
+    sd = load_file(ckpt / "model.safetensors")
+    sd[name][3, 2] = float("nan")
+    save_file(sd, ckpt / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(EngineFailed) as err:
+        run_engine(_engine_spec(ckpt, TOKEN_PROMPTS[:1], skip_tokenizer_init=True,
+                                max_model_len=128), tmp_path)
+    log = err.value.log
+    assert name in log and "nan at block [3, 2]" in log, log[-3000:]

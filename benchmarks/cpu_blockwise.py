@@ -7,7 +7,7 @@ path: fp32 INT4 1x32, fp32 INT8 1x64, and bf16 INT4 8x4 (the paper's QA-HiRA til
                    2026-11 had dequantize + fp32 GEMM above 32 rows, dropped as not batch-
                    invariant)
   packed_gemv     (the packed GEMV path called directly)
-  dequant_torch   (qahira_vllm.linear_kernels.DequantLinearKernel, the torch fallback)
+  dequant_torch   (qahira_vllm.linear_kernels.DequantTorchKernel, the torch fallback)
   dense_fp32      (F.linear on an already dequantized fp32 weight: no dequantization at all)
 Ratios are within this one run. Threads: torch's default here (both cores); run it alone.
 
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from qahira_kernels import cpu_blockwise as cb
+from qahira_kernels import ops
 from qahira_vllm import linear_kernels as lk
 from qahira_vllm.quant_math import pack_qweight
 
@@ -64,16 +64,17 @@ def main() -> None:
         for case, bits, block, dtype in CASES:
             spec = lk.LinearSpec(bits, block, out_f, in_f, dtype, "cpu")
             fast, slow = _layer(out_f, in_f, bits, block), _layer(out_f, in_f, bits, block)
-            kernel, torch_path = cb.CpuBlockwiseKernel(spec), lk.DequantLinearKernel(spec)
+            kernel, torch_path = lk.CpuBlockwiseKernel(spec), lk.DequantTorchKernel(spec)
             kernel.prepare(fast)
             torch_path.prepare(slow)
-            w = cb.blockwise_dequant(fast.qweight, fast.scales, fast.offsets, bits, block, in_f)
+            w = ops.cpu_blockwise_dequant(fast.qweight, fast.scales, fast.offsets, bits, *block,
+                                          in_f)
             for m in MS:
                 x = torch.randn(m, in_f).to(dtype)
                 r = {"shape": shape_name, "case": case, "M": m,
                      "cpu_blockwise_ms": 1e3 * _time(lambda: kernel.apply(fast, x)),
-                     "packed_gemv_ms": 1e3 * _time(lambda: cb.blockwise_linear(
-                         x, fast.qweight, fast.scales, fast.offsets, bits, block)),
+                     "packed_gemv_ms": 1e3 * _time(lambda: ops.cpu_blockwise(
+                         x, fast.qweight, fast.scales, fast.offsets, bits, *block)),
                      "dequant_torch_ms": 1e3 * _time(lambda: torch_path.apply(slow, x)),
                      "dense_fp32_ms": 1e3 * _time(lambda: F.linear(x.float(), w))}
                 r["speedup_vs_dequant_torch"] = r["dequant_torch_ms"] / r["cpu_blockwise_ms"]

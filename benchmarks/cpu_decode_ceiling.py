@@ -8,8 +8,9 @@ This script measures, on one thread (what vLLM's CPU backend computes on by defa
 2. M = 1 time of every linear layer of the 1B-shaped Llama as vLLM builds it (merged qkv and
    gate_up), for bf16 `F.linear`, qahira INT4 1x32 on the `cpu_int4pack` kernel (the one the
    plugin selects), and the bf16 tied lm_head (never converted);
-3. the same layers on `cpu_avx2_int4` (qahira_kernels.cpu_gemv: integer dot products on the
-   nibbles against 16-bit-quantized activations; the plugin's default CPU INT4 kernel).
+3. the same layers on `cpu_avx2_int4` (qahira_vllm.linear_kernels.cpu_avx2_int4,
+   kernels/cpu_avx2_int4.c: integer dot products on the nibbles against 16-bit-quantized
+   activations; the plugin's default CPU INT4 kernel).
    An earlier version of this script also timed an exact nibble -> fp32 -> FMA AVX2 GEMV: it
    was no faster than torch's kernel (3.1-4.5 GB/s), which is why the default kernel uses
    integer dot products instead.
@@ -69,8 +70,9 @@ class _Layer(torch.nn.Module):
 
 
 def measure() -> dict:
-    from qahira_kernels.cpu_gemv import CpuAvx2Int4Kernel
-    from qahira_vllm.linear_kernels import CpuInt4PackKernel, LinearSpec, reference_linear
+    from qahira_vllm.format import QahiraQuantConfig
+    from qahira_vllm.linear_kernels import CpuAvx2Int4Kernel, CpuInt4PackKernel, LinearSpec
+    from qahira_vllm.quant_math import dequantize
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -83,8 +85,8 @@ def measure() -> dict:
         x = torch.randn(1, in_f).bfloat16()
         w = torch.randn(out_f, in_f).bfloat16()
         layer = _Layer(out_f, in_f)
-        ref = reference_linear(x.float(), layer.qweight.data, layer.scales.data,
-                               layer.offsets.data, 4, BLOCK)
+        ref = x.float() @ dequantize(layer.qweight.data, layer.scales.data, layer.offsets.data,
+                                     QahiraQuantConfig(bits=4, block_size=BLOCK)).t()
         spec = LinearSpec(4, BLOCK, out_f, in_f, torch.bfloat16, "cpu")
         avx2_layer = copy.deepcopy(layer)  # each kernel repacks (and frees) its own copy
         avx2 = CpuAvx2Int4Kernel(spec)

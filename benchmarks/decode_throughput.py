@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/decode_throughput.py [--quick] [--out benchmarks/results]
 
 Formats: bf16, qahira INT4 1x32 on the default CPU kernel (cpu_avx2_int4) and on torch's int4pack
-kernel (QAHIRA_CPU_GEMV=0, the previous default), qahira INT4 1x64 (the quantizer's default
+kernel (QAHIRA_DISABLED_KERNELS=cpu_avx2_int4, the previous default), qahira INT4 1x64 (the quantizer's default
 block), the same with lm_head converted too (`--lm-head`), qahira INT8 1x64.
 Models: SmolLM2-135M (embedded) and a randomly initialised 1B-shaped Llama (hidden 2048,
 16 layers, intermediate 8192, 32 heads / 8 KV heads, SmolLM2's 49152-token vocabulary), where
@@ -171,7 +171,8 @@ def main() -> None:
     formats = {"bf16": (None, {}), "qahira INT4": ((4, (1, 32)), {}),
                "qahira INT4 1x64": ((4, (1, 64)), {}),
                "qahira INT4 1x64 + lm_head": ((4, (1, 64), True), {}),
-               "qahira INT4 (cpu_int4pack)": ((4, (1, 32)), {"QAHIRA_CPU_GEMV": "0"}),
+               "qahira INT4 (cpu_int4pack)": ((4, (1, 32)),
+                                              {"QAHIRA_DISABLED_KERNELS": "cpu_avx2_int4"}),
                "qahira INT8": ((8, (1, 64)), {})}
     if args.formats != "all":
         formats = {f: formats[f] for f in args.formats.split(",")}

@@ -71,7 +71,8 @@ import triton  # noqa: E402
 from qahira_kernels import blockwise_gemm as bg  # noqa: E402
 from qahira_kernels import qbara as qb  # noqa: E402
 from qahira_kernels import reference as ref  # noqa: E402
-from qahira_vllm.quant_math import pack_qweight, unpack_qweight  # noqa: E402
+from qahira_vllm.format import QahiraQuantConfig  # noqa: E402
+from qahira_vllm.quant_math import dequantize, pack_qweight, unpack_qweight  # noqa: E402
 
 SMOKE = ARGS.smoke
 DEVICE = torch.device("cpu" if SMOKE else "cuda")
@@ -229,7 +230,7 @@ def bench_gemm_layer(layer):
     for name, (bits, block) in VARIANTS.items():
         qw, sc, of = make_weight(out_f, in_f, bits, block)
         w = bg.pack_blockwise_weight(qw, sc, of, bits, block)
-        w_ref = ref.dequantize_ref(qw, sc, of, bits, block)      # fp32, on the device
+        w_ref = dequantize(qw, sc, of, QahiraQuantConfig(bits=bits, block_size=block))  # fp32
         if dense_w is None:
             dense_w = w_ref.to(ACT)                              # the bf16 baseline's weight
         tiny = (make_tinygemm(qw, sc, of, block, f"{name} {out_f}x{in_f}")

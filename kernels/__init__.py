@@ -1,10 +1,20 @@
-"""qahira_kernels: Triton kernels for qahira's GPU path (ships from the repo's kernels/ folder).
+"""qahira_kernels: the raw kernels of qahira (ships from the repo's kernels/ folder).
 
-- `qahira_kernels.blockwise_gemm`: y = x @ W^T for block-wise INT4/INT8 weights with float offsets.
-- `qahira_kernels.qbara`: multi-adapter Q-BaRA shrink (fused pooling) and expand (fused repeat).
-- `qahira_kernels.linear`: TritonBlockwiseLinearKernel for qahira_vllm.linear_kernels; register().
-- `qahira_kernels.reference`: fp32 torch references of all of the above.
+A leaf library: it imports nothing of its users, only torch (and Triton, for the GPU kernels,
+on first use).
 
+- `qahira_kernels.ops`: every raw op in one place: the torch ops `torch.ops.qahira.*`
+  (triton_blockwise, cpu_avx2_int4, cpu_blockwise) and the C library's entry points.
+- `qahira_kernels.blockwise_gemm`: Triton y = x @ W^T for block-wise INT4/INT8 weights.
+- `qahira_kernels.qbara`: Triton multi-adapter Q-BaRA shrink (fused pooling) and expand (fused
+  repeat).
+- `qahira_kernels.cpu_lib`: builds and loads the C kernels (cpu_avx2_int4.c, cpu_blockwise.c,
+  cpu_qbara.c) once per machine; `cpu_qbara`: the compiled multi-adapter Q-BaRA layer.
+- `qahira_kernels.layouts`: weight layouts the ops read, made from plain tensors.
+- `qahira_kernels.reference`: fp32 torch references of the Q-BaRA kernels.
+- `qahira_kernels.aot_compile`: compiles the Triton kernels to cubins without a GPU.
+
+The kernel interface and the choice among kernels belong to the user (docs/KERNELS.md).
 Importing this package imports neither Triton nor CUDA: submodules load on first use, so it
 works on CPU-only machines. Kernels are decorated when their module is first imported; under
 TRITON_INTERPRET=1 (set before that import) they run on CPU tensors in Triton's interpreter.
@@ -15,14 +25,7 @@ from __future__ import annotations
 
 import importlib
 
-_SUBMODULES = ("blockwise_gemm", "qbara", "linear", "reference")
-
-
-def register() -> None:
-    """Register TritonBlockwiseLinearKernel ahead of the torch kernels (it claims CUDA only)."""
-    from .linear import register as _register
-
-    _register()
+_SUBMODULES = ("ops", "blockwise_gemm", "qbara", "cpu_lib", "cpu_qbara", "layouts", "reference")
 
 
 def __getattr__(name: str):
@@ -31,4 +34,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["register", *_SUBMODULES]
+__all__ = list(_SUBMODULES)

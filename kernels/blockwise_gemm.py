@@ -1,6 +1,6 @@
 """Triton GEMM for qahira block-wise quantized weights: y = x @ W^T (+ bias).
 
-W [N, K] is stored as in format_version 1 (see qahira_vllm/format.py):
+W [N, K] is stored as in format_version 1 (see docs/FORMAT.md):
 
     W[n, k] = scales[n // bo, k // bi] * q[n, k] + offsets[n // bo, k // bi]
     q: 4-bit int32 [N, K/8] (column 8w+j in bits 4j..4j+3 of word w), or 8-bit uint8 [N, K]

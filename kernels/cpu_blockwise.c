@@ -15,8 +15,8 @@
  * byte j holds column 2j in its low nibble, 2j+1 in its high one); 8-bit uint8 [N, K].
  * Scales fp16 [N/bo, K/bi]; offsets fp16 or fp32 [N/bo, K/bi].
  *
- * qahira_blockwise_dequant writes the whole fp32 weight (same bits), for the trainer. Serving
- * uses qahira_blockwise_linear at every M: a dense GEMM above some M would be faster for long
+ * qahira_cpu_blockwise_dequant writes the whole fp32 weight (same bits), for the trainer. Serving
+ * uses qahira_cpu_blockwise at every M: a dense GEMM above some M would be faster for long
  * prefills but sums in another order, so a request's logits would depend on its batch.
  */
 #include <stdlib.h>
@@ -175,15 +175,15 @@ static int for_each_row(const void *qw, int bits, const uint16_t *s, const void 
 
 /* w [N, K] fp32 = the dequantized weight. Returns 0, or -2 if out of memory (w then possibly
  * partly written). */
-int qahira_blockwise_dequant(const void *qw, int bits, const uint16_t *s, const void *o,
-                             int o_f32, int N, int K, int bo, int bi, float *w) {
+int qahira_cpu_blockwise_dequant(const void *qw, int bits, const uint16_t *s, const void *o,
+                                 int o_f32, int N, int K, int bo, int bi, float *w) {
   if (reserve_scratch(3 * (size_t)K)) return -2;
   return for_each_row(qw, bits, s, o, o_f32, N, K, bo, bi, w, NULL, 0, NULL, DT_F32) ? -2 : 0;
 }
 
 /* y [M, N] = x [M, K] @ W^T, x and y of dtype x_dt. Returns 0, or -2 if out of memory. */
-int qahira_blockwise_linear(const void *x, int x_dt, int M, int K, const void *qw, int bits,
-                            const uint16_t *s, const void *o, int o_f32, int N, int bo, int bi,
+int qahira_cpu_blockwise(const void *x, int x_dt, int M, int K, const void *qw, int bits,
+                         const uint16_t *s, const void *o, int o_f32, int N, int bo, int bi,
                             void *y) {
   /* fp32 activations are read in place; others are converted once, on the caller's thread. */
   static __thread float *xbuf;

@@ -2,16 +2,19 @@
 
     lib = load_library()        # ctypes.CDLL, or None: library_error() says why
 
-The C sources (cpu_int4_gemv.c: INT4 linear layers at decode batch sizes; cpu_blockwise.c:
-every format case, exact; cpu_qbara.c: multi-adapter Q-BaRA, one call per layer; cpu_common.h) are compiled once per machine with the system C compiler (`$CC`, else
-gcc, else cc; `-O3 -mavx2 -mfma -mf16c -fopenmp`) into one shared library in the qahira cache,
-`<cache>/cpu_kernels/qahira_cpu-<hash>.so`, written to a temporary name and renamed (vLLM
-workers may build concurrently; each renames a complete file). The hash covers the sources,
-compiler and flags, so an edited source is rebuilt. OpenMP: the .so asks for libgomp.so.1, and
-the copy torch already loaded answers, so one runtime (and torch's thread settings) applies.
+The C sources (cpu_avx2_int4.c: INT4 linear layers, fast at decode batch sizes;
+cpu_blockwise.c: every format case, exact; cpu_qbara.c: multi-adapter Q-BaRA, one call per
+layer; cpu_common.h) are compiled once per machine with the system C compiler (`$CC`, else gcc,
+else cc; `-O3 -mavx2 -mfma -mf16c -fopenmp`) into one shared library,
+`<cache>/qahira_cpu-<hash>.so`, written to a temporary name and renamed (vLLM workers may build
+concurrently; each renames a complete file). `<cache>` is `$QAHIRA_KERNEL_CACHE`, else
+`$XDG_CACHE_HOME/qahira/kernels`, else `~/.cache/qahira/kernels`. The hash covers the sources,
+compiler and flags, so an edited source is rebuilt. The entry points' ctypes signatures are
+declared in `ops.C_FUNCTIONS`. OpenMP: the .so asks for libgomp.so.1, and the copy torch already
+loaded answers, so one runtime (and torch's thread settings) applies.
 
-Nothing is built, and every caller falls back to torch, when: `QAHIRA_CPU_GEMV=0`, the CPU lacks
-AVX2/FMA/F16C, there is no compiler, or the build fails (the compiler's message is kept).
+Nothing is built, and every caller falls back to torch, when the CPU lacks AVX2/FMA/F16C, there
+is no compiler, or the build fails (the compiler's message is kept).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ("cpu_int4_gemv.c", "cpu_blockwise.c", "cpu_qbara.c")
+SOURCES = ("cpu_avx2_int4.c", "cpu_blockwise.c", "cpu_qbara.c")
 HEADERS = ("cpu_common.h",)
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # cpu_common.h
@@ -45,17 +48,19 @@ def _cpu_has_avx2() -> bool:
     return {"avx2", "fma", "f16c"} <= set(flags)
 
 
-def _cache_dir() -> Path:
-    from qahira_vllm.models import cache_root
-
-    return cache_root() / "cpu_kernels"
+def cache_dir() -> Path:
+    """Where the built library is kept: $QAHIRA_KERNEL_CACHE, else <XDG cache>/qahira/kernels."""
+    if os.environ.get("QAHIRA_KERNEL_CACHE"):
+        return Path(os.environ["QAHIRA_KERNEL_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg).expanduser() / "qahira" / "kernels"
 
 
 def _build(compiler: str) -> Path:
     digest = hashlib.sha256(" ".join([compiler, *CFLAGS]).encode())
     for name in (*SOURCES, *HEADERS):
         digest.update((HERE / name).read_bytes())
-    out = _cache_dir() / f"qahira_cpu-{digest.hexdigest()[:16]}.so"
+    out = cache_dir() / f"qahira_cpu-{digest.hexdigest()[:16]}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -75,15 +80,11 @@ def _build(compiler: str) -> Path:
 
 
 def _declare(lib: ctypes.CDLL) -> None:
-    p, i, l = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
-    lib.qahira_int4_linear.argtypes = [p, i, i, i, p, p, p, i, i, i, i, p]
-    lib.qahira_int4_linear.restype = i
-    lib.qahira_blockwise_linear.argtypes = [p, i, i, i, p, i, p, p, i, i, i, i, p]
-    lib.qahira_blockwise_linear.restype = i
-    lib.qahira_blockwise_dequant.argtypes = [p, i, p, p, i, i, i, i, i, p]
-    lib.qahira_blockwise_dequant.restype = i
-    lib.qahira_qbara_layer.argtypes = [p, p, i, l, l, i, p, p, p, i, l]
-    lib.qahira_qbara_layer.restype = i
+    from .ops import C_FUNCTIONS  # here, not at the top: ops imports this module
+
+    for name, argtypes in C_FUNCTIONS.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, ctypes.c_int
 
 
 def load_library() -> ctypes.CDLL | None:
@@ -91,9 +92,7 @@ def load_library() -> ctypes.CDLL | None:
     global _lib, _lib_error
     if _lib is not None or _lib_error is not None:
         return _lib
-    if os.environ.get("QAHIRA_CPU_GEMV", "1") == "0":
-        _lib_error = "disabled by QAHIRA_CPU_GEMV=0"
-    elif not _cpu_has_avx2():
+    if not _cpu_has_avx2():
         _lib_error = "this CPU lacks AVX2/FMA/F16C"
     else:
         compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")

@@ -7,7 +7,7 @@
  *   h[k]  = coef * A_c[s, k, :in/p] . xp                      (k < r)
  *   y[row, col_c + o*q + u] += sum_k h[k] * Bt_c[s, k, o]      (o < out_c/q, u < q: R_q)
  *
- * Buffers (fp32, contiguous, owned by the layer; qahira_vllm.lora.layers keeps them current):
+ * Buffers (fp32, contiguous, owned by the layer; the LoRA layer keeps them current):
  *   A_c   [slots, R, in]     slot s fills only its [:r, :in/p] corner (the compact A)
  *   Bt_c  [slots, R, out_c]  slot s fills only its [:r, :out_c/q] corner (the compact B, transposed
  *                            so that the expand step streams contiguous rows)

@@ -1,33 +1,13 @@
-"""fp32 torch references for the Triton kernels of this package (tests and benchmark checks).
+"""fp32 torch references for the Q-BaRA kernels of this package (tests and benchmark checks).
 
-Written for clarity, not speed: dequantization goes through qahira_vllm.quant_math, and the
-Q-BaRA references follow the paper's formula literally (pool, project, expand, repeat).
+Written for clarity, not speed: they follow the paper's formula literally (pool, project,
+expand, repeat). The block-wise GEMM's reference is the format's one dequantization
+(docs/FORMAT.md), which lives with the format, not in this library.
 """
 
 from __future__ import annotations
 
 import torch
-
-from qahira_vllm.quant_math import dequantize, unpack_qweight
-
-# ----------------------------------------------------------------------------- block-wise GEMM
-
-
-def dequantize_ref(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
-                   bits: int, block_size: tuple[int, int]) -> torch.Tensor:
-    """W [N, K] in fp32 from format_version 1 tensors."""
-    return dequantize(unpack_qweight(qweight, bits), scales, offsets, tuple(block_size),
-                      torch.float32)
-
-
-def blockwise_gemm_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                       offsets: torch.Tensor, bits: int, block_size: tuple[int, int],
-                       bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ W^T (+ bias) in fp32, x [..., K]."""
-    w = dequantize_ref(qweight, scales, offsets, bits, block_size)
-    y = x.to(torch.float32) @ w.t()
-    return y if bias is None else y + bias.to(torch.float32)
-
 
 # ----------------------------------------------------------------------------- Q-BaRA
 # Stacked buffers (the kernels' interface):

@@ -42,9 +42,9 @@ from typing import Any
 import torch
 
 from .atomic import atomic_dir, write_json
-from .checkpoint import (layer_dims as _stored_layer_dims, quantized_layers, read_headers,
-                         read_quant_config, resolve_model_dir)
-from .format import QUANT_TENSOR_SUFFIXES, QahiraFormatError
+from .checkpoint import quantized_layers, read_headers, read_quant_config, resolve_model_dir
+from .format import QUANT_TENSOR_SUFFIXES, QahiraFormatError, layer_dims
+from .quant_math import describe_non_finite
 from .safetensors_io import model_tensors, read_safetensors_header
 
 ADAPTER_FORMAT_VERSION = 1
@@ -598,7 +598,7 @@ def base_layer_dims(model_dir: str | os.PathLike) -> dict[str, tuple[int, int]]:
     target (vLLM serves lm_head adapters through its own full-width path, not ours)."""
     model_dir = resolve_model_dir(model_dir)
     cfg = read_quant_config(model_dir)
-    return {layer: _stored_layer_dims(layer, tensors, cfg)
+    return {layer: layer_dims(layer, tensors, cfg)
             for layer, tensors in sorted(quantized_layers(read_headers(model_dir)).items())
             if not (layer == "lm_head" or layer.endswith(".lm_head"))}
 
@@ -669,10 +669,10 @@ def validate_adapter(adapter: Adapter, layer_dims: dict[str, tuple[int, int]],
             if t.dtype not in ACCEPTED_DTYPES:
                 raise AdapterError(f"{where}: tensor {name!r} is {t.dtype}: expected one of "
                                    f"{[str(d) for d in ACCEPTED_DTYPES]}")
-            if not bool(torch.isfinite(t).all()):
-                bad = int((~torch.isfinite(t)).sum())
-                raise AdapterError(f"{where}: tensor {name!r} has {bad} non-finite values "
-                                   "(inf/nan): expected finite weights")
+            bad = describe_non_finite(t)
+            if bad:
+                raise AdapterError(f"{where}: tensor {name!r} holds {bad}: expected finite "
+                                   "weights")
     untargeted = sorted(set(adapter.tensors) - set(targeted))
     if untargeted:
         raise AdapterError(f"{where}: layers {untargeted[:3]} have tensors but PEFT does not "
@@ -745,16 +745,4 @@ def default_qahira_geometry(block_size: tuple[int, int], dims: dict[str, tuple[i
         return at_least[0] if at_least else valid[-1]
 
     return pick(pools, paper_pool), pick(repeats, paper_repeat)
-
-
-def qahira_delta_blocks(m: torch.Tensor, scaling: float, pool: int, repeat: int,
-                        block_size: tuple[int, int]) -> torch.Tensor:
-    """fp32 [out/bo, in/bi]: the constant dW = s * M[tile] / pi on each quantization block."""
-    bo, bi = block_size
-    if repeat % bo or pool % bi:
-        raise AdapterError(f"qahira_delta_blocks: tile {repeat} x {pool} is not a multiple of "
-                           f"block {bo} x {bi}")
-    m32 = m.to(torch.float32)
-    per_block = m32.repeat_interleave(repeat // bo, 0).repeat_interleave(pool // bi, 1)
-    return per_block * scaling / pool
 

@@ -1,9 +1,11 @@
-"""Reading qahira checkpoints: locate, validate tensor headers, dequantize for reference models."""
+"""Reading and writing qahira checkpoints: locate, validate tensor headers, dequantize for
+reference models, write a checkpoint folder atomically."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterator
@@ -11,9 +13,10 @@ from typing import Iterator
 import torch
 from safetensors import safe_open
 
-from .format import (QUANT_TENSOR_SUFFIXES, QWEIGHT, INT4_PER_WORD, QahiraFormatError,
-                     QahiraQuantConfig, validate_layer_tensors)
-from .quant_math import dequantize_packed
+from .atomic import atomic_dir, write_json
+from .format import (QUANT_TENSOR_SUFFIXES, QWEIGHT, QahiraFormatError, QahiraQuantConfig,
+                     layer_dims, validate_layer_tensors)
+from .quant_math import dequantize, describe_non_finite
 from .safetensors_io import check_vllm_reads_same, model_tensors, model_weight_files
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -35,12 +38,6 @@ def resolve_model_dir(name_or_path: str | os.PathLike, revision: str | None = No
     except Exception as e:  # offline, missing repo, ...: say what was tried
         raise FileNotFoundError(
             f"{name_or_path!r} is neither a local folder nor a downloadable hub repo: {e}") from e
-
-
-def safetensors_files(model_dir: Path) -> list[Path]:
-    """The files that form the model (safetensors_io.model_weight_files: the index's shards,
-    else model.safetensors); FileNotFoundError / QahiraFormatError as documented there."""
-    return model_weight_files(model_dir)
 
 
 class _Meta:
@@ -75,19 +72,6 @@ def quantized_layers(metas: dict[str, _Meta]) -> dict[str, dict[str, _Meta]]:
     return dict(layers)
 
 
-def layer_dims(layer: str, tensors: dict[str, _Meta], cfg: QahiraQuantConfig) -> tuple[int, int]:
-    """(out, in) of a stored layer, read from its qweight (the one tensor that fixes both)."""
-    q = tensors.get(QWEIGHT)
-    if q is None:
-        raise QahiraFormatError(f"missing tensor {layer + '.' + QWEIGHT!r} (layer has "
-                                f"{sorted(tensors)} but no qweight)")
-    if len(q.shape) != 2:
-        raise QahiraFormatError(f"tensor {layer + '.qweight'!r} has shape {list(q.shape)}: "
-                                "expected 2-D [out, in/8] (4-bit) or [out, in] (8-bit)")
-    out_f, cols = q.shape
-    return out_f, cols * INT4_PER_WORD if cfg.bits == 4 else cols
-
-
 def validate_checkpoint(model_dir: str | os.PathLike, cfg: QahiraQuantConfig) -> list[str]:
     """Check every quantized layer's tensors (headers only). Returns the layer names, sorted."""
     model_dir = resolve_model_dir(model_dir)
@@ -106,6 +90,35 @@ def validate_checkpoint(model_dir: str | os.PathLike, cfg: QahiraQuantConfig) ->
             raise QahiraFormatError(
                 f"layer {layer!r} has both a float 'weight' and quantized tensors in {model_dir}")
     return sorted(layers)
+
+
+# Shard size of written checkpoints (huggingface_hub's save_torch_state_dict).
+MAX_SHARD_SIZE = "2GB"
+# Files of a source folder that a written checkpoint replaces (weights, config) or must not
+# carry (other weight formats, the model cache's own marker file); everything else (tokenizer,
+# generation config, chat template, license...) is copied.
+_NOT_COPIED_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".gguf")
+_NOT_COPIED_NAMES = ("config.json", "qahira_model.json")
+
+
+def write_checkpoint(src_dir: Path, out_dir: str | os.PathLike, config: dict,
+                     tensors: dict[str, torch.Tensor], overwrite: bool = False) -> Path:
+    """Write a model folder atomically (atomic.atomic_dir): `tensors` (name -> tensor) as
+    model.safetensors, or as shards plus an index above MAX_SHARD_SIZE
+    (huggingface_hub.save_torch_state_dict), `config` as config.json, and src_dir's other
+    files copied. The quantizer and merge both write through here. Returns the folder.
+    FileExistsError when out_dir exists and not overwrite; on any error nothing is left."""
+    from huggingface_hub import save_torch_state_dict
+
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        for f in Path(src_dir).iterdir():
+            if f.is_file() and not (f.name.endswith(_NOT_COPIED_SUFFIXES)
+                                    or f.name in _NOT_COPIED_NAMES):
+                shutil.copy2(f, tmp / f.name)
+        save_torch_state_dict({k: v.contiguous() for k, v in tensors.items()}, tmp,
+                              max_shard_size=MAX_SHARD_SIZE)
+        write_json(tmp / "config.json", config)
+    return Path(out_dir).resolve()
 
 
 def read_quant_config(model_dir: Path) -> QahiraQuantConfig:
@@ -156,8 +169,7 @@ def dequantized_state_dict(model_dir: str | os.PathLike,
     cfg, quant, other = load_quantized_state(resolve_model_dir(model_dir))
     sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in other.items()}
     for layer, t in quant.items():
-        sd[f"{layer}.weight"] = dequantize_packed(t["qweight"], t["scales"], t["offsets"], cfg,
-                                                  dtype)
+        sd[f"{layer}.weight"] = dequantize(t["qweight"], t["scales"], t["offsets"], cfg, dtype)
     return sd
 
 
@@ -193,11 +205,8 @@ def check_block_params_finite(model_dir: str | os.PathLike) -> None:
             continue
         with safe_open(str(meta.file), framework="pt") as fh:
             t = fh.get_tensor(name)
-        finite = torch.isfinite(t)
-        if not bool(finite.all()):
-            bad = (~finite).nonzero()
-            first = bad[0].tolist()
+        bad = describe_non_finite(t)
+        if bad:
             raise QahiraFormatError(
-                f"tensor {name!r} in {meta.file} holds {t[tuple(first)].item()} at block "
-                f"{first} ({bad.shape[0]} non-finite value(s)): the checkpoint is damaged; "
-                "re-create it with `qahira quantize`")
+                f"tensor {name!r} in {meta.file} holds {bad.replace(' at ', ' at block ', 1)}: "
+                "the checkpoint is damaged; re-create it with `qahira quantize`")

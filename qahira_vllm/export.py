@@ -16,9 +16,8 @@ from pathlib import Path
 
 from .adapter_format import (LORA_A, LORA_B, AdapterConfig, AdapterError, load_adapter,
                              save_adapter)
-from .training.adapters import qbara_to_lora
+from .adapter_math import qbara_to_lora
 
-FORMATS = ("peft-lora",)
 EXPORT_INFO_NAME = "qahira_export.json"
 
 

@@ -23,7 +23,7 @@ See docs/FORMAT.md for the prose version of this contract.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -145,6 +145,24 @@ def expected_tensors(out_features: int, in_features: int,
     blocks = (out_features // bo, in_features // bi)
     return {QWEIGHT: qweight, SCALES: (blocks, SCALE_DTYPE),
             OFFSETS: (blocks, cfg.offset_torch_dtype)}
+
+
+def layer_dims(layer: str, tensors: Mapping[str, Any], cfg: QahiraQuantConfig) -> tuple[int, int]:
+    """(out, in) of a stored layer, read from its qweight (the one tensor that fixes both).
+
+    tensors: suffix -> anything with a `.shape` (a tensor, or a safetensors header entry).
+    Raises QahiraFormatError naming the layer when qweight is missing or not 2-D. The inverse
+    of `expected_tensors`: 4-bit qweight [out, in/8] -> in = 8 * columns; 8-bit [out, in].
+    """
+    q = tensors.get(QWEIGHT)
+    if q is None:
+        raise QahiraFormatError(f"missing tensor {layer + '.' + QWEIGHT!r} (layer has "
+                                f"{sorted(tensors)} but no qweight)")
+    if len(q.shape) != 2:
+        raise QahiraFormatError(f"tensor {layer + '.' + QWEIGHT!r} has shape {list(q.shape)}: "
+                                "expected 2-D [out, in/8] (4-bit) or [out, in] (8-bit)")
+    out_f, cols = q.shape
+    return out_f, cols * INT4_PER_WORD if cfg.bits == 4 else cols
 
 
 def validate_layer_tensors(layer: str, tensors: dict[str, torch.Tensor], out_features: int,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -25,23 +24,14 @@ import torch
 
 from . import __version__
 from .adapter_format import (LORA_A, LORA_B, QAHIRA_M, AdapterError, check_qahira_geometry,
-                             checkpoint_fingerprint, load_adapter, qahira_delta_blocks,
-                             validate_adapter)
-from .atomic import atomic_dir, write_json
-from .checkpoint import load_quantized_state, resolve_model_dir
-from .format import QahiraQuantConfig
-from .quant_math import dequantize_packed, pack_qweight, quantize
-from .training.adapters import qahira_delta_weight, qbara_delta_weight
+                             checkpoint_fingerprint, load_adapter, validate_adapter)
+from .adapter_math import qahira_delta_blocks, qahira_delta_weight, qbara_delta_weight
+from .checkpoint import load_quantized_state, resolve_model_dir, write_checkpoint
+from .format import layer_dims
+from .quant_math import dequantize, pack_qweight, quantize
 
-MAX_SHARD_SIZE = "2GB"
 DEFAULT_VERIFY_TEXT = ("The quick brown fox jumps over the lazy dog. To be, or not to be, that "
                        "is the question.")
-
-
-def _layer_dims(quant: dict, cfg: QahiraQuantConfig) -> dict[str, tuple[int, int]]:
-    per_word = 8 if cfg.bits == 4 else 1
-    return {layer: (t["qweight"].shape[0], t["qweight"].shape[1] * per_word)
-            for layer, t in quant.items()}
 
 
 def _delta_weight(adapter, layer: str) -> torch.Tensor:
@@ -51,20 +41,6 @@ def _delta_weight(adapter, layer: str) -> torch.Tensor:
         return qahira_delta_weight(t[QAHIRA_M].float(), c.pool, c.repeat, c.scaling)
     return qbara_delta_weight(t[LORA_A].float(), t[LORA_B].float(), c.pool, c.repeat,
                               c.layer_scaling(layer))  # PEFT's per-layer alpha_pattern/rank
-
-
-def _write_checkpoint(qckpt: Path, out_dir, config: dict, tensors: dict, overwrite: bool) -> None:
-    from huggingface_hub import save_torch_state_dict
-
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        for f in qckpt.iterdir():  # tokenizer, generation config, chat template, license...
-            if f.is_file() and not (f.name.endswith(".safetensors")
-                                    or f.name.endswith(".safetensors.index.json")
-                                    or f.name == "config.json"):
-                shutil.copy2(f, tmp / f.name)
-        save_torch_state_dict({k: v.contiguous() for k, v in tensors.items()}, tmp,
-                              max_shard_size=MAX_SHARD_SIZE)
-        write_json(tmp / "config.json", config)
 
 
 def merge_qahira(qckpt: str | os.PathLike, adapter_dir: str | os.PathLike,
@@ -79,7 +55,7 @@ def merge_qahira(qckpt: str | os.PathLike, adapter_dir: str | os.PathLike,
     qckpt = resolve_model_dir(qckpt)
     adapter = load_adapter(adapter_dir)
     cfg, quant, other = load_quantized_state(qckpt)
-    dims = _layer_dims(quant, cfg)
+    dims = {layer: layer_dims(layer, t, cfg) for layer, t in quant.items()}
     fingerprint = checkpoint_fingerprint(qckpt)
     validate_adapter(adapter, dims, fingerprint)
     ac = adapter.config
@@ -128,13 +104,13 @@ def merge_qahira(qckpt: str | os.PathLike, adapter_dir: str | os.PathLike,
                 for suffix in ("qweight", "scales", "offsets"):
                     new_tensors[f"{layer}.{suffix}"] = t[suffix]
                 continue
-            target = (dequantize_packed(t["qweight"], t["scales"], t["offsets"], cfg)
+            target = (dequantize(t["qweight"], t["scales"], t["offsets"], cfg)
                       + _delta_weight(adapter, layer))
             q, scales, offsets = quantize(target, cfg, clip_search=clip_search)
             new_tensors[f"{layer}.qweight"] = pack_qweight(q, cfg.bits)
             new_tensors[f"{layer}.scales"] = scales
             new_tensors[f"{layer}.offsets"] = offsets
-            err = dequantize_packed(new_tensors[f"{layer}.qweight"], scales, offsets, cfg) - target
+            err = dequantize(new_tensors[f"{layer}.qweight"], scales, offsets, cfg) - target
             sq_err += float(err.square().sum())
             sq_delta += float(_delta_weight(adapter, layer).square().sum())
             max_err = max(max_err, float(err.abs().max()))
@@ -148,7 +124,7 @@ def merge_qahira(qckpt: str | os.PathLike, adapter_dir: str | os.PathLike,
         "base_fingerprint": fingerprint, "scaling": ac.scaling, "pool": ac.pool,
         "repeat": ac.repeat, "rank": ac.rank, "layers": len(adapted),
         "method": report["method"], "merged_by": f"qahira-vllm {__version__}"}]
-    _write_checkpoint(qckpt, out_dir, config, new_tensors, overwrite)
+    write_checkpoint(qckpt, out_dir, config, new_tensors, overwrite=overwrite)
     summary = {"out_dir": str(Path(out_dir).resolve()), "adapter_type": ac.adapter_type,
                **report, "seconds": round(time.time() - t0, 2)}
     if verify:

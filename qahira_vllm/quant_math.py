@@ -1,4 +1,6 @@
-"""Pure quantization math for the qahira format (no I/O, no model code).
+"""Pure quantization math for the qahira format (no I/O, no model code): the one home of
+packing (pack_int4 / unpack_int4, pack_qweight / unpack_qweight), block expansion
+(expand_blocks), quantization (quantize, check_quantizable) and dequantization (dequantize).
 
 Layouts are those of `qahira_vllm.format`: q is unsigned, W = scales * q + offsets per block.
 """
@@ -40,25 +42,14 @@ def expand_blocks(t: torch.Tensor, block_size: tuple[int, int]) -> torch.Tensor:
     return t.repeat_interleave(bo, dim=0).repeat_interleave(bi, dim=1)
 
 
-def dequantize(q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
-               block_size: tuple[int, int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Unpacked q [out, in] -> W [out, in] in `dtype`, computed in fp32."""
-    w = (q.to(torch.float32) * expand_blocks(scales.to(torch.float32), block_size)
-         + expand_blocks(offsets.to(torch.float32), block_size))
-    return w.to(dtype)
-
-
 def unpack_qweight(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """Stored qweight (4-bit: int32 [out, in/8]; 8-bit: uint8 [out, in]) -> uint8 [out, in]."""
     return unpack_int4(qweight) if bits == 4 else qweight.to(torch.uint8)
 
 
 def pack_qweight(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 q [out, in] -> stored qweight (4-bit: int32 [out, in/8]; 8-bit: uint8 [out, in])."""
     return pack_int4(q) if bits == 4 else q.to(torch.uint8)
-
-
-def dequantize_packed(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
-                      cfg: QahiraQuantConfig, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return dequantize(unpack_qweight(qweight, cfg.bits), scales, offsets, cfg.block_size, dtype)
 
 
 def _to_blocks(w: torch.Tensor, block_size: tuple[int, int]) -> torch.Tensor:
@@ -85,6 +76,17 @@ def _round_to_grid(blocks: torch.Tensor, scale: torch.Tensor, offset: torch.Tens
     return torch.clamp(torch.round((blocks - z) / s), 0, qmax)
 
 
+def describe_non_finite(t: torch.Tensor) -> str | None:
+    """None if every value of `t` is finite, else e.g. "nan at [5, 7] (3 non-finite value(s))"
+    (the first offending index in row-major order, and the count)."""
+    finite = torch.isfinite(t)
+    if bool(finite.all()):
+        return None
+    bad = (~finite).nonzero()
+    first = bad[0].tolist()
+    return f"{t[tuple(first)].item()} at {first} ({bad.shape[0]} non-finite value(s))"
+
+
 def check_quantizable(w: torch.Tensor, cfg: QahiraQuantConfig, name: str) -> None:
     """Refuse W [out, in] (any float dtype) if its stored form would not be W's block grid.
 
@@ -95,13 +97,10 @@ def check_quantizable(w: torch.Tensor, cfg: QahiraQuantConfig, name: str) -> Non
     dtype (with float16 offsets: |lo| >= 65520; the fix is float32 offsets). Clipped candidates
     of the MSE search lie inside [lo, hi], so they fit whenever min-max fits.
     """
-    finite = torch.isfinite(w)
-    if not bool(finite.all()):
-        bad = (~finite).nonzero()
-        first = bad[0].tolist()
-        raise QahiraFormatError(
-            f"tensor {name!r} holds {w[tuple(first)].item()} at {first} ({bad.shape[0]} "
-            "non-finite value(s) in all): fix or replace the source weights before quantizing")
+    bad = describe_non_finite(w)
+    if bad:
+        raise QahiraFormatError(f"tensor {name!r} holds {bad}: fix or replace the source "
+                                "weights before quantizing")
     blocks = _to_blocks(w.detach().to(torch.float32), cfg.block_size)
     lo, hi = blocks.amin(dim=-1), blocks.amax(dim=-1)
     scale = (hi - lo) / cfg.qmax
@@ -165,14 +164,21 @@ def quantize(w: torch.Tensor, cfg: QahiraQuantConfig, clip_search: bool = True,
 _NIBBLE_SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)
 
 
-def dequantize_fast(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
-                    cfg: QahiraQuantConfig) -> torch.Tensor:
-    """fp32 W [out, in], bit-identical to quant_math.dequantize_packed, in fewer memory passes.
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+               cfg: QahiraQuantConfig, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Stored tensors -> W [out, in] in `dtype`: W = scales * q + offsets per block, in fp32.
 
-    Same nibble order and the same fp32 formula scales * q + offsets, with the block parameters
-    broadcast instead of expanded. addcmul may fuse the multiply-add, which cannot change the
-    result: scale (fp16, 11-bit significand) * q (<= 8 bits) is exact in fp32, so only the add
-    rounds, as in the unfused form. tests/training/test_qlinear.py checks bit equality.
+    qweight: as stored (4-bit: int32 [out, in/8], nibble 4j..4j+3 of word w is column 8w+j;
+    8-bit: uint8 [out, in]); scales, offsets: [out/bo, in/bi], any float dtype (taken to fp32).
+    The one dequantization of the format: checkpoint readers, merge, quantize and the trainer
+    all call it, and every kernel is tested against it. Shapes are not checked here
+    (format.validate_layer_tensors does that); mismatched ones raise torch's RuntimeError.
+
+    The block parameters are broadcast over a [out/bo, bo, in/bi, bi] view instead of being
+    expanded to [out, in], which saves memory passes. addcmul may fuse the multiply-add, which
+    cannot change the result: scale (fp16, 11-bit significand) * q (<= 8 bits) is exact in
+    fp32, so only the add rounds, as in the unfused form. tests/test_quant_math.py checks bit
+    equality with the expanded form.
     """
     bo, bi = cfg.block_size
     out_f = qweight.shape[0]
@@ -185,4 +191,4 @@ def dequantize_fast(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.
     q = q.view(out_f // bo, bo, in_f // bi, bi)
     w = torch.addcmul(offsets.to(torch.float32)[:, None, :, None], q,
                       scales.to(torch.float32)[:, None, :, None])
-    return w.view(out_f, in_f)
+    return w.view(out_f, in_f).to(dtype)

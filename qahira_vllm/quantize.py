@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -12,13 +11,10 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .atomic import atomic_dir, write_json
-from .checkpoint import iter_tensors, read_headers, resolve_model_dir
+from .checkpoint import iter_tensors, read_headers, resolve_model_dir, write_checkpoint
 from .format import QahiraFormatError, QahiraQuantConfig, check_divides
 from .fused_layers import packed_modules_mapping, widen_to_fused_groups
 from .quant_math import check_quantizable, dequantize, pack_qweight, quantize
-
-MAX_SHARD_SIZE = "2GB"
 
 
 def linear_module_names(model_dir: Path) -> list[str]:
@@ -117,7 +113,7 @@ def quantize_state_dict(tensors, targets: set[str], cfg: QahiraQuantConfig, clip
             out[f"{layer}.scales"] = scales
             out[f"{layer}.offsets"] = offsets
             w = t.float()
-            deq = dequantize(q, scales, offsets, cfg.block_size)
+            deq = dequantize(out[f"{layer}.qweight"], scales, offsets, cfg)
             stats["sq_err"] += (deq - w).square().sum().item()
             stats["sq_ref"] += w.square().sum().item()
             stats["layers"] += 1
@@ -142,8 +138,6 @@ def quantize_model(model: str | os.PathLike, out_dir: str | os.PathLike, bits: i
     step, at some cost in fidelity (measure it). A tied model is then stored untied: the input
     embedding stays in float, lm_head gets its own quantized copy, and config.json says
     tie_word_embeddings false."""
-    from huggingface_hub import save_torch_state_dict
-
     t0 = time.time()
     if Path(out_dir).exists() and not overwrite:  # fail before quantizing, not after
         raise FileExistsError(f"output folder {Path(out_dir).resolve()} already exists "
@@ -188,16 +182,7 @@ def quantize_model(model: str | os.PathLike, out_dir: str | os.PathLike, bits: i
     config["quantization_config"] = cfg.to_dict()
     if untie:
         config["tie_word_embeddings"] = False
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        for f in src.iterdir():  # tokenizer, generation config, chat template, license...
-            if f.is_file() and not (f.name.endswith(".safetensors") or f.name.endswith(
-                    ".safetensors.index.json") or f.name == "config.json"
-                    or f.name.endswith(".bin") or f.name.endswith(".gguf")
-                    or f.name == "qahira_model.json"):
-                shutil.copy2(f, tmp / f.name)
-        save_torch_state_dict({k: v.contiguous() for k, v in state.items()}, tmp,
-                              max_shard_size=MAX_SHARD_SIZE)
-        write_json(tmp / "config.json", config)
+    write_checkpoint(src, out_dir, config, state, overwrite=overwrite)
     rel_err = (stats["sq_err"] / max(stats["sq_ref"], 1e-30)) ** 0.5
     return {"out_dir": str(Path(out_dir).resolve()), "layers_converted": stats["layers"],
             "modules_not_converted": list(cfg.modules_not_converted), "notes": notes,

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tiny_models as tm  # noqa: E402
 from qahira_vllm.checkpoint import (read_headers, read_quant_config,  # noqa: E402
-                                    resolve_model_dir, validate_checkpoint)
+                                    resolve_model_dir, validate_checkpoint, write_checkpoint)
 from qahira_vllm.format import QahiraFormatError, QahiraQuantConfig  # noqa: E402
 from qahira_vllm.quantize import quantize_model  # noqa: E402
 
@@ -152,3 +152,38 @@ def test_resolve_model_dir(tmp_path):
     f.write_text("{}")
     with pytest.raises(FileNotFoundError, match="is a file"):
         resolve_model_dir(f)
+
+
+def test_write_checkpoint(tmp_path):
+    from safetensors.torch import load_file
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("config.json", "model.safetensors", "model.safetensors.index.json",
+                 "pytorch_model.bin", "m.gguf", "qahira_model.json"):
+        (src / name).write_text("stale")  # replaced or not carried over
+    (src / "tokenizer.json").write_bytes(b'{"tok": 1}')
+    (src / "sub").mkdir()  # folders are not copied
+    tensors = {"a.qweight": torch.arange(24, dtype=torch.int32).reshape(3, 8)[:, ::2],
+               "b.weight": torch.randn(4, 5)}
+    config = {"architectures": ["X"], "quantization_config": {"bits": 4}}
+    out = tmp_path / "out"
+    assert write_checkpoint(src, out, config, tensors) == out.resolve()
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors",
+                                                     "tokenizer.json"]
+    assert json.loads((out / "config.json").read_text()) == config
+    assert (out / "tokenizer.json").read_bytes() == b'{"tok": 1}'
+    back = load_file(str(out / "model.safetensors"))  # safetensors' own reader
+    assert back.keys() == tensors.keys()
+    for k, t in tensors.items():
+        assert back[k].dtype == t.dtype and torch.equal(back[k], t)
+    # an existing folder is kept unless overwrite
+    with pytest.raises(FileExistsError, match="already exists"):
+        write_checkpoint(src, out, {"other": 1}, tensors)
+    assert json.loads((out / "config.json").read_text()) == config
+    write_checkpoint(src, out, {"other": 1}, tensors, overwrite=True)
+    assert json.loads((out / "config.json").read_text()) == {"other": 1}
+    # a failed write leaves nothing behind, not even its temporary folder
+    with pytest.raises(AttributeError, match="contiguous"):
+        write_checkpoint(src, tmp_path / "failed", config, {"x": "not a tensor"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]

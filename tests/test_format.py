@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qahira_vllm.format import (QahiraFormatError, QahiraQuantConfig, check_divides,
-                                expected_tensors, validate_layer_tensors)
+                                expected_tensors, layer_dims, validate_layer_tensors)
 
 GOOD = {"quant_method": "qahira", "format_version": 1, "bits": 4, "block_size": [1, 64],
         "offset_dtype": "float16", "modules_not_converted": [], "quantizer": "mse_clip",
@@ -193,3 +193,22 @@ def test_validate_layer_tensors_checks_divisibility_first():
     cfg = QahiraQuantConfig(bits=4, block_size=(1, 64))
     with pytest.raises(QahiraFormatError, match=r"'L'.*in=96 is not a multiple of bi=64"):
         validate_layer_tensors("L", {}, 64, 96, cfg)
+
+
+@pytest.mark.parametrize("bits,block,out_f,in_f", [(4, (1, 64), 64, 128), (4, (8, 4), 256, 40),
+                                                   (8, (2, 16), 32, 48), (8, (1, 1), 3, 5)])
+def test_layer_dims_inverts_expected_tensors(bits, block, out_f, in_f):
+    cfg = QahiraQuantConfig(bits=bits, block_size=block)
+    tensors = _good_tensors(out_f, in_f, cfg)
+    assert layer_dims("L", tensors, cfg) == (out_f, in_f)
+    # shape-only stand-ins (header entries) work the same
+    shapes = {k: type("Meta", (), {"shape": tuple(t.shape)})() for k, t in tensors.items()}
+    assert layer_dims("L", shapes, cfg) == (out_f, in_f)
+
+
+def test_layer_dims_errors_name_the_tensor():
+    cfg = QahiraQuantConfig(bits=4, block_size=(1, 64))
+    with pytest.raises(QahiraFormatError, match=r"missing tensor 'm.q_proj.qweight'.*'scales'"):
+        layer_dims("m.q_proj", {"scales": torch.zeros(2, 2)}, cfg)
+    with pytest.raises(QahiraFormatError, match=r"'m.q_proj.qweight' has shape \[4, 2, 2\]"):
+        layer_dims("m.q_proj", {"qweight": torch.zeros(4, 2, 2, dtype=torch.int32)}, cfg)

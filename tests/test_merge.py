@@ -8,9 +8,9 @@ from safetensors import safe_open
 
 import helpers_tiny
 from qahira_vllm.adapter_format import AdapterError, checkpoint_fingerprint, load_adapter
-from qahira_vllm.checkpoint import safetensors_files
 from qahira_vllm.cli import main as cli_main
 from qahira_vllm.merge import merge_qahira
+from qahira_vllm.safetensors_io import model_weight_files
 
 TINY = dict(hidden=64, intermediate=128, heads=2, kv_heads=1)
 BASES = {  # name -> (arch, block, offset dtype, QA-HiRA pool pi, repeat qo)
@@ -28,7 +28,7 @@ def _base(name):
 
 def _tensors(model_dir):
     out = {}
-    for f in safetensors_files(model_dir):
+    for f in model_weight_files(model_dir):
         with safe_open(str(f), framework="pt") as fh:
             out.update({k: fh.get_tensor(k) for k in fh.keys()})
     return out

@@ -91,32 +91,38 @@ def test_dequantize_matches_index_reference(block, bits, offset_dtype):
     scales = (torch.rand(out_f // bo, in_f // bi, generator=g) * 0.1 + 1e-3).to(torch.float16)
     offsets = (torch.randn(out_f // bo, in_f // bi, generator=g)).to(offset_dtype)
     ref = tm.dequant_ref(q, scales, offsets, block)  # float64, explicit arange // b indexing
-    got = qm.dequantize(q, scales, offsets, block)
+    cfg = QahiraQuantConfig(bits=bits, block_size=block,
+                            offset_dtype="float16" if offset_dtype == torch.float16 else "float32")
+    qweight = qm.pack_qweight(q, bits)
+    got = qm.dequantize(qweight, scales, offsets, cfg)
     assert got.dtype == torch.float32 and got.shape == (out_f, in_f)
     # fp32 product + sum of fp16/fp32-exact inputs: |err| <= 2^-23 * (|s*q| + |o|) (<= 2 ulp)
     mag = (q.double() * tm.expand_ref(scales, block, q.shape)).abs() + tm.expand_ref(
         offsets, block, q.shape).abs()
     assert ((got.double() - ref).abs() <= 2.0**-23 * mag).all()
-    # packed path through the config
-    cfg = QahiraQuantConfig(bits=bits, block_size=block,
-                            offset_dtype="float16" if offset_dtype == torch.float16 else "float32")
-    got_p = qm.dequantize_packed(qm.pack_qweight(q, bits), scales, offsets, cfg)
-    assert torch.equal(got_p, got)
+    # bit-identical to the plain fp32 formula on [out, in]-expanded block parameters (the
+    # broadcast, possibly fused multiply-add of quant_math.dequantize changes no bit)
+    expanded = (q.to(torch.float32) * qm.expand_blocks(scales.to(torch.float32), block)
+                + qm.expand_blocks(offsets.to(torch.float32), block))
+    assert torch.equal(got, expanded)
     # output dtype honoured
-    assert qm.dequantize(q, scales, offsets, block, dtype=torch.bfloat16).dtype == torch.bfloat16
+    bf16 = qm.dequantize(qweight, scales, offsets, cfg, dtype=torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16
 
 
 def test_dequantize_distinguishes_block_axes():
     """bo x bi and bi x bo blocks must give different weights for the same parameter grid."""
     q = torch.ones(8, 8, dtype=torch.uint8)
     params = torch.arange(16, dtype=torch.float16).reshape(4, 4) + 1
-    w = qm.dequantize(q, params, torch.zeros(4, 4, dtype=torch.float16), (2, 2))
+    w = qm.dequantize(q, params, torch.zeros(4, 4, dtype=torch.float16),
+                      QahiraQuantConfig(bits=8, block_size=(2, 2)))  # 8-bit: q stored as is
     # element [o, i] belongs to block [o // 2, i // 2]
     for o in range(8):
         for i in range(8):
             assert w[o, i].item() == params[o // 2, i // 2].item()
     w2 = qm.dequantize(torch.ones(8, 16, dtype=torch.uint8), torch.arange(16.).reshape(8, 2).half(),
-                       torch.zeros(8, 2, dtype=torch.float16), (1, 8))
+                       torch.zeros(8, 2, dtype=torch.float16),
+                       QahiraQuantConfig(bits=8, block_size=(1, 8)))
     assert w2[3, 9].item() == 7.0 and w2[3, 7].item() == 6.0
 
 
@@ -243,7 +249,7 @@ def test_constant_and_tiny_range_blocks_are_finite(bits, offset_dtype, clip):
     assert torch.isfinite(offsets).all()
     deq = tm.dequant_ref(q, scales, offsets, (1, 32))
     assert torch.isfinite(deq).all()
-    assert torch.isfinite(qm.dequantize(q, scales, offsets, (1, 32))).all()
+    assert torch.isfinite(qm.dequantize(qm.pack_qweight(q, bits), scales, offsets, cfg)).all()
     err = (deq - w.double()).abs()
     assert (err <= tm.error_bound(w, (1, 32), bits, offset_dtype, clip=clip)).all()
     # all-zero block is reproduced exactly; a constant block within offset rounding only

@@ -21,7 +21,9 @@ def run(argv: list[str]) -> int:
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     from ..vllm_plugin import register
+    from ..vllm_plugin.vllm_api import CLI, require
 
+    require(CLI)  # the vLLM entry points used below
     register()  # so that --quantization qahira is a known choice before parsing
     cli_env_setup()
     parser = FlexibleArgumentParser(prog="qahira", description="vLLM serve, via qahira")

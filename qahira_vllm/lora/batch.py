@@ -1,9 +1,10 @@
 """Per-batch token -> slot segments, computed once per batch and shared by every layer.
 
-vLLM's punica wrapper holds the token -> slot map (`_token_lora_indices`, -1 = no adapter) and
-refreshes it in `update_metadata` whenever the batch mapping or the slot layout changes. We wrap
-that method on the wrapper instance (not the class) to drop our cached segments, so the ~200
-adapted layers of a forward pass share one sort instead of one each.
+vLLM's punica wrapper holds the token -> slot map (its public `token_lora_indices`, -1 = no
+adapter) and refreshes it in `update_metadata` whenever the batch mapping or the slot layout
+changes. We wrap that method on the wrapper instance (not the class) to drop our cached
+segments, so the ~200 adapted layers of a forward pass share one sort instead of one each (both
+are rows of vllm_plugin/vllm_api.py).
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ class SlotBatch:
         """Slot per token [num_tokens]; tokens beyond the mapping (padding) get -1."""
         key = ("idx", num_tokens)
         if key not in self._cache:
+            # indices_len[0] is None until the first mapping: then no token has an adapter.
             known = self._pw.indices_len[0] or 0
-            idx = self._pw._token_lora_indices[:min(known, num_tokens)]
+            idx = self._pw.token_lora_indices[:min(known, num_tokens)]
             if idx.shape[0] < num_tokens:
                 idx = torch.cat([idx, idx.new_full((num_tokens - idx.shape[0],), -1)])
             self._cache[key] = idx

@@ -1,25 +1,32 @@
 """Install Q-BaRA LoRA serving into vLLM, without editing vLLM's files. Idempotent and cheap.
 
-Three hooks, each applied when vLLM imports the module (or at once if it is already imported),
-so that plugin registration itself imports nothing heavy:
+Every vLLM symbol used here is a row of vllm_plugin/vllm_api.py, checked against the installed
+vLLM before anything is patched. Two hooks, each applied when vLLM imports the module (or at
+once if it is already imported), so that plugin registration itself imports nothing heavy:
 
-  vllm.lora.utils._all_lora_classes           our layer classes first; they claim only layers
-                                              whose quant method is qahira's (from_layer walks
-                                              this tuple in order); and
-                                              vllm.lora.layers.base_linear._get_lora_device
-                                              learns the device of qahira layers whose kernel
-                                              replaced qweight (bf16 cpu_int4pack); and
-                                              LogitsProcessorWithLoRA skips its per-token
-                                              vocab-sized LoRA gather while no loaded adapter
-                                              has lm_head weights (it would add exact zeros);
-                                              and from_layer_logits_processor accepts an
-                                              lm_head converted by `quantize --lm-head`
-  vllm.lora.worker_manager.WorkerLoRAManager  create_lora_manager: remember the served model
-                                              folder; _load_adapter: our checks run first
+  vllm.lora.worker_manager (imported by vLLM's model runners before any LoRA layer is built;
+  it imports vllm.lora.model_manager, utils and layers, so all LoRA rows can be checked then):
+    vllm.lora.utils._all_lora_classes          our layer classes first; they claim only layers
+                                               whose quant method is qahira's (from_layer walks
+                                               this tuple in order)
+    vllm.lora.layers.base_linear._get_lora_device
+                                               learns the device of qahira layers whose kernel
+                                               replaced qweight (bf16 cpu_int4pack)
+    vllm.lora.utils.from_layer_logits_processor (and model_manager's imported name)
+                                               builds lora/logits.py's subclass (skips the
+                                               vocab-sized LoRA gather while no adapter has
+                                               lm_head weights), and accepts an lm_head
+                                               converted by `quantize --lm-head`
+    WorkerLoRAManager.create_lora_manager      remember the served model folder
+    WorkerLoRAManager._load_adapter            our checks (lora/loader.py) run first
   vllm.entrypoints.openai.models.serving.OpenAIServingModels.load_lora_adapter
-                                              a rejected adapter is answered 400, not 500
+                                               a rejected adapter is answered 400, not 500
 
-QAHIRA_NATIVE_LORA=0 in the environment keeps vLLM's stock LoRA layers (for comparisons).
+On a vLLM outside vllm_api.SUPPORTED_VLLM, or one whose LoRA rows do not match, none of the
+LoRA hooks is installed (an error names the symbols) and vLLM's stock LoRA path serves; a changed
+stock `_get_logits` only switches the lm_head skip off; a changed serving method leaves vLLM's
+500. QAHIRA_NATIVE_LORA=0 in the environment keeps vLLM's stock LoRA layers and logits wrapper
+(for comparisons); the other hooks still apply.
 """
 
 from __future__ import annotations
@@ -30,6 +37,12 @@ import os
 import sys
 
 _applied: set[str] = set()
+
+
+def _logger():
+    from vllm.logger import init_logger
+
+    return init_logger("vllm.qahira")  # under vLLM's logger so its handlers print it
 
 
 def _patch_lora_device(base_linear) -> None:
@@ -46,61 +59,25 @@ def _patch_lora_device(base_linear) -> None:
     base_linear._get_lora_device = _get_lora_device
 
 
-def _patch_logits_lora(logits_processor) -> None:
-    """vLLM's lm_head LoRA wrapper runs bgmv shrink + expand over the whole vocabulary for every
-    token that has an adapter, even when no adapter has lm_head weights (their slots are zero):
-    on CPU, 32 tokens x 49152 x rank of gathers per step (measured: the bulk of the per-step
-    cost of the first adapter on SmolLM2). While no slot holds lm_head weights, the logits are
-    the base logits exactly, so compute only those; otherwise the stock path runs."""
-    cls = logits_processor.LogitsProcessorWithLoRA
-    if getattr(cls, "_qahira_patched", False):
-        return
-    set_lora, reset_lora, get_logits = cls.set_lora, cls.reset_lora, cls._get_logits
-
-    def slots(self) -> set:
-        return self.__dict__.setdefault("_qahira_lm_head_slots", set())
-
-    def patched_set_lora(self, index, lora_a, lora_b):
-        set_lora(self, index, lora_a, lora_b)
-        slots(self).add(index)
-
-    def patched_reset_lora(self, index):
-        reset_lora(self, index)
-        slots(self).discard(index)
-
-    def patched_get_logits(self, hidden_states, lm_head, embedding_bias=None,
-                           skip_gather=False):
-        if slots(self) or skip_gather:
-            return get_logits(self, hidden_states, lm_head, embedding_bias, skip_gather)
-        head = lm_head.base_layer if hasattr(lm_head, "base_layer") else lm_head
-        logits = self.base_layer._gather_logits(
-            self.base_layer._apply_head(head, hidden_states, embedding_bias))
-        if logits is None:
-            return None
-        if self.sharded_to_full_mapping_gpu is not None:
-            logits = logits[:, self.sharded_to_full_mapping_gpu]
-        return logits[:, :self.base_layer.vocab_size]
-
-    cls.set_lora, cls.reset_lora = patched_set_lora, patched_reset_lora
-    cls._get_logits = patched_get_logits
-    cls._qahira_patched = True
-
-
-def _patch_quantized_head(utils) -> None:
-    """vLLM's lm_head LoRA wrapper takes its dtype and device from `lm_head.weight`; a head
-    converted by `qahira quantize --lm-head` holds qahira's tensors instead (no `weight`), so
-    answer from the layer itself. model_manager imports the function by name: patch it there
-    too if it is already imported."""
+def _patch_logits_processor(utils, logits_cls) -> None:
+    """vLLM's from_layer_logits_processor, building `logits_cls` (lora/logits.py's subclass, or
+    vLLM's own class when that is off) and taking dtype and device from the layer itself for an
+    lm_head converted by `qahira quantize --lm-head` (qahira's tensors, no `weight`): the same
+    steps as the stock function (whose source vllm_api pins). model_manager imports the function
+    by name: patch it there too if it is already imported."""
     original = utils.from_layer_logits_processor
 
     def from_layer_logits_processor(layer, lm_head, max_loras, lora_config, model_config=None):
-        if hasattr(lm_head, "weight") or not hasattr(lm_head, "qahira_kernel"):
+        if hasattr(lm_head, "weight"):
+            dtype, device = lm_head.weight.dtype, lm_head.weight.device
+        elif hasattr(lm_head, "qahira_kernel"):
+            dtype = lm_head.params_dtype
+            device = next(t.device for t in (*lm_head.parameters(recurse=False),
+                                             *lm_head.buffers(recurse=False)))
+        else:
             return original(layer, lm_head, max_loras, lora_config, model_config)
-        device = next(t.device for t in (*lm_head.parameters(recurse=False),
-                                         *lm_head.buffers(recurse=False)))
-        wrapped = utils.LogitsProcessorWithLoRA(layer, lm_head.embedding_dim,
-                                                lm_head.params_dtype, device,
-                                                lm_head.get_sharded_to_full_mapping())
+        wrapped = logits_cls(layer, lm_head.embedding_dim, dtype, device,
+                             lm_head.get_sharded_to_full_mapping())
         wrapped.create_lora_weights(max_loras, lora_config, model_config)
         return wrapped
 
@@ -110,22 +87,40 @@ def _patch_quantized_head(utils) -> None:
         manager.from_layer_logits_processor = from_layer_logits_processor
 
 
-def _patch_lora_classes(utils) -> None:
+def _install_lora(worker_manager) -> None:
+    """Check the LoRA rows of vllm_api, then install the LoRA hooks (all or none)."""
+    from ..vllm_plugin import vllm_api
+
+    decision = vllm_api.lora_decision()
+    if not decision.lora:
+        problems = vllm_api.check_vllm((vllm_api.LORA,)) if decision.version_ok else []
+        _logger().error(
+            "qahira: Q-BaRA LoRA serving is OFF, vLLM's stock LoRA serves instead: %s",
+            "; ".join(map(str, problems)) if problems else
+            f"vLLM {vllm_api.vllm_version()} is outside the supported {vllm_api.SUPPORTED_VLLM}")
+        return
     import vllm.lora.layers.base_linear as base_linear
+    import vllm.lora.utils as utils
+    from vllm.lora.layers.logits_processor import LogitsProcessorWithLoRA
 
     from . import layers
 
+    native = os.environ.get("QAHIRA_NATIVE_LORA", "1") != "0"
+    logits_cls = LogitsProcessorWithLoRA
+    if native and decision.lm_head_skip:
+        from .logits import QahiraLogitsProcessorWithLoRA as logits_cls
+    elif native:
+        _logger().warning(
+            "qahira: lm_head LoRA gather skip is off (vLLM's logits path changed): %s",
+            "; ".join(map(str, vllm_api.check_vllm((vllm_api.LM_HEAD,)))))
     _patch_lora_device(base_linear)
-    _patch_quantized_head(utils)
-
-    if os.environ.get("QAHIRA_NATIVE_LORA", "1") == "0":
+    _patch_logits_processor(utils, logits_cls)
+    if native:
+        ours = tuple(c for c in layers.QBARA_LORA_CLASSES if c not in utils._all_lora_classes)
+        utils._all_lora_classes = ours + tuple(utils._all_lora_classes)
+    else:
         layers.ENABLED = False
-        return
-    import vllm.lora.layers.logits_processor as logits_processor
-
-    _patch_logits_lora(logits_processor)
-    ours = tuple(c for c in layers.QBARA_LORA_CLASSES if c not in utils._all_lora_classes)
-    utils._all_lora_classes = ours + tuple(utils._all_lora_classes)
+    _patch_worker_manager(worker_manager)
 
 
 def _patch_worker_manager(worker_manager) -> None:
@@ -153,8 +148,19 @@ def _patch_worker_manager(worker_manager) -> None:
 
 
 def _patch_serving(serving) -> None:
+    """Answer a rejected adapter (lora/loader.py's AdapterRejected, recognised by the REJECTED
+    prefix of its message: vllm_api's docstring says why text) with 400."""
     from http import HTTPStatus
 
+    from ..vllm_plugin import vllm_api
+
+    problems = vllm_api.check_vllm((vllm_api.HTTP,))
+    if not vllm_api.decide(problems, vllm_api.version_supported()).http_400:
+        _logger().error("qahira: rejected adapters are answered with vLLM's 500, not 400: %s",
+                        "; ".join(map(str, problems))
+                        or f"vLLM {vllm_api.vllm_version()} is outside the supported "
+                           f"{vllm_api.SUPPORTED_VLLM}")
+        return
     cls = serving.OpenAIServingModels
     original = cls.load_lora_adapter
 
@@ -178,8 +184,7 @@ def _patch_serving(serving) -> None:
 
 
 _HOOKS = {
-    "vllm.lora.utils": _patch_lora_classes,
-    "vllm.lora.worker_manager": _patch_worker_manager,
+    "vllm.lora.worker_manager": _install_lora,
     "vllm.entrypoints.openai.models.serving": _patch_serving,
 }
 

@@ -18,7 +18,7 @@ Tensor parallel: B rows are sharded like the base's output rows (column parallel
 like its input columns (row parallel), in compact units: a shard boundary must fall on a
 multiple of q (outputs) or p (inputs), else `check_geometry` raises AdapterError.
 
-Token -> slot comes from vLLM's punica wrapper (`_token_lora_indices`, -1 = no adapter); the
+Token -> slot comes from vLLM's punica wrapper (public `token_lora_indices`, -1 = no adapter); the
 punica ops themselves are not used, which is what keeps base-only tokens adapter-free on CPU.
 """
 
@@ -37,6 +37,7 @@ from qahira_kernels.cpu_qbara import MAX_RANK as CPU_KERNEL_MAX_RANK
 from qahira_kernels.cpu_qbara import CpuQbaraLayer
 
 from ..adapter_format import AdapterError
+from ..linear_kernels import disabled_kernels
 from .batch import slot_batch
 from .ops import SlotGeometry, add_qbara_segments
 
@@ -95,6 +96,7 @@ class QbaraSlotsMixin:
         self._packed = [{} for _ in self.slice_full]  # ops.pack_slots cache, per slice
         self._cpu_kernel = None
         if (torch.device(self.device).type == "cpu" and r_max <= CPU_KERNEL_MAX_RANK
+                and "cpu_qbara" not in disabled_kernels()
                 and cpu_lib.load_library() is not None):
             # The compiled CPU kernel's own copies: B transposed (the expand step streams rows of
             # it) and the per-slot geometry as arrays; kept current in set_lora / reset_lora.

@@ -5,7 +5,8 @@ For a token t served by slot s (geometry pool p, repeat q, rank r):
 
     y[t] += s_scale * R_q(B[s, :out/q, :r] @ A[s, :r, :in/p] @ P_p(x[t]))
 
-P_p: mean of p adjacent inputs; R_q: each output repeated q times (repeat_interleave). Slot -1
+P_p: mean of p adjacent inputs; R_q: each output repeated q times (repeat_interleave), as
+defined in qahira_vllm.adapter_math (pool_sum comes from there). Slot -1
 is "no adapter": its tokens are never touched. Stacked buffers are zero-padded
 (A [slots, R_max, in], B [slots, out, R_max]); only the [:r, :in/p] and [:out/q, :r] corners of
 a slot are read, so the adapter is never expanded to full width. No vLLM import here.
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
+from ..adapter_math import pool_sum
 
 
 @dataclass(frozen=True)
@@ -62,24 +65,6 @@ def segment_by_slot(slot_idx: torch.Tensor) -> list[Segment]:
                                     else rows))
         start += count
     return segments
-
-
-def pool_inputs(x: torch.Tensor, pool: int) -> torch.Tensor:
-    """P_p: mean over adjacent groups of `pool` features of the last dim."""
-    return x if pool == 1 else x.unflatten(-1, (x.shape[-1] // pool, pool)).mean(dim=-1)
-
-
-def pool_sum(x: torch.Tensor, pool: int) -> torch.Tensor:
-    """p * P_p(x): sum of adjacent groups of `pool` features (the 1/p goes into the scale of
-    the rank-r intermediate, which is far smaller). Strided adds: on CPU ~4x faster than a
-    reduction over a size-p last dim (measured, 32 x 576 fp32)."""
-    if pool == 1:
-        return x
-    groups = x.unflatten(-1, (x.shape[-1] // pool, pool))
-    out = groups[..., 0] + groups[..., 1]
-    for j in range(2, pool):
-        out += groups[..., j]
-    return out
 
 
 def qbara_delta(x_pooled_sum: torch.Tensor, a: torch.Tensor, b: torch.Tensor, g: SlotGeometry,
@@ -249,33 +234,3 @@ def add_qbara_slot_gemm(y, xp, segs: Sequence[Segment], a_stacked, b_stacked, ge
     rows, coef = _slot_gemm_coef(segs, geometry, pool, a_stacked.shape[0], r_max, cache)
     d = ((xp[rows] @ a_cat.t()) * coef.to(xp.dtype)) @ bt_cat
     y.index_add_(0, rows, (d.repeat_interleave(repeat, dim=-1) if repeat > 1 else d).to(y.dtype))
-
-
-def add_qbara_per_token(y: torch.Tensor, x: torch.Tensor, slot_idx: torch.Tensor,
-                        a_stacked: torch.Tensor, b_stacked: torch.Tensor,
-                        geometry: Sequence[SlotGeometry | None]) -> torch.Tensor:
-    """Every token through the gathered path (for tests and comparisons)."""
-    segments = [Segment(int(s), torch.tensor([t])) for t, s in enumerate(slot_idx.tolist())
-                if s >= 0 and geometry[s] is not None]
-    groups: dict[tuple[int, int], list[Segment]] = {}
-    for seg in segments:
-        g = geometry[seg.slot]
-        groups.setdefault((g.pool, g.repeat), []).append(seg)
-    for (pool, repeat), segs in groups.items():
-        add_qbara_gathered(y, pool_sum(x.to(a_stacked.dtype), pool), segs, a_stacked, b_stacked,
-                           geometry, pool, repeat, {})
-    return y
-
-
-def dense_reference(x: torch.Tensor, slot_idx: torch.Tensor, a_list, b_list,
-                    geometry: Sequence[SlotGeometry | None], out_features: int) -> torch.Tensor:
-    """Delta [T, out] from each slot's full-width LoRA equivalent (float64): for tests only."""
-    y = torch.zeros(x.shape[0], out_features, dtype=torch.float64)
-    for t, s in enumerate(slot_idx.tolist()):
-        if s < 0 or geometry[s] is None:
-            continue
-        g = geometry[s]
-        a_full = a_list[s].double().repeat_interleave(g.pool, dim=1) / g.pool
-        b_full = b_list[s].double().repeat_interleave(g.repeat, dim=0)
-        y[t] = g.scaling * (b_full @ (a_full @ x[t].double()))
-    return y

@@ -8,7 +8,8 @@ R_q repeats each output q times (out/q -> out, repeat_interleave), s is the scal
     QAHiRA  s * R_qo(M P_pi(x))       M [out/qo, in/pi], zeros (or kaiming)
     LoRA    s * B A x                 A [r, in] kaiming-uniform, B [out, r] zeros (PEFT's init)
 
-The *_delta_weight functions give the equivalent dense dW [out, in] (y = x (W + dW)^T).
+The math itself (P_p, R_q, the dense dW [out, in] with y = x (W + dW)^T) is
+qahira_vllm.adapter_math; each module's delta_weight() is that dW.
 """
 
 from __future__ import annotations
@@ -19,18 +20,8 @@ import torch
 from torch import nn
 
 from ..adapter_format import LORA_A, LORA_B, QAHIRA_M
-
-
-def pool_inputs(x: torch.Tensor, pool: int) -> torch.Tensor:
-    """P_p: mean over each group of `pool` adjacent features of the last dim."""
-    if pool == 1:
-        return x
-    return x.unflatten(-1, (x.shape[-1] // pool, pool)).mean(dim=-1)
-
-
-def repeat_outputs(y: torch.Tensor, repeat: int) -> torch.Tensor:
-    """R_q: each feature of the last dim repeated `repeat` times in place."""
-    return y if repeat == 1 else y.repeat_interleave(repeat, dim=-1)
+from ..adapter_math import (pool_inputs, qahira_delta_weight, qbara_delta_weight,
+                            repeat_outputs)
 
 
 def kaiming_uniform_like_peft(t: torch.Tensor) -> None:
@@ -129,10 +120,7 @@ class LoRA(_Adapter):
         return {LORA_A: self.lora_A, LORA_B: self.lora_B}
 
     def delta_weight(self) -> torch.Tensor:
-        return self.scaling * (self.lora_B @ self.lora_A)
-
-
-ADAPTER_CLASSES = {"qbara": QBaRA, "qahira": QAHiRA, "lora": LoRA}
+        return qbara_delta_weight(self.lora_A, self.lora_B, 1, 1, self.scaling)
 
 
 class AdaptedLinear(nn.Module):
@@ -145,24 +133,3 @@ class AdaptedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         return y + self.adapter(x).to(y.dtype)
-
-
-# ----------------------------------------------------------------------------- weight-space math
-
-def qbara_to_lora(lora_A: torch.Tensor, lora_B: torch.Tensor, pool: int,
-                  repeat: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rank-R LoRA equal to a Q-BaRA: A' = repeat_interleave(A, p, 1) / p [R, in],
-    B' = repeat_interleave(B, q, 0) [out, R]; the scaling is unchanged."""
-    return (lora_A.repeat_interleave(pool, dim=1) / pool,
-            lora_B.repeat_interleave(repeat, dim=0))
-
-
-def qbara_delta_weight(lora_A, lora_B, pool: int, repeat: int, scaling: float) -> torch.Tensor:
-    """dW = s * B' A' [out, in], constant on each repeat x pool tile."""
-    a, b = qbara_to_lora(lora_A, lora_B, pool, repeat)
-    return scaling * (b @ a)
-
-
-def qahira_delta_weight(m: torch.Tensor, pool: int, repeat: int, scaling: float) -> torch.Tensor:
-    """dW[o, i] = s * M[o // qo, i // pi] / pi  [out, in]."""
-    return scaling * m.repeat_interleave(repeat, dim=0).repeat_interleave(pool, dim=1) / pool

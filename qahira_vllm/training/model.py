@@ -18,7 +18,8 @@ from ..adapter_format import (Adapter, AdapterConfig, check_qahira_geometry,
                               checkpoint_fingerprint, default_qahira_geometry, load_adapter,
                               matches_targets, peft_compatible_scaling, validate_adapter)
 from ..checkpoint import load_quantized_state, resolve_model_dir
-from ..format import QUANT_TENSOR_SUFFIXES, QahiraFormatError, QahiraQuantConfig
+from ..format import (QUANT_TENSOR_SUFFIXES, QWEIGHT, QahiraFormatError, QahiraQuantConfig,
+                      layer_dims)
 from .adapters import AdaptedLinear, LoRA, QAHiRA, QBaRA
 from .qlinear import QuantLinear
 
@@ -131,7 +132,9 @@ def load_quantized_model(qckpt: str | os.PathLike, dtype: torch.dtype = torch.fl
 
 
 def quant_layer_dims(model: nn.Module) -> dict[str, tuple[int, int]]:
-    return {n: (m.out_features, m.in_features) for n, m in model.named_modules()
+    """Name -> (out, in) of every QuantLinear, read from its stored qweight (format.layer_dims,
+    as for a checkpoint on disk)."""
+    return {n: layer_dims(n, {QWEIGHT: m.qweight}, m.cfg) for n, m in model.named_modules()
             if isinstance(m, QuantLinear)}
 
 

@@ -1,7 +1,7 @@
 """QuantLinear: a frozen linear layer that keeps a qahira layer's stored tensors packed.
 
 The weight is W = scales * q + offsets per block in fp32, bit-identical to
-qahira_vllm.quant_math.dequantize_packed (see dequantize_fast). It is rebuilt on every forward
+qahira_vllm.quant_math.dequantize. It is rebuilt on every forward
 and again in backward instead of being saved for it, as QLoRA does, so memory stays at
 ~bits/8 bytes per weight. These are the same stored tensors and the same fp32
 formula vLLM's qahira kernels serve. Gradients flow to the input only.
@@ -14,22 +14,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..format import QahiraQuantConfig, validate_layer_tensors
-from ..quant_math import dequantize_fast, dequantize_packed  # noqa: F401
+from ..quant_math import dequantize
 
 
 def _dequantize(qweight, scales, offsets, cfg: QahiraQuantConfig) -> torch.Tensor:
-    """fp32 W, the same bits either way: the compiled CPU kernel (qahira_kernels.cpu_blockwise,
-    ~7x faster than torch here) when it is available and the buffers still have their stored
-    dtypes (a `model.to(dtype)` also casts them), else quant_math.dequantize_fast."""
+    """fp32 W, the same bits either way: the compiled CPU kernel (qahira_kernels.ops.
+    cpu_blockwise_dequant, ~7x faster than torch here) when it is available and the buffers
+    still have their stored dtypes (a `model.to(dtype)` also casts them), else
+    quant_math.dequantize."""
     if qweight.device.type == "cpu":
-        from qahira_kernels import cpu_blockwise, cpu_lib
+        from qahira_kernels import cpu_lib, ops
 
         if (cpu_lib.load_library() is not None
-                and cpu_blockwise.stored_layout_ok(qweight, scales, offsets, cfg.bits)):
-            return cpu_blockwise.blockwise_dequant(qweight, scales, offsets, cfg.bits,
-                                                   cfg.block_size,
-                                                   scales.shape[1] * cfg.block_size[1])
-    return dequantize_fast(qweight, scales, offsets, cfg)
+                and ops.cpu_blockwise_stored_ok(qweight, scales, offsets, cfg.bits)):
+            return ops.cpu_blockwise_dequant(qweight, scales, offsets, cfg.bits, *cfg.block_size,
+                                             scales.shape[1] * cfg.block_size[1])
+    return dequantize(qweight, scales, offsets, cfg)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -80,7 +80,7 @@ class QuantLinear(nn.Module):
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The effective weight [out, in] exactly as served (fp32 math)."""
-        return dequantize_packed(self.qweight, self.scales, self.offsets, self.cfg, dtype)
+        return dequantize(self.qweight, self.scales, self.offsets, self.cfg, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _DequantLinear.apply(x, self.qweight, self.scales, self.offsets, self.bias,

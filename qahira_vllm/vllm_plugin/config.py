@@ -75,6 +75,9 @@ class QahiraConfig(QuantizationConfig):
         from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
         from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
+        from .vllm_api import QUANT, require
+
+        require(QUANT)  # every vLLM symbol the method uses, once per process, before any layer
         if self.online:
             from .online import online_quant_method
 

@@ -11,31 +11,10 @@ from vllm.model_executor.layers.linear import (LinearMethodBase,
 from vllm.model_executor.parameter import PackedvLLMParameter
 
 from ..format import INT4_PER_WORD, SCALE_DTYPE, QahiraFormatError, QahiraQuantConfig
-from ..linear_kernels import LinearSpec, select_kernel
+from ..linear_kernels import LinearSpec, choose_kernel
 
 logger = init_logger("vllm.qahira")  # under vLLM's logger so its handlers print it
-_announced: set[str] = set()
-
-
-def _register_triton_kernels() -> None:
-    """CUDA -> the Triton kernels (qahira_kernels) where they can implement the layer."""
-    try:
-        from qahira_kernels.linear import register
-    except ImportError as e:  # no triton: the torch general path still serves every layer
-        logger.warning("qahira: Triton kernels unavailable (%s); using torch paths", e)
-        return
-    register()
-
-
-def _register_cpu_kernels() -> None:
-    """CPU -> the compiled kernels where they can implement the layer (their can_implement
-    builds the library once and says why not otherwise): the AVX2 INT4 kernel
-    (qahira_kernels.cpu_gemv) first, the exact every-case kernel (qahira_kernels.cpu_blockwise)
-    just ahead of the torch general path."""
-    from qahira_kernels import cpu_blockwise, cpu_gemv
-
-    cpu_gemv.register()
-    cpu_blockwise.register()
+_announced: set[tuple[str, tuple[str, ...]]] = set()  # (kernel, reasons) already logged
 
 
 @register_weight_loader_v2_supported_method
@@ -107,19 +86,12 @@ class QahiraLinearMethod(LinearMethodBase):
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         spec = layer.qahira_spec
         spec = dataclasses.replace(spec, device_type=layer.qweight.device.type)
-        if spec.device_type == "cuda":
-            _register_triton_kernels()
-        elif spec.device_type == "cpu":
-            _register_cpu_kernels()
-        kernel_cls = select_kernel(spec)
-        if kernel_cls.name not in _announced:
-            _announced.add(kernel_cls.name)
-            logger.info("qahira: using kernel %s for %s", kernel_cls.name, spec)
-            if spec.device_type == "cpu" and kernel_cls.name != "cpu_avx2_int4":
-                from qahira_kernels.cpu_gemv import CpuAvx2Int4Kernel
-
-                _, why = CpuAvx2Int4Kernel.can_implement(spec)
-                logger.info("qahira: cpu_avx2_int4 not used for this layer: %s", why)
+        kernel_cls, reasons = choose_kernel(spec)
+        key = (kernel_cls.name, tuple(reasons))
+        if key not in _announced:  # once per distinct choice, not once per layer
+            _announced.add(key)
+            logger.info("qahira: using kernel %s for %s%s", kernel_cls.name, spec,
+                        "".join(f"\n  not {r}" for r in reasons))
         kernel = kernel_cls(spec)
         kernel.prepare(layer)
         layer.qahira_kernel = kernel

@@ -1,4 +1,5 @@
-"""Triton block-wise GEMM (qahira_kernels.blockwise_gemm) against the fp32 torch reference.
+"""Triton block-wise GEMM (qahira_kernels.blockwise_gemm) against the fp32 torch reference
+(linear_reference: the format's dequantization, qahira_vllm.quant_math, then a matmul).
 
 Runs in Triton's interpreter on CPU (TRITON_INTERPRET=1, see conftest.py), with small tiles.
 
@@ -16,9 +17,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from linear_reference import dequantize_ref
+from linear_reference import linear_ref
 from qahira_kernels import blockwise_gemm as bg
 from qahira_kernels._triton_utils import is_interpreted
-from qahira_kernels.reference import blockwise_gemm_ref, dequantize_ref
 from qahira_vllm.quant_math import pack_qweight
 
 TOL = {torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -92,7 +94,7 @@ def test_fused_gemm_matches_reference(case, dtype):
     w = bg.pack_blockwise_weight(qw, sc, of, bits, block)
     y = bg.blockwise_gemm(x, w, bias, config=cfg)
     assert y.dtype == dtype and y.shape == (m, n)
-    ref = blockwise_gemm_ref(x, qw, sc, of, bits, block, bias)
+    ref = linear_ref(x, qw, sc, of, bits, block, bias)
     assert rel_err(y, ref) < TOL[dtype]
 
 
@@ -119,7 +121,7 @@ def test_auto_config_matches_reference(case, dtype):
     bias = torch.randn(n).to(dtype)
     x = make_x(m, k, dtype)
     y = bg.blockwise_gemm(x, bg.pack_blockwise_weight(qw, sc, of, bits, block), bias)
-    assert rel_err(y, blockwise_gemm_ref(x, qw, sc, of, bits, block, bias)) < TOL[dtype]
+    assert rel_err(y, linear_ref(x, qw, sc, of, bits, block, bias)) < TOL[dtype]
 
 
 def test_smollm2_width_layer():
@@ -127,7 +129,7 @@ def test_smollm2_width_layer():
     qw, sc, of = make_weight(1536, 576, 4, (1, 64))
     x = make_x(2, 576, torch.bfloat16)
     y = bg.blockwise_gemm(x, bg.pack_blockwise_weight(qw, sc, of, 4, (1, 64)))
-    assert rel_err(y, blockwise_gemm_ref(x, qw, sc, of, 4, (1, 64))) < TOL[torch.bfloat16]
+    assert rel_err(y, linear_ref(x, qw, sc, of, 4, (1, 64))) < TOL[torch.bfloat16]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -138,7 +140,7 @@ def test_dense_path_matches_reference(bits, block, dtype):
     x = make_x(9, 64, dtype)
     y = bg.blockwise_gemm(x, bg.pack_blockwise_weight(qw, sc, of, bits, block), bias, dense=True)
     assert y.dtype == dtype
-    assert rel_err(y, blockwise_gemm_ref(x, qw, sc, of, bits, block, bias)) < TOL[dtype]
+    assert rel_err(y, linear_ref(x, qw, sc, of, bits, block, bias)) < TOL[dtype]
 
 
 @pytest.mark.parametrize("bits,block", [(4, (1, 32)), (4, (2, 24)), (8, (8, 4)), (8, (1, 1))])
@@ -156,7 +158,7 @@ def test_large_m_fused_and_auto_dense():
     for m, cfg in ((1000, C(128, 32, 32)), (8192, None)):
         x = make_x(m, 64, torch.float16)
         y = bg.blockwise_gemm(x, w, config=cfg)
-        assert rel_err(y, blockwise_gemm_ref(x, qw, sc, of, 4, (1, 32))) < TOL[torch.float16]
+        assert rel_err(y, linear_ref(x, qw, sc, of, 4, (1, 32))) < TOL[torch.float16]
 
 
 def test_auto_route_by_m(monkeypatch):
@@ -183,7 +185,7 @@ def test_leading_dims_strided_x_and_empty():
     x = wide[:, 10:74].reshape(2, 3, 64)          # row stride 100, not contiguous
     y = bg.blockwise_gemm(x, w, config=C(16, 16, 32))
     assert y.shape == (2, 3, 40)
-    ref = blockwise_gemm_ref(x.reshape(6, 64), qw, sc, of, 4, (1, 32)).reshape(2, 3, 40)
+    ref = linear_ref(x.reshape(6, 64), qw, sc, of, 4, (1, 32)).reshape(2, 3, 40)
     assert rel_err(y, ref) < TOL[torch.float16]
     assert bg.blockwise_gemm(x[:0], w).shape == (0, 3, 40)
 

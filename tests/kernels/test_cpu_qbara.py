@@ -1,5 +1,5 @@
 """qahira_kernels.cpu_qbara: the compiled whole-layer multi-adapter Q-BaRA kernel vs a float64
-dense reference (each slot's adapter expanded to full width, qahira_vllm.lora.ops.dense_reference).
+dense reference (each slot's adapter expanded to full width, tests/qbara_reference.dense_reference).
 
 Tolerances: the kernel computes in fp32 and rounds y once, so
     fp32 y: |err| <= 1e-5 * (|base| + |delta|) + 1e-5
@@ -15,7 +15,8 @@ import torch
 
 from qahira_kernels import cpu_lib
 from qahira_kernels.cpu_qbara import CpuQbaraLayer
-from qahira_vllm.lora.ops import SlotGeometry, dense_reference
+from qahira_vllm.lora.ops import SlotGeometry
+from qbara_reference import dense_reference
 
 ROUNDING = {torch.float32: 0.0, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 R_MAX, SLOTS = 16, 6

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from qahira_vllm.adapter_format import AdapterError
-from qahira_vllm.lora.ops import SlotGeometry, dense_reference
+from qahira_vllm.lora.ops import SlotGeometry
+from qbara_reference import dense_reference
 
 IN = 64
 
@@ -36,26 +37,28 @@ class _Base(nn.Module):
             setattr(self, k, v)
 
 
-class _Punica:
-    def __init__(self, slots):
-        self._token_lora_indices = torch.tensor(slots)
-        self.indices_len = [len(slots)]
+def _Punica(slots):
+    """vLLM's CPU punica wrapper mapping token t to slot slots[t] (-1: no adapter), set the way
+    vLLM's model runner sets it: LoRA ids (0 = none) through update_metadata."""
+    from vllm.lora.layers import LoRAMapping
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
-    def update_metadata(self, *a, **k):
-        pass
+    wrapper = PunicaWrapperCPU(len(slots), len(slots), "cpu")
+    ids = tuple(s + 1 for s in slots)  # slot s holds LoRA id s + 1
+    wrapper.update_metadata(LoRAMapping(ids, ids, is_prefill=True), [1, 2, 3], 3, 100)
+    return wrapper
 
 
 @pytest.fixture(autouse=True, params=["compiled_kernel", "torch_segments"])
-def math_path(request):
+def math_path(request, monkeypatch):
+    if request.param == "torch_segments":  # what a machine without the compiled library runs
+        monkeypatch.setenv("QAHIRA_DISABLED_KERNELS", "cpu_qbara")
     return request.param
 
 
 def _create(layer, request_path: str):
     layer.create_lora_weights(3, LORA_CONFIG)
-    if request_path == "torch_segments":
-        layer._cpu_kernel = None  # what a machine without the compiled library runs
-    else:
-        assert layer._cpu_kernel is not None
+    assert (layer._cpu_kernel is None) == (request_path == "torch_segments")
     return layer
 
 

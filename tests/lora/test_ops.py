@@ -5,12 +5,28 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qahira_vllm.lora.ops import (SlotGeometry, add_qbara_per_token, add_qbara_segments,
-                                  dense_reference, segment_by_slot)
+from qahira_vllm.adapter_math import pool_sum
+from qahira_vllm.lora.ops import (Segment, SlotGeometry, add_qbara_gathered, add_qbara_segments,
+                                  segment_by_slot)
+from qbara_reference import dense_reference
 
 IN, OUT, R_MAX, SLOTS = 64, 96, 16, 4
 GEOMETRY = [SlotGeometry(2, 2, 8, 2.0), SlotGeometry(4, 1, 16, 0.5), None,
             SlotGeometry(1, 1, 4, 1.5)]  # slot 2 empty; slot 3 a plain LoRA
+
+
+def add_qbara_per_token(y, x, slot_idx, a_stacked, b_stacked, geometry):
+    """Every token through the gathered path (ops.add_qbara_gathered), one segment each."""
+    segments = [Segment(int(s), torch.tensor([t])) for t, s in enumerate(slot_idx.tolist())
+                if s >= 0 and geometry[s] is not None]
+    groups: dict[tuple[int, int], list[Segment]] = {}
+    for seg in segments:
+        g = geometry[seg.slot]
+        groups.setdefault((g.pool, g.repeat), []).append(seg)
+    for (pool, repeat), segs in groups.items():
+        add_qbara_gathered(y, pool_sum(x.to(a_stacked.dtype), pool), segs, a_stacked, b_stacked,
+                           geometry, pool, repeat, {})
+    return y
 
 
 def _stacked(seed=0):

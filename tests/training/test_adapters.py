@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from qahira_vllm.training.adapters import (LoRA, QAHiRA, QBaRA, qahira_delta_weight,
-                                           qbara_delta_weight, qbara_to_lora)
+from qahira_vllm.adapter_math import qahira_delta_weight, qbara_delta_weight, qbara_to_lora
+from qahira_vllm.training.adapters import LoRA, QAHiRA, QBaRA
 
 IN, OUT = 48, 40
 

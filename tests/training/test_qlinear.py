@@ -90,16 +90,18 @@ def test_rejects_wrong_tensor_shapes(qckpt):
                                               (8, (2, 16), "float16"), (4, (8, 4), "float16")])
 def test_fast_dequant_is_bit_identical_to_quant_math(bits, block, odt):
     from qahira_vllm.format import QahiraQuantConfig
-    from qahira_vllm.quant_math import dequantize_packed, pack_qweight, quantize
-    from qahira_vllm.training.qlinear import _dequantize, dequantize_fast
+    from qahira_vllm.quant_math import dequantize, expand_blocks, pack_qweight, quantize
+    from qahira_vllm.training.qlinear import _dequantize
 
     cfg = QahiraQuantConfig(bits=bits, block_size=block, offset_dtype=odt)
     torch.manual_seed(0)
     w = torch.randn(64, 96) * torch.logspace(-3, 1, 96)  # many magnitudes per row
     q, scales, offsets = quantize(w, cfg)
     qweight = pack_qweight(q, bits)
-    reference = dequantize_packed(qweight, scales, offsets, cfg)
-    assert torch.equal(dequantize_fast(qweight, scales, offsets, cfg), reference)
+    # the plain fp32 formula on expanded block parameters
+    reference = (q.to(torch.float32) * expand_blocks(scales.to(torch.float32), block)
+                 + expand_blocks(offsets.to(torch.float32), block))
+    assert torch.equal(dequantize(qweight, scales, offsets, cfg), reference)
     # what QuantLinear uses on CPU: the compiled kernel (it builds on this machine class)
     from qahira_kernels import cpu_lib
 

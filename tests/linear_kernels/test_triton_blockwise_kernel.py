@@ -1,15 +1,16 @@
-"""TritonBlockwiseLinearKernel: what can_implement accepts and rejects, prepare/apply on a layer
-(run in Triton's interpreter on CPU tensors), and registration ahead of the torch kernels."""
+"""qahira_vllm.linear_kernels.triton_blockwise: TritonBlockwiseKernel, what can_implement accepts
+and rejects, prepare/apply on a layer (run in Triton's interpreter on CPU tensors, see
+conftest.py). Its place in the kernel list: test_choose_kernel.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from qahira_kernels import linear as tl_linear
-from qahira_kernels.linear import TritonBlockwiseLinearKernel as Kernel
-from qahira_vllm import linear_kernels as lk
-from qahira_vllm.linear_kernels import LinearSpec, reference_linear
+from linear_reference import linear_ref
+from qahira_vllm.linear_kernels import LinearSpec
+from qahira_vllm.linear_kernels import triton_blockwise as tl_linear
+from qahira_vllm.linear_kernels.triton_blockwise import TritonBlockwiseKernel as Kernel
 from qahira_vllm.quant_math import pack_qweight
 
 
@@ -55,16 +56,6 @@ def test_can_implement_without_triton_or_on_old_gpu(monkeypatch):
     assert Kernel.can_implement(spec(dtype=torch.float16)) == (True, None)
 
 
-def test_register_puts_triton_first_for_cuda_only(monkeypatch):
-    monkeypatch.setattr(lk, "KERNELS", list(lk.KERNELS))
-    tl_linear.register()
-    tl_linear.register()   # idempotent
-    assert lk.KERNELS.count(Kernel) == 1 and lk.KERNELS[0] is Kernel
-    assert lk.select_kernel(spec()) is Kernel
-    assert lk.select_kernel(spec(device="cpu")) is not Kernel
-    assert lk.select_kernel(spec(dtype=torch.float32)) is lk.DequantLinearKernel
-
-
 def _layer(bits, block, out_f, in_f, offset_dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     bo, bi = block
@@ -100,8 +91,7 @@ def test_prepare_and_apply_match_reference(bits, block, act, offset_dtype):
     x = torch.randn(2, 3, in_f).to(act)
     y = kernel.apply(layer, x, bias)
     assert y.shape == (2, 3, out_f) and y.dtype == act
-    ref = reference_linear(x, stored["qweight"], stored["scales"], stored["offsets"], bits, block,
-                           bias)
+    ref = linear_ref(x, stored["qweight"], stored["scales"], stored["offsets"], bits, block, bias)
     tol = 2e-3 if act == torch.float16 else 2e-2
     assert ((y.float() - ref).abs().max() / ref.abs().max()).item() < tol
     # Activations in another dtype are cast to the layer's and back.
@@ -114,13 +104,11 @@ def test_custom_op_fake_shape_for_torch_compile():
     """torch.compile traces the op through its fake implementation: right shape and dtype."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from qahira_kernels import torch_ops  # noqa: F401
-
     layer = _layer(4, (1, 32), 48, 96, torch.float16)
     kernel = Kernel(spec(4, (1, 32), 48, 96, torch.bfloat16))
     kernel.prepare(layer)
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         x = mode.from_tensor(torch.randn(5, 7, 96).bfloat16())
-        y = torch.ops.qahira.blockwise_gemm(x, layer.qweight, layer.scales_t, layer.offsets_t,
-                                            None, 4, 1, 32)
+        y = torch.ops.qahira.triton_blockwise(x, layer.qweight, layer.scales_t,
+                                              layer.offsets_t, None, 4, 1, 32)
     assert y.shape == (5, 7, 48) and y.dtype == torch.bfloat16

@@ -1,7 +1,4 @@
-"""`TritonBlockwiseLinearKernel`: the blockwise GEMM behind qahira's LinearKernel interface.
-
-    from qahira_kernels.linear import register; register()
-    # select_kernel(spec) now returns TritonBlockwiseLinearKernel for CUDA fp16/bf16 layers
+"""`TritonBlockwiseKernel` (triton_blockwise): qahira_kernels' Triton block-wise GEMM, CUDA.
 
 This module imports no Triton at import time, so `can_implement` can answer (False) on a
 machine without Triton or GPU.
@@ -13,7 +10,9 @@ import importlib.util
 
 import torch
 
-from qahira_vllm.linear_kernels import LinearKernel, LinearSpec, _set_buffer, register_kernel
+from qahira_kernels import ops  # noqa: F401  (registers torch.ops.qahira.triton_blockwise)
+
+from .interface import LinearKernel, LinearSpec, set_buffer
 
 SUPPORTED_BITS = (4, 8)
 SUPPORTED_ACT_DTYPES = (torch.float16, torch.bfloat16)
@@ -23,7 +22,7 @@ def _triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-class TritonBlockwiseLinearKernel(LinearKernel):
+class TritonBlockwiseKernel(LinearKernel):
     """Triton fused dequant GEMM (split-K at small M, dequant + cuBLAS at large M).
 
     Accepts every block shape the format allows (any bo dividing out, any bi dividing in;
@@ -31,8 +30,8 @@ class TritonBlockwiseLinearKernel(LinearKernel):
     bi the per-element path (see qahira_kernels.blockwise_gemm).
 
     prepare() keeps `qweight` as stored and replaces `scales`/`offsets` with transposed
-    copies `scales_t`/`offsets_t` [in/bi, out/bo] (dtypes kept). apply() calls the custom op
-    torch.ops.qahira.blockwise_gemm (qahira_kernels.torch_ops), registered by prepare().
+    copies `scales_t`/`offsets_t` [in/bi, out/bo] (dtypes kept). apply() calls the op
+    torch.ops.qahira.triton_blockwise (qahira_kernels.ops).
     """
 
     name = "triton_blockwise"
@@ -59,8 +58,7 @@ class TritonBlockwiseLinearKernel(LinearKernel):
         return True, None
 
     def prepare(self, layer: torch.nn.Module) -> None:
-        from . import torch_ops  # noqa: F401  (registers torch.ops.qahira.*, imports triton)
-        from .blockwise_gemm import pack_blockwise_weight
+        from qahira_kernels.blockwise_gemm import pack_blockwise_weight  # imports triton
 
         spec = self.spec
         w = pack_blockwise_weight(layer.qweight.data, layer.scales.data, layer.offsets.data,
@@ -68,23 +66,18 @@ class TritonBlockwiseLinearKernel(LinearKernel):
         if (w.out_features, w.in_features) != (spec.out_features, spec.in_features):
             raise ValueError(f"layer tensors give W [{w.out_features}, {w.in_features}], spec "
                              f"says [{spec.out_features}, {spec.in_features}]")
-        _set_buffer(layer, "qweight", w.qweight)
+        set_buffer(layer, "qweight", w.qweight)
         for name in ("scales", "offsets"):
             delattr(layer, name)
-        _set_buffer(layer, "scales_t", w.scales_t)
-        _set_buffer(layer, "offsets_t", w.offsets_t)
+        set_buffer(layer, "scales_t", w.scales_t)
+        set_buffer(layer, "offsets_t", w.offsets_t)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
-        # Through the custom op: torch.compile sees one node, not the launch code.
+        # Through the op: torch.compile sees one node, not the launch code.
         act = self.spec.act_dtype
         bo, bi = self.spec.block_size
         x_act = x if x.dtype == act else x.to(act)
-        y = torch.ops.qahira.blockwise_gemm(x_act, layer.qweight, layer.scales_t,
-                                            layer.offsets_t, bias, self.spec.bits, bo, bi)
+        y = torch.ops.qahira.triton_blockwise(x_act, layer.qweight, layer.scales_t,
+                                              layer.offsets_t, bias, self.spec.bits, bo, bi)
         return y if y.dtype == x.dtype else y.to(x.dtype)
-
-
-def register() -> None:
-    """Put TritonBlockwiseLinearKernel first in qahira_vllm.linear_kernels.KERNELS (idempotent)."""
-    register_kernel(TritonBlockwiseLinearKernel)

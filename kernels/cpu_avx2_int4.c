@@ -1,4 +1,4 @@
-/* qahira INT4 GEMV for small batches on AVX2 CPUs (x86-64 with AVX2, FMA, F16C).
+/* cpu_avx2_int4: qahira INT4 linear layers on AVX2 CPUs (x86-64 with AVX2, FMA, F16C).
  *
  *   y[m, n] = sum_k x[m, k] * W[n, k],   W[n, k] = s[n/bo, k/bi] * q[n, k] + o[n/bo, k/bi]
  *
@@ -14,7 +14,7 @@
  * the rounding of a bf16 activation itself. Products are exact in int32 (each vpmaddwd lane sums
  * two products of at most 15 * 32767).
  *
- * Weight layout (made by prepare_weight in cpu_gemv.py): uint8 [N, K/2]; in each 32-column
+ * Weight layout (made by qahira_kernels.layouts.pack_cpu_avx2_int4): uint8 [N, K/2]; in each 32-column
  * chunk, byte j = q[j] | q[16 + j] << 4, so one 16-byte load broadcast to both 128-bit lanes and
  * shifted by 0 / 4 gives the chunk's 32 nibbles in column order.
  * Scales fp16 [N/bo, K/bi]; offsets fp16 or fp32 [N/bo, K/bi]; bi a multiple of 32.
@@ -173,8 +173,8 @@ static __thread void *scratch;
 static __thread size_t scratch_bytes;
 
 /* y [M, N] = x [M, K] @ W^T, x and y of dtype x_dt. Returns 0, or -1 if out of memory. */
-int qahira_int4_linear(const void *x, int x_dt, int M, int K, const uint8_t *w, const uint16_t *s,
-                       const void *o, int o_f32, int N, int bo, int bi, void *y) {
+int qahira_cpu_avx2_int4(const void *x, int x_dt, int M, int K, const uint8_t *w, const uint16_t *s,
+                         const void *o, int o_f32, int N, int bo, int bi, void *y) {
   const size_t v_bytes = (size_t)M * K * sizeof(int16_t);
   const size_t need = v_bytes + ((size_t)M * (K / CHUNK) + (size_t)M * (K / bi)) * sizeof(float);
   if (need > scratch_bytes) {

@@ -1,0 +1,208 @@
+"""Every raw op of qahira_kernels, declared in this one module (as vLLM's `_custom_ops.py` is).
+
+torch ops, `torch.ops.qahira.<name>` (vLLM compiles the model: each is one opaque graph node),
+each also callable here as a plain function of the same name:
+
+    triton_blockwise(x [..., K], qweight, scales_t, offsets_t, bias, bits, bo, bi) -> y [..., N]
+        CUDA, Triton (blockwise_gemm.py); the weight as made by
+        blockwise_gemm.pack_blockwise_weight (scales/offsets transposed)
+    cpu_avx2_int4(x [M, K], w, scales, offsets, bo, bi) -> y [M, N]
+        CPU, cpu_avx2_int4.c; w as made by layouts.pack_cpu_avx2_int4, 4-bit, bi % 32 == 0
+    cpu_blockwise(x [M, K], qweight, scales, offsets, bits, bo, bi) -> y [M, N]
+        CPU, cpu_blockwise.c; tensors as stored (docs/FORMAT.md), any bits/block
+
+y has x's dtype (fp32/bf16/fp16 on CPU, fp16/bf16 for Triton). Python-only entry points:
+`cpu_blockwise_dequant` (the fp32 weight, for the trainer) and `check_cpu_blockwise_stored` /
+`cpu_blockwise_stored_ok`.
+
+C entry points of the compiled CPU library, with their ctypes signatures (`C_FUNCTIONS`; every
+one returns int, 0 = success; cpu_lib.load_library() applies them):
+
+    qahira_cpu_avx2_int4           cpu_avx2_int4.c
+    qahira_cpu_blockwise           cpu_blockwise.c
+    qahira_cpu_blockwise_dequant   cpu_blockwise.c
+    qahira_qbara_layer             cpu_qbara.c   (called by cpu_qbara.CpuQbaraLayer)
+
+Importing this module registers the torch ops once per process; it imports neither Triton nor
+the C library (both load on first call).
+
+Errors: the checked CPU functions raise ValueError naming the tensor for a wrong dtype or
+device, RuntimeError when the C library is unavailable (cpu_lib.library_error() says why),
+MemoryError when the C code cannot allocate its buffers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from . import cpu_lib
+
+_p, _i, _l = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+C_FUNCTIONS: dict[str, list] = {
+    # x, x_dtype, M, K, w, scales, offsets, offsets_f32, N, bo, bi, y
+    "qahira_cpu_avx2_int4": [_p, _i, _i, _i, _p, _p, _p, _i, _i, _i, _i, _p],
+    # x, x_dtype, M, K, qweight, bits, scales, offsets, offsets_f32, N, bo, bi, y
+    "qahira_cpu_blockwise": [_p, _i, _i, _i, _p, _i, _p, _p, _i, _i, _i, _i, _p],
+    # qweight, bits, scales, offsets, offsets_f32, N, K, bo, bi, w
+    "qahira_cpu_blockwise_dequant": [_p, _i, _p, _p, _i, _i, _i, _i, _i, _p],
+    # layer struct, x, x_dtype, x_stride, n_rows, n, rows, slots, y, y_dtype, y_stride
+    "qahira_qbara_layer": [_p, _p, _i, _l, _l, _i, _p, _p, _p, _i, _l],
+}
+
+
+def _library(what: str) -> ctypes.CDLL:
+    lib = cpu_lib.load_library()
+    if lib is None:
+        raise RuntimeError(f"qahira {what} unavailable: {cpu_lib.library_error()}")
+    return lib
+
+
+# ----------------------------------------------------------------------------- triton_blockwise
+
+@torch.library.custom_op("qahira::triton_blockwise", mutates_args=())
+def triton_blockwise(x: torch.Tensor, qweight: torch.Tensor, scales_t: torch.Tensor,
+                     offsets_t: torch.Tensor, bias: torch.Tensor | None, bits: int, bo: int,
+                     bi: int) -> torch.Tensor:
+    from . import blockwise_gemm as bg  # Triton: imported on first call only
+
+    n = qweight.shape[0]
+    k = qweight.shape[1] * (bg.INT4_PER_WORD if bits == 4 else 1)
+    weight = bg.PackedBlockwiseWeight(qweight, scales_t, offsets_t, bits, (bo, bi), n, k)
+    return bg.blockwise_gemm(x, weight, bias)
+
+
+@triton_blockwise.register_fake
+def _triton_blockwise_fake(x, qweight, scales_t, offsets_t, bias, bits, bo, bi):
+    return x.new_empty(*x.shape[:-1], qweight.shape[0])
+
+
+# ----------------------------------------------------------------------------- CPU ops
+# Plain torch.library ops rather than @custom_op: the latter's Python wrapper cost ~35 us per
+# call, as much as the arithmetic of a small layer (measured here, 1 thread).
+_lib = torch.library.Library("qahira", "FRAGMENT")
+
+
+def cpu_avx2_int4(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor,
+                  offsets: torch.Tensor, bo: int, bi: int) -> torch.Tensor:
+    """x [M, K] -> [M, N] in x.dtype; w uint8 [N, K/2] (layouts.pack_cpu_avx2_int4), scales
+    fp16 and offsets fp16/fp32 [N/bo, K/bi], all contiguous on CPU."""
+    lib = _library("cpu_avx2_int4")
+    x = x.contiguous()
+    m, k = x.shape
+    y = torch.empty(m, w.shape[0], dtype=x.dtype)
+    rc = lib.qahira_cpu_avx2_int4(x.data_ptr(), cpu_lib.DTYPE_CODES[x.dtype], m, k, w.data_ptr(),
+                                  scales.data_ptr(), offsets.data_ptr(),
+                                  offsets.dtype == torch.float32, w.shape[0], bo, bi,
+                                  y.data_ptr())
+    if rc:
+        raise MemoryError(f"qahira cpu_avx2_int4: no memory for the activations of x "
+                          f"{tuple(x.shape)}")
+    return y
+
+
+_lib.define("cpu_avx2_int4(Tensor x, Tensor w, Tensor scales, Tensor offsets, int bo, int bi) "
+            "-> Tensor")
+_lib.impl("cpu_avx2_int4", cpu_avx2_int4, "CPU")
+
+
+@torch.library.register_fake("qahira::cpu_avx2_int4")
+def _cpu_avx2_int4_fake(x, w, scales, offsets, bo, bi):
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+def check_cpu_blockwise_stored(qweight: torch.Tensor, scales: torch.Tensor,
+                               offsets: torch.Tensor, bits: int) -> None:
+    """ValueError unless the tensors have the stored dtypes on CPU (the C code reads exactly
+    those; anything else, e.g. after a `model.to(dtype)`, would be misread)."""
+    want_q = torch.int32 if bits == 4 else torch.uint8
+    problems = [f"{name} is on {t.device}" for name, t in
+                (("qweight", qweight), ("scales", scales), ("offsets", offsets))
+                if t.device.type != "cpu"]
+    if qweight.dtype != want_q:
+        problems.append(f"qweight is {qweight.dtype}, expected {want_q} for {bits}-bit")
+    if scales.dtype != torch.float16:
+        problems.append(f"scales are {scales.dtype}, expected torch.float16")
+    if offsets.dtype not in (torch.float16, torch.float32):
+        problems.append(f"offsets are {offsets.dtype}, expected torch.float16 or torch.float32")
+    if problems:
+        raise ValueError("qahira cpu_blockwise: " + "; ".join(problems))
+
+
+def cpu_blockwise_stored_ok(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+                            bits: int) -> bool:
+    try:
+        check_cpu_blockwise_stored(qweight, scales, offsets, bits)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_rc(rc: int, what: str) -> None:
+    if rc == -2:
+        raise MemoryError(f"qahira {what}: out of memory for its per-thread buffers")
+    if rc:
+        raise RuntimeError(f"qahira {what}: failed with code {rc}")
+
+
+def _stored(qweight, scales, offsets, bits):
+    check_cpu_blockwise_stored(qweight, scales, offsets, bits)
+    return qweight.contiguous(), scales.contiguous(), offsets.contiguous()
+
+
+def cpu_blockwise_prechecked(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                             offsets: torch.Tensor, bits: int, bo: int, bi: int) -> torch.Tensor:
+    """cpu_blockwise without the dtype checks, for callers that ran check_cpu_blockwise_stored
+    once and keep the tensors contiguous (the linear kernel's prepare()).
+
+    One packed path for every M (batch invariance: row i of y is bit-identical whatever the
+    other rows are). Its price, benchmarks/cpu_blockwise.py (2 threads): as fast as dequantize
+    + fp32 GEMM up to M = 32, 1.4-2.3x slower at M = 256 (prefill of long batches; e.g. 8.8 vs
+    5.0 ms on SmolLM2's 1536x576 INT4 layer)."""
+    x = x.contiguous()
+    m, k = x.shape
+    n = qweight.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype)
+    if m:
+        _check_rc(_library("cpu_blockwise").qahira_cpu_blockwise(
+            x.data_ptr(), cpu_lib.DTYPE_CODES[x.dtype], m, k, qweight.data_ptr(), bits,
+            scales.data_ptr(), offsets.data_ptr(), offsets.dtype == torch.float32, n, bo, bi,
+            y.data_ptr()), "cpu_blockwise")
+    return y
+
+
+def cpu_blockwise(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                  offsets: torch.Tensor, bits: int, bo: int, bi: int) -> torch.Tensor:
+    """x [M, K] -> [M, N] in x.dtype (fp32/bf16/fp16), exact up to fp32 summation order;
+    qweight/scales/offsets as stored (FORMAT.md), checked (ValueError naming the tensor)."""
+    return cpu_blockwise_prechecked(x, *_stored(qweight, scales, offsets, bits), bits, bo, bi)
+
+
+def cpu_blockwise_dequant(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+                          bits: int, bo: int, bi: int, in_features: int) -> torch.Tensor:
+    """The fp32 weight [out, in] of a stored layer, bit-identical to
+    the format's dequantization, fp32 scales * q + offsets (checked like cpu_blockwise)."""
+    qweight, scales, offsets = _stored(qweight, scales, offsets, bits)
+    n = qweight.shape[0]
+    w = torch.empty(n, in_features, dtype=torch.float32)
+    _check_rc(_library("cpu_blockwise").qahira_cpu_blockwise_dequant(
+        qweight.data_ptr(), bits, scales.data_ptr(), offsets.data_ptr(),
+        offsets.dtype == torch.float32, n, in_features, bo, bi, w.data_ptr()),
+        "cpu_blockwise_dequant")
+    return w
+
+
+_lib.define("cpu_blockwise(Tensor x, Tensor qweight, Tensor scales, Tensor offsets, int bits, "
+            "int bo, int bi) -> Tensor")
+_lib.impl("cpu_blockwise", cpu_blockwise, "CPU")
+
+
+@torch.library.register_fake("qahira::cpu_blockwise")
+def _cpu_blockwise_fake(x, qweight, scales, offsets, bits, bo, bi):
+    return x.new_empty(x.shape[0], qweight.shape[0])
+
+
+__all__ = ["C_FUNCTIONS", "check_cpu_blockwise_stored", "cpu_avx2_int4", "cpu_blockwise",
+           "cpu_blockwise_dequant", "cpu_blockwise_prechecked", "cpu_blockwise_stored_ok",
+           "triton_blockwise"]

@@ -1,0 +1,112 @@
+"""qahira_vllm.linear_kernels: the one ordered list KERNELS, choose_kernel (first enabled kernel
+that can implement the layer, with every earlier kernel's reason) and QAHIRA_DISABLED_KERNELS."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from linear_reference import run_kernel
+from qahira_kernels import cpu_lib
+from qahira_vllm import linear_kernels as lk
+
+ENV = "QAHIRA_DISABLED_KERNELS"
+
+
+def _spec(bits=4, block=(1, 64), act=torch.bfloat16, dev="cpu", out_f=128, in_f=256):
+    return lk.LinearSpec(bits=bits, block_size=block, out_features=out_f, in_features=in_f,
+                         act_dtype=act, device_type=dev)
+
+
+def _choose(spec):
+    return lk.choose_kernel(spec)[0]
+
+
+def test_one_fixed_list_one_name_per_kernel():
+    assert isinstance(lk.KERNELS, tuple)  # no run-time registration
+    assert not hasattr(lk, "register_kernel") and not hasattr(lk, "select_kernel")
+    assert [k.name for k in lk.KERNELS] == ["triton_blockwise", "cpu_avx2_int4", "cpu_int4pack",
+                                            "cpu_blockwise", "dequant_torch"]
+    for k in lk.KERNELS:  # the name is the module's
+        assert k.__module__ == f"qahira_vllm.linear_kernels.{k.name}"
+    assert lk.KERNELS[0] is lk.TritonBlockwiseKernel and lk.KERNELS[-1] is lk.DequantTorchKernel
+
+
+@pytest.fixture
+def torch_kernels_only(monkeypatch):
+    """Only the torch kernels (cpu_int4pack, dequant_torch), through the disable switch."""
+    monkeypatch.setenv(ENV, "triton_blockwise, cpu_avx2_int4,cpu_blockwise")
+
+
+def test_choose_among_torch_kernels(torch_kernels_only):
+    assert _choose(_spec()) is lk.CpuInt4PackKernel
+    assert _choose(_spec(act=torch.float16)) is lk.CpuInt4PackKernel
+    assert _choose(_spec(bits=8)) is lk.CpuInt4PackKernel
+    for spec in (_spec(act=torch.float32), _spec(dev="cuda"),
+                 _spec(block=(8, 4)), _spec(block=(1, 16)), _spec(out_f=40, in_f=64)):
+        assert _choose(spec) is lk.DequantTorchKernel
+
+
+def test_chosen_kernel_runs_when_out_not_multiple_of_16(torch_kernels_only):
+    """out=40 with a 1x32 block is a valid layer; whatever is chosen must run it."""
+    spec = _spec(out_f=40, in_f=64, block=(1, 32))
+    y, y_ref, _ = run_kernel(_choose(spec), 40, 64, 4, (1, 32), torch.bfloat16, 3, True)
+    assert (y - y_ref).abs().max() <= 2e-2 * y_ref.abs().max()
+
+
+def test_reasons_of_every_earlier_kernel(monkeypatch):
+    monkeypatch.setenv(ENV, "cpu_int4pack")
+    kernel, reasons = lk.choose_kernel(_spec(block=(8, 4), act=torch.float32))
+    assert kernel is lk.CpuBlockwiseKernel
+    assert reasons == ["triton_blockwise: CUDA only (layer is on cpu)",
+                       "cpu_avx2_int4: bi must be a multiple of 32",
+                       f"cpu_int4pack: disabled by {ENV}"]
+    assert lk.choose_kernel(_spec()) == (lk.CpuAvx2Int4Kernel,
+                                         ["triton_blockwise: CUDA only (layer is on cpu)"])
+
+
+def test_triton_first_for_cuda_only():
+    """triton_blockwise can_implement answers without a GPU (it imports no Triton)."""
+    spec = lambda **kw: _spec(**{"block": (1, 64), "out_f": 576, "in_f": 1536, "dev": "cuda",
+                                 **kw})
+    assert _choose(spec()) is lk.TritonBlockwiseKernel
+    assert _choose(spec(dev="cpu")) is not lk.TritonBlockwiseKernel
+    assert _choose(spec(act=torch.float32)) is lk.DequantTorchKernel
+
+
+def test_cpu_blockwise_for_fp32_and_for_shapes_the_fast_kernels_refuse(monkeypatch):
+    """fp32 layers and bf16 2-D/odd blocks get cpu_blockwise; the INT4 bf16 default stays on
+    cpu_avx2_int4; CUDA and no library fall through."""
+
+    def spec(bits=4, block=(1, 32), act=torch.float32, dev="cpu"):
+        return lk.LinearSpec(bits, block, 64, 128, act, dev)
+
+    for s in (spec(), spec(bits=8), spec(block=(8, 4), act=torch.bfloat16),
+              spec(bits=8, block=(1, 16), act=torch.float16)):
+        assert _choose(s) is lk.CpuBlockwiseKernel, s
+    assert _choose(spec(act=torch.bfloat16)) is lk.CpuAvx2Int4Kernel
+    assert _choose(spec(dev="cuda")) is lk.DequantTorchKernel
+    assert lk.CpuBlockwiseKernel.can_implement(spec(bits=3))[0] is False
+    monkeypatch.setattr(cpu_lib, "_lib", None)
+    monkeypatch.setattr(cpu_lib, "_lib_error", "no C compiler (gcc/cc) to build qahira's CPU "
+                        "kernels")
+    ok, why = lk.CpuBlockwiseKernel.can_implement(spec())
+    assert not ok and "no C compiler" in why
+    kernel, reasons = lk.choose_kernel(spec())
+    assert kernel is lk.DequantTorchKernel and "cpu_blockwise: no C compiler" in reasons[-1]
+
+
+def test_unknown_name_in_switch_is_an_error(monkeypatch):
+    monkeypatch.setenv(ENV, "cpu_gemv")
+    with pytest.raises(ValueError, match=r"QAHIRA_DISABLED_KERNELS=.*cpu_gemv.*valid names: "
+                                         r"triton_blockwise, cpu_avx2_int4"):
+        lk.choose_kernel(_spec())
+
+
+def test_everything_disabled_lists_every_reason(monkeypatch):
+    monkeypatch.setenv(ENV, "cpu_int4pack,dequant_torch")
+    with pytest.raises(ValueError, match="no qahira kernel implements") as e:
+        lk.choose_kernel(_spec(act=torch.float32, block=(1, 16), bits=8, dev="cuda"))
+    for name in ("triton_blockwise:", "cpu_avx2_int4:", "cpu_int4pack: disabled",
+                 "cpu_blockwise: CPU only", "dequant_torch: disabled"):
+        assert name in str(e.value)

@@ -1,0 +1,82 @@
+"""qahira_vllm.linear_kernels.cpu_avx2_int4: CpuAvx2Int4Kernel (what it accepts, prepare/apply on a
+layer, under torch.compile), within the kernel's documented error bound of an fp64 reference
+(linear_reference.check_avx2_int4). The op itself: tests/kernels/test_cpu_avx2_int4.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from linear_reference import avx2_int4_layer, check_avx2_int4
+from qahira_kernels import cpu_lib
+from qahira_vllm import linear_kernels as lk
+from qahira_vllm.linear_kernels.cpu_avx2_int4 import CpuAvx2Int4Kernel
+
+
+@pytest.mark.parametrize("act_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("block", [(1, 32), (1, 64), (4, 64)])
+def test_kernel_interface_bf16_fp16_bias_3d(act_dtype, block):
+    spec = lk.LinearSpec(bits=4, block_size=block, out_features=64, in_features=192,
+                         act_dtype=act_dtype, device_type="cpu")
+    assert CpuAvx2Int4Kernel.can_implement(spec) == (True, None)
+    layer, q, scales, offsets = avx2_int4_layer(64, 192, block, seed=3)
+    kernel = CpuAvx2Int4Kernel(spec)
+    kernel.prepare(layer)
+    assert not hasattr(layer, "qweight") and list(layer.parameters()) == []
+    assert layer.gemv_weight.dtype == torch.uint8 and layer.gemv_weight.shape == (64, 96)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 5, 192, generator=g).to(act_dtype)
+    bias = (torch.randn(64, generator=g) * 0.5).to(act_dtype)
+    y = kernel.apply(layer, x, bias)
+    assert y.dtype == act_dtype and y.shape == (2, 5, 64)
+    check_avx2_int4(y, x, q, scales, offsets, block, bias)
+
+
+def test_traced_by_torch_compile_as_one_op():
+    """vLLM compiles the model: the op must trace with fullgraph (fake impl) and give the same y."""
+    spec = lk.LinearSpec(bits=4, block_size=(1, 32), out_features=48, in_features=128,
+                         act_dtype=torch.bfloat16, device_type="cpu")
+    layer, *_ = avx2_int4_layer(48, 128, (1, 32), seed=5)
+    kernel = CpuAvx2Int4Kernel(spec)
+    kernel.prepare(layer)
+    x = torch.randn(4, 128).bfloat16()
+    compiled = torch.compile(lambda t: kernel.apply(layer, t) * 2, backend="aot_eager",
+                             fullgraph=True)
+    assert torch.equal(compiled(x), kernel.apply(layer, x) * 2)
+
+
+@pytest.mark.parametrize("change,reason", [
+    (dict(bits=8), "4-bit"), (dict(block_size=(1, 16)), "multiple of 32"),
+    (dict(block_size=(8, 4)), "multiple of 32"), (dict(act_dtype=torch.float32), "fp32"),
+    (dict(device_type="cuda"), "CPU"),
+])
+def test_can_implement_refuses(change, reason):
+    spec = lk.LinearSpec(**{**dict(bits=4, block_size=(1, 32), out_features=64, in_features=64,
+                                   act_dtype=torch.bfloat16, device_type="cpu"), **change})
+    ok, why = CpuAvx2Int4Kernel.can_implement(spec)
+    assert not ok and reason in why
+
+
+def test_disabled_by_environment(monkeypatch):
+    """QAHIRA_DISABLED_KERNELS=cpu_avx2_int4 turns off this kernel only: the layer goes to the
+    next one (torch's int4 kernel), and the reason says why."""
+    spec = lk.LinearSpec(4, (1, 32), 64, 64, torch.bfloat16, "cpu")
+    assert lk.choose_kernel(spec)[0] is CpuAvx2Int4Kernel
+    monkeypatch.setenv("QAHIRA_DISABLED_KERNELS", "cpu_avx2_int4")
+    kernel, reasons = lk.choose_kernel(spec)
+    assert kernel is lk.CpuInt4PackKernel
+    assert "cpu_avx2_int4: disabled by QAHIRA_DISABLED_KERNELS" in reasons
+    # fp32 layers still get the compiled exact kernel (the library is not switched off).
+    assert lk.choose_kernel(lk.LinearSpec(4, (1, 32), 64, 64, torch.float32, "cpu"))[0] \
+        is lk.CpuBlockwiseKernel
+
+
+def test_failed_build_is_reported_not_raised(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_lib, "_lib", None)
+    monkeypatch.setattr(cpu_lib, "_lib_error", None)
+    monkeypatch.setenv("QAHIRA_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "/bin/false")
+    spec = lk.LinearSpec(4, (1, 32), 64, 64, torch.bfloat16, "cpu")
+    ok, why = CpuAvx2Int4Kernel.can_implement(spec)
+    assert not ok and "/bin/false failed" in why and "cpu_avx2_int4.c" in why
+    assert list(tmp_path.glob("*")) == []  # no partial file left behind

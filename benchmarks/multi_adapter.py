@@ -204,7 +204,7 @@ def main() -> int:
             json.dumps(ops_benchmark(args.rank), indent=2) + "\n")
         return 0
     sys.path.insert(0, str(REPO / "tests"))
-    import helpers_tiny  # random adapters with the format's exact shapes
+    from support import tiny  # random adapters with the format's exact shapes
     from transformers import AutoTokenizer
 
     from qahira_vllm.export import export_peft_lora
@@ -221,7 +221,7 @@ def main() -> int:
     for i in range(max(SCENARIOS)):
         d = work / f"qbara-{i}"
         if not d.exists():
-            helpers_tiny.random_adapter(qckpt, d, "qbara", pool=2, repeat=2, rank=args.rank,
+            tiny.random_adapter(qckpt, d, "qbara", pool=2, repeat=2, rank=args.rank,
                                         std=0.05, seed=i)
         e = work / f"qbara-{i}-export"
         if not e.exists():

@@ -2,10 +2,13 @@
 
     lib = load_library()        # ctypes.CDLL, or None: library_error() says why
 
-The C sources (cpu_avx2_int4.c: INT4 linear layers, fast at decode batch sizes;
-cpu_blockwise.c: every format case, exact; cpu_qbara.c: multi-adapter Q-BaRA, one call per
+The C sources (cpu_avx2_int4.c: INT4 and INT8 integer-dot linear layers, fast at decode batch
+sizes; cpu_blockwise.c: every format case, exact; cpu_qbara.c: multi-adapter Q-BaRA, one call per
 layer; cpu_common.h) are compiled once per machine with the system C compiler (`$CC`, else gcc,
-else cc; `-O3 -mavx2 -mfma -mf16c -fopenmp`) into one shared library,
+else cc; `-O3 -mavx2 -mfma -mf16c -fopenmp`) into one shared library. cpu_avx2_int4.c is
+compiled twice, as is and with `AVX512_FLAGS` (512-bit vectors, VNNI): both objects go into the
+library wherever the compiler knows the flags, and `intdot_variant()` picks the one this CPU
+runs (CPUID; `$QAHIRA_CPU_ISA=avx2` forces the AVX2 one). The library is
 `<cache>/qahira_cpu-<hash>.so`, written to a temporary name and renamed (vLLM workers may build
 concurrently; each renames a complete file). `<cache>` is `$QAHIRA_KERNEL_CACHE`, else
 `$XDG_CACHE_HOME/qahira/kernels`, else `~/.cache/qahira/kernels`. The hash covers the sources,
@@ -33,10 +36,19 @@ HERE = Path(__file__).resolve().parent
 SOURCES = ("cpu_avx2_int4.c", "cpu_blockwise.c", "cpu_qbara.c")
 HEADERS = ("cpu_common.h",)
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
+# The second build of INTDOT_SOURCE (entry point qahira_cpu_intdot_avx512).
+AVX512_FLAGS = ("-DQAHIRA_W512", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+                "-mavx512vnni")
+INTDOT_SOURCE = "cpu_avx2_int4.c"
+# Entry points of the AVX-512 object: absent from the library when the compiler lacks the flags.
+AVX512_FUNCTIONS = ("qahira_cpu_intdot_avx512",)
+ISA_ENV = "QAHIRA_CPU_ISA"  # "avx2" forces the AVX2 build of the integer-dot kernels
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # cpu_common.h
 
 _lib: ctypes.CDLL | None = None
 _lib_error: str | None = None
+_avx512_build_error: str | None = None
+_variants: tuple[ctypes.CDLL | None, tuple[str, ...]] | None = None
 
 
 def _cpu_has_avx2() -> bool:
@@ -56,8 +68,15 @@ def cache_dir() -> Path:
     return Path(xdg).expanduser() / "qahira" / "kernels"
 
 
+def _run(cmd: list[str], what: str) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{cmd[0]} failed on {what} in {HERE}:\n{proc.stderr[-2000:]}")
+
+
 def _build(compiler: str) -> Path:
-    digest = hashlib.sha256(" ".join([compiler, *CFLAGS]).encode())
+    global _avx512_build_error
+    digest = hashlib.sha256(" ".join([compiler, *CFLAGS, *AVX512_FLAGS]).encode())
     for name in (*SOURCES, *HEADERS):
         digest.update((HERE / name).read_bytes())
     out = cache_dir() / f"qahira_cpu-{digest.hexdigest()[:16]}.so"
@@ -67,11 +86,21 @@ def _build(compiler: str) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=out.name, suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
-        cmd = [compiler, *CFLAGS, "-o", tmp, *(str(HERE / s) for s in SOURCES)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode:
-            raise RuntimeError(f"{compiler} failed on {', '.join(SOURCES)} in {HERE}:\n"
-                               f"{proc.stderr[-2000:]}")
+        with tempfile.TemporaryDirectory(dir=out.parent) as objdir:
+            # The integer-dot source twice: AVX2 object, AVX-512 object (same logic, wider
+            # vectors). The AVX-512 one is built on every machine whose compiler knows the
+            # flags, so it is compiled (and tested to link) even where it cannot run.
+            objs = [str(Path(objdir) / "intdot_avx2.o"), str(Path(objdir) / "intdot_avx512.o")]
+            src = str(HERE / INTDOT_SOURCE)
+            _run([compiler, *CFLAGS, "-c", src, "-o", objs[0]], INTDOT_SOURCE)
+            try:
+                _run([compiler, *CFLAGS, *AVX512_FLAGS, "-c", src, "-o", objs[1]],
+                     f"{INTDOT_SOURCE} (AVX-512 build)")
+            except RuntimeError as e:  # an old compiler: serve with the AVX2 build only
+                _avx512_build_error = str(e)
+                objs.pop()
+            others = [str(HERE / s) for s in SOURCES if s != INTDOT_SOURCE]
+            _run([compiler, *CFLAGS, "-o", tmp, *objs, *others], ", ".join(SOURCES))
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -83,6 +112,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     from .ops import C_FUNCTIONS  # here, not at the top: ops imports this module
 
     for name, argtypes in C_FUNCTIONS.items():
+        if name in AVX512_FUNCTIONS and not hasattr(lib, name):
+            continue  # not built by this compiler (intdot_variants() says why)
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, ctypes.c_int
 
@@ -112,3 +143,46 @@ def load_library() -> ctypes.CDLL | None:
 def library_error() -> str | None:
     load_library()
     return _lib_error
+
+
+def intdot_built_variants() -> tuple[str, ...]:
+    """The builds of the integer-dot kernels (cpu_avx2_int4.c) in the library: ("avx2",
+    "avx512"), or ("avx2",) when the compiler could not build the AVX-512 object; () without
+    a library."""
+    lib = load_library()
+    if lib is None:
+        return ()
+    return ("avx2", "avx512") if hasattr(lib, "qahira_cpu_intdot_avx512") else ("avx2",)
+
+
+def intdot_variants() -> tuple[str, ...]:
+    """The builds of the integer-dot kernels this CPU can run, slowest first: "avx2" always
+    (with the library), "avx512" when built and CPUID reports AVX-512 F/BW/VL/DQ + VNNI with
+    OS support."""
+    global _variants
+    lib = load_library()
+    if _variants is None or _variants[0] is not lib:  # CPUID once per loaded library
+        built = intdot_built_variants()
+        if "avx512" in built and not lib.qahira_cpu_avx512_ok():
+            built = built[:1]
+        _variants = (lib, built)
+    return _variants[1]
+
+
+def intdot_variant() -> str:
+    """The build the integer-dot ops use: the widest in intdot_variants(), unless $QAHIRA_CPU_ISA
+    names another one it contains (e.g. QAHIRA_CPU_ISA=avx2 for comparisons).
+
+    Raises RuntimeError without a library, ValueError for a $QAHIRA_CPU_ISA this CPU or build
+    cannot run (naming the ones it can)."""
+    variants = intdot_variants()
+    if not variants:
+        raise RuntimeError(f"qahira's CPU kernels are unavailable: {library_error()}")
+    want = os.environ.get(ISA_ENV, "").strip().lower()
+    if not want:
+        return variants[-1]
+    if want not in variants:
+        why = f" (AVX-512 build failed: {_avx512_build_error})" if _avx512_build_error else ""
+        raise ValueError(f"{ISA_ENV}={want!r}: this machine runs only {', '.join(variants)}{why}; "
+                         f"unset it or choose one of those")
+    return want

@@ -15,3 +15,16 @@ def pack_cpu_avx2_int4(q: torch.Tensor) -> torch.Tensor:
     c = CPU_AVX2_INT4_CHUNK
     g = q.to(torch.uint8).view(n, k // c, 2, c // 2)
     return (g[:, :, 0] | (g[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+
+
+def pack_cpu_int8(q: torch.Tensor) -> torch.Tensor:
+    """q int [N, K] (values 0..255, K % 32 == 0) -> uint8 [N, K], the weight of ops.cpu_int8:
+    each pair of 32-column chunks (c even, c + 1) stored as [c[0:16], c+1[0:16], c[16:32],
+    c+1[16:32]] (the order cpu_avx2_int4.c keeps its quantized activations in: one 512-bit load
+    then holds the same half of two chunks); a last unpaired chunk stays as it is."""
+    n, k = q.shape
+    c = CPU_AVX2_INT4_CHUNK
+    q = q.to(torch.uint8)
+    paired = (k // c) // 2 * 2 * c
+    pairs = q[:, :paired].reshape(n, paired // (2 * c), 2, 2, c // 2).transpose(2, 3)
+    return torch.cat([pairs.reshape(n, paired), q[:, paired:]], dim=1).contiguous()

@@ -8,6 +8,9 @@ each also callable here as a plain function of the same name:
         blockwise_gemm.pack_blockwise_weight (scales/offsets transposed)
     cpu_avx2_int4(x [M, K], w, scales, offsets, bo, bi) -> y [M, N]
         CPU, cpu_avx2_int4.c; w as made by layouts.pack_cpu_avx2_int4, 4-bit, bi % 32 == 0
+    cpu_int8(x [M, K], w, scales, offsets, bo, bi) -> y [M, N]
+        CPU, cpu_avx2_int4.c; w as made by layouts.pack_cpu_int8, 8-bit, bi % 32 == 0
+        (both: the AVX2 or AVX-512 build, cpu_lib.intdot_variant(); bit-identical results)
     cpu_blockwise(x [M, K], qweight, scales, offsets, bits, bo, bi) -> y [M, N]
         CPU, cpu_blockwise.c; tensors as stored (docs/FORMAT.md), any bits/block
 
@@ -18,7 +21,9 @@ y has x's dtype (fp32/bf16/fp16 on CPU, fp16/bf16 for Triton). Python-only entry
 C entry points of the compiled CPU library, with their ctypes signatures (`C_FUNCTIONS`; every
 one returns int, 0 = success; cpu_lib.load_library() applies them):
 
-    qahira_cpu_avx2_int4           cpu_avx2_int4.c
+    qahira_cpu_intdot_avx2         cpu_avx2_int4.c   (AVX2 build)
+    qahira_cpu_intdot_avx512       cpu_avx2_int4.c   (AVX-512 + VNNI build, where compiled)
+    qahira_cpu_avx512_ok           cpu_avx2_int4.c   (CPUID: can the AVX-512 build run here)
     qahira_cpu_blockwise           cpu_blockwise.c
     qahira_cpu_blockwise_dequant   cpu_blockwise.c
     qahira_qbara_layer             cpu_qbara.c   (called by cpu_qbara.CpuQbaraLayer)
@@ -34,6 +39,7 @@ MemoryError when the C code cannot allocate its buffers.
 from __future__ import annotations
 
 import ctypes
+import os
 
 import torch
 
@@ -41,8 +47,10 @@ from . import cpu_lib
 
 _p, _i, _l = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
 C_FUNCTIONS: dict[str, list] = {
-    # x, x_dtype, M, K, w, scales, offsets, offsets_f32, N, bo, bi, y
-    "qahira_cpu_avx2_int4": [_p, _i, _i, _i, _p, _p, _p, _i, _i, _i, _i, _p],
+    # x, x_dtype, M, K, w, bits, scales, offsets, offsets_f32, N, bo, bi, y
+    "qahira_cpu_intdot_avx2": [_p, _i, _i, _i, _p, _i, _p, _p, _i, _i, _i, _i, _p],
+    "qahira_cpu_intdot_avx512": [_p, _i, _i, _i, _p, _i, _p, _p, _i, _i, _i, _i, _p],
+    "qahira_cpu_avx512_ok": [],
     # x, x_dtype, M, K, qweight, bits, scales, offsets, offsets_f32, N, bo, bi, y
     "qahira_cpu_blockwise": [_p, _i, _i, _i, _p, _i, _p, _p, _i, _i, _i, _i, _p],
     # qweight, bits, scales, offsets, offsets_f32, N, K, bo, bi, w
@@ -84,31 +92,60 @@ def _triton_blockwise_fake(x, qweight, scales_t, offsets_t, bias, bits, bo, bi):
 _lib = torch.library.Library("qahira", "FRAGMENT")
 
 
-def cpu_avx2_int4(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor,
-                  offsets: torch.Tensor, bo: int, bi: int) -> torch.Tensor:
-    """x [M, K] -> [M, N] in x.dtype; w uint8 [N, K/2] (layouts.pack_cpu_avx2_int4), scales
-    fp16 and offsets fp16/fp32 [N/bo, K/bi], all contiguous on CPU."""
-    lib = _library("cpu_avx2_int4")
+# (library, requested variant or $QAHIRA_CPU_ISA) -> C function: resolving the build on every
+# call cost ~2 us, a quarter of a small layer's call.
+_intdot_fns: dict = {}
+
+
+def _intdot(name: str, bits: int, x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor,
+            offsets: torch.Tensor, bo: int, bi: int, variant: str | None) -> torch.Tensor:
+    lib = _library(name)
+    key = (lib, variant, None if variant else os.environ.get(cpu_lib.ISA_ENV))
+    fn = _intdot_fns.get(key)
+    if fn is None:
+        fn = _intdot_fns[key] = getattr(lib, "qahira_cpu_intdot_"
+                                        + (variant or cpu_lib.intdot_variant()))
     x = x.contiguous()
     m, k = x.shape
     y = torch.empty(m, w.shape[0], dtype=x.dtype)
-    rc = lib.qahira_cpu_avx2_int4(x.data_ptr(), cpu_lib.DTYPE_CODES[x.dtype], m, k, w.data_ptr(),
-                                  scales.data_ptr(), offsets.data_ptr(),
-                                  offsets.dtype == torch.float32, w.shape[0], bo, bi,
-                                  y.data_ptr())
+    rc = fn(x.data_ptr(), cpu_lib.DTYPE_CODES[x.dtype], m, k, w.data_ptr(), bits,
+            scales.data_ptr(), offsets.data_ptr(), offsets.dtype == torch.float32, w.shape[0],
+            bo, bi, y.data_ptr())
     if rc:
-        raise MemoryError(f"qahira cpu_avx2_int4: no memory for the activations of x "
-                          f"{tuple(x.shape)}")
+        raise MemoryError(f"qahira {name}: no memory for the activations of x {tuple(x.shape)}")
     return y
 
 
-_lib.define("cpu_avx2_int4(Tensor x, Tensor w, Tensor scales, Tensor offsets, int bo, int bi) "
-            "-> Tensor")
-_lib.impl("cpu_avx2_int4", cpu_avx2_int4, "CPU")
+def cpu_avx2_int4(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor,
+                  offsets: torch.Tensor, bo: int, bi: int,
+                  variant: str | None = None) -> torch.Tensor:
+    """x [M, K] -> [M, N] in x.dtype; w uint8 [N, K/2] (layouts.pack_cpu_avx2_int4), scales
+    fp16 and offsets fp16/fp32 [N/bo, K/bi], all contiguous on CPU. `variant` ("avx2" /
+    "avx512", one of cpu_lib.intdot_variants()) picks the build; None: cpu_lib.intdot_variant().
+    AttributeError for a variant not in the library, MemoryError if the C code cannot allocate."""
+    return _intdot("cpu_avx2_int4", 4, x, w, scales, offsets, bo, bi, variant)
+
+
+def cpu_int8(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+             bo: int, bi: int, variant: str | None = None) -> torch.Tensor:
+    """x [M, K] -> [M, N] in x.dtype; w uint8 [N, K] (layouts.pack_cpu_int8), scales fp16 and
+    offsets fp16/fp32 [N/bo, K/bi], all contiguous on CPU; variant and errors as cpu_avx2_int4."""
+    return _intdot("cpu_int8", 8, x, w, scales, offsets, bo, bi, variant)
+
+
+for _name, _fn in (("cpu_avx2_int4", cpu_avx2_int4), ("cpu_int8", cpu_int8)):
+    _lib.define(f"{_name}(Tensor x, Tensor w, Tensor scales, Tensor offsets, int bo, int bi) "
+                "-> Tensor")
+    _lib.impl(_name, _fn, "CPU")
 
 
 @torch.library.register_fake("qahira::cpu_avx2_int4")
 def _cpu_avx2_int4_fake(x, w, scales, offsets, bo, bi):
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+@torch.library.register_fake("qahira::cpu_int8")
+def _cpu_int8_fake(x, w, scales, offsets, bo, bi):
     return x.new_empty(x.shape[0], w.shape[0])
 
 
@@ -205,4 +242,4 @@ def _cpu_blockwise_fake(x, qweight, scales, offsets, bits, bo, bi):
 
 __all__ = ["C_FUNCTIONS", "check_cpu_blockwise_stored", "cpu_avx2_int4", "cpu_blockwise",
            "cpu_blockwise_dequant", "cpu_blockwise_prechecked", "cpu_blockwise_stored_ok",
-           "triton_blockwise"]
+           "cpu_int8", "triton_blockwise"]

@@ -1,7 +1,7 @@
 """References and inputs for the linear-kernel tests (qahira_kernels ops, qahira_vllm.linear_kernels).
 
 The fp32 reference is the format's one dequantization, qahira_vllm.quant_math.dequantize (itself
-checked against tiny_models' independent fp64 indexing in tests/test_quant_math.py and
+checked against support.tiny's independent fp64 indexing in tests/test_quant_math.py and
 tests/linear_kernels/test_dequant_torch_kernel.py), then x @ W^T.
 """
 
@@ -69,7 +69,7 @@ def avx2_int4_layer(out_f, in_f, block, seed=0, offset_dtype=torch.float16):
 
 def _avx2_int4_bound(x, q, scales, block):
     """Per-output bound [M, N] of the activation-quantization error, plus fp32 slack."""
-    import tiny_models as tm
+    from support import tiny as tm
 
     bo, bi = block
     x2 = x.reshape(-1, x.shape[-1]).double()
@@ -82,8 +82,8 @@ def _avx2_int4_bound(x, q, scales, block):
 
 
 def check_avx2_int4(y, x, q, scales, offsets, block, bias=None) -> torch.Tensor:
-    """Assert y is within the kernel's bound of tiny_models' fp64 reference; returns |err|."""
-    import tiny_models as tm
+    """Assert y is within the kernel's bound of support.tiny's fp64 reference; returns |err|."""
+    from support import tiny as tm
 
     w_ref = tm.dequant_ref(q, scales, offsets, block)
     y_ref = x.double() @ w_ref.t()
@@ -98,12 +98,12 @@ def check_avx2_int4(y, x, q, scales, offsets, block, bias=None) -> torch.Tensor:
     return err
 
 
-# ---- any kernel against tiny_models' independent fp64 dequantization ---------------------------
+# ---- any kernel against support.tiny's independent fp64 dequantization ---------------------------
 
 def layer_and_fp64_weight(out_f, in_f, bits, block, seed=0, offset_dtype=torch.float16):
     """A layer of random stored tensors, plus its fp64 weight computed independently
-    (tiny_models.dequant_ref: indexing, no quant_math)."""
-    import tiny_models as tm
+    (support.tiny.dequant_ref: indexing, no quant_math)."""
+    from support import tiny as tm
 
     bo, bi = block
     g = torch.Generator().manual_seed(seed)

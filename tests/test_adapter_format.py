@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import helpers_tiny
+from support import tiny
 from qahira_vllm.adapter_format import (CONFIG_NAME, WEIGHTS_NAME, AdapterConfig, AdapterError,
                                         base_layer_dims, checkpoint_fingerprint, load_adapter,
                                         peft_alpha_for, peft_compatible_scaling,
@@ -19,12 +19,12 @@ LAYER = "model.layers.0.self_attn.q_proj"
 
 @pytest.fixture(scope="module")
 def qckpt():
-    return helpers_tiny.tiny_qckpt("llama", hidden=64, intermediate=128, heads=2, kv_heads=1)
+    return tiny.tiny_qckpt("llama", hidden=64, intermediate=128, heads=2, kv_heads=1)
 
 
 @pytest.fixture
 def qbara_dir(qckpt, tmp_path):
-    return helpers_tiny.random_adapter(qckpt, tmp_path / "qbara", "qbara", rank=4)
+    return tiny.random_adapter(qckpt, tmp_path / "qbara", "qbara", rank=4)
 
 
 def _edit_config(adapter_dir, fn):
@@ -149,7 +149,7 @@ def test_unexpected_tensor_name(qbara_dir):
 
 
 def test_fingerprint_mismatch(qbara_dir, qckpt):
-    other = helpers_tiny.tiny_qckpt("llama", offset_dtype="float32", hidden=64, intermediate=128,
+    other = tiny.tiny_qckpt("llama", offset_dtype="float32", hidden=64, intermediate=128,
                                     heads=2, kv_heads=1)
     with pytest.raises(AdapterError, match="trained on a base with fingerprint"):
         _check(qbara_dir, other)
@@ -172,7 +172,7 @@ def test_wrong_compact_shape(qbara_dir, qckpt):
 
 
 def test_pool_repeat_must_divide(qckpt, tmp_path):
-    path = helpers_tiny.random_adapter(qckpt, tmp_path / "a", "qbara", rank=4)
+    path = tiny.random_adapter(qckpt, tmp_path / "a", "qbara", rank=4)
     _edit_config(path, lambda d: d["qahira"].update(pool=3))
     with pytest.raises(AdapterError, match=r"layer 'model\.layers\.0\.mlp\.down_proj' "
                                            r"\[out=64, in=128\]: pool=3 does not divide in=128"):
@@ -223,7 +223,7 @@ def test_converted_lm_head_is_not_an_adapter_target():
     (vLLM serves lm_head adapters through its own full-width path, not the compact one)."""
     from qahira_vllm.checkpoint import quantized_layers, read_headers
 
-    base = helpers_tiny.tiny_qckpt("llama", lm_head=True, hidden=64, intermediate=128, heads=2,
+    base = tiny.tiny_qckpt("llama", lm_head=True, hidden=64, intermediate=128, heads=2,
                                    kv_heads=1)
     assert "lm_head" in quantized_layers(read_headers(base))
     dims = base_layer_dims(base)
@@ -236,7 +236,7 @@ def test_converted_lm_head_is_not_an_adapter_target():
 # scaling, and its forward (PeftModel.from_pretrained on the dequantized base, fp32).
 
 PEFT_FORWARD_TOL = 1e-4  # fp32 logits, trainer QuantLinear vs PEFT on the same dequantized W
-PEFT_OPTION_CASES = {**helpers_tiny.PEFT_OPTIONS,
+PEFT_OPTION_CASES = {**tiny.PEFT_OPTIONS,
                      "layers_no_pattern": dict(r=4, lora_alpha=8, layers_to_transform=1,
                                                target_modules=["q_proj", "gate_proj"])}
 
@@ -244,7 +244,7 @@ PEFT_OPTION_CASES = {**helpers_tiny.PEFT_OPTIONS,
 @pytest.fixture(scope="module")
 def peft_adapters(qckpt, tmp_path_factory):
     root = tmp_path_factory.mktemp("peft-options")
-    return {name: helpers_tiny.peft_adapter(qckpt, root / name, seed=i, **kw)
+    return {name: tiny.peft_adapter(qckpt, root / name, seed=i, **kw)
             for i, (name, kw) in enumerate(PEFT_OPTION_CASES.items())}
 
 
@@ -260,14 +260,14 @@ def test_peft_option_adapts_what_peft_adapts(option, peft_adapters, qckpt):
     validate_adapter(adapter, dims, checkpoint_fingerprint(qckpt), max_rank=8)
     cfg = adapter.config
     assert set(cfg.targeted(dims)) == set(adapter.tensors)  # PEFT saved what it adapted
-    peft_model = helpers_tiny.peft_reference(qckpt, path)
+    peft_model = tiny.peft_reference(qckpt, path)
     peft_layers = {n.removeprefix("base_model.model."): m
                    for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)}
     assert set(peft_layers) == set(adapter.tensors)
     for name, m in peft_layers.items():  # exactly PEFT's per-layer r and scaling
         assert (cfg.layer_rank(name), cfg.layer_scaling(name)) == \
             (m.r["default"], m.scaling["default"]), name
-    ids = torch.tensor([helpers_tiny.TOKEN_PROMPTS[0]])
+    ids = torch.tensor([tiny.TOKEN_PROMPTS[0]])
     with torch.no_grad():
         expected = peft_model(ids).logits
         base = peft_model.get_base_model()

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import tiny_models as tm  # noqa: E402
+from support import tiny as tm  # noqa: E402
 from qahira_vllm.checkpoint import (read_headers, read_quant_config,  # noqa: E402
                                     resolve_model_dir, validate_checkpoint, write_checkpoint)
 from qahira_vllm.format import QahiraFormatError, QahiraQuantConfig  # noqa: E402

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import tiny_models as tm  # noqa: E402
+from support import tiny as tm  # noqa: E402
 from qahira_vllm.cli import VERBS, main  # noqa: E402
 from qahira_vllm.cli.quantize import parse_block  # noqa: E402
 

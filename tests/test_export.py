@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-import helpers_tiny
+from support import tiny
 from qahira_vllm.adapter_format import AdapterError, load_adapter
 from qahira_vllm.checkpoint import load_reference_model
 from qahira_vllm.cli import main as cli_main
@@ -21,8 +21,8 @@ IDS = torch.tensor([[3, 17, 99, 250, 64, 8, 120, 45, 200, 31, 7, 77]])
 
 def _base(arch):
     if arch == "llama":
-        return helpers_tiny.tiny_qckpt("llama", **TINY)
-    return helpers_tiny.tiny_qckpt("qwen2", block_size=(4, 8), offset_dtype="float32",
+        return tiny.tiny_qckpt("llama", **TINY)
+    return tiny.tiny_qckpt("qwen2", block_size=(4, 8), offset_dtype="float32",
                                    tie=True, **TINY)
 
 
@@ -38,7 +38,7 @@ def _peft_logits(qckpt, lora_dir):
 @pytest.mark.parametrize("pool, repeat, scaling", [(2, 2, 2.0), (4, 2, 0.37), (1, 8, 1 / 3)])
 def test_qbara_export_equals_native_forward_in_peft(arch, pool, repeat, scaling, tmp_path):
     qckpt = _base(arch)
-    qbara = helpers_tiny.random_adapter(qckpt, tmp_path / "qbara", "qbara", pool=pool,
+    qbara = tiny.random_adapter(qckpt, tmp_path / "qbara", "qbara", pool=pool,
                                         repeat=repeat, rank=6, scaling=scaling, std=0.3)
     summary = export_peft_lora(qbara, tmp_path / "lora")
     assert summary["scaling"] == pytest.approx(scaling, rel=1e-15)
@@ -64,14 +64,14 @@ def test_qbara_export_equals_native_forward_in_peft(arch, pool, repeat, scaling,
 
 def test_compact_qbara_is_not_silently_loaded_by_peft(tmp_path):
     qckpt = _base("llama")
-    qbara = helpers_tiny.random_adapter(qckpt, tmp_path / "qbara", "qbara", rank=4)
+    qbara = tiny.random_adapter(qckpt, tmp_path / "qbara", "qbara", rank=4)
     with pytest.raises(Exception, match="size mismatch"):
         _peft_logits(qckpt, qbara)
 
 
 def test_trained_lora_adapter_loads_in_peft_directly(tmp_path):
     qckpt = _base("qwen")
-    lora = helpers_tiny.random_adapter(qckpt, tmp_path / "lora", "lora", rank=4, scaling=2.0,
+    lora = tiny.random_adapter(qckpt, tmp_path / "lora", "lora", rank=4, scaling=2.0,
                                        std=0.2)
     with torch.no_grad():
         native = load_model_with_adapter(qckpt, lora)(IDS).logits
@@ -80,7 +80,7 @@ def test_trained_lora_adapter_loads_in_peft_directly(tmp_path):
 
 def test_qahira_export_refused(tmp_path):
     qckpt = _base("llama")
-    ad = helpers_tiny.random_adapter(qckpt, tmp_path / "qa", "qahira", pool=32, repeat=8)
+    ad = tiny.random_adapter(qckpt, tmp_path / "qa", "qahira", pool=32, repeat=8)
     with pytest.raises(AdapterError, match="QA-HiRA adapter has no low-rank form"):
         export_peft_lora(ad, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -88,7 +88,7 @@ def test_qahira_export_refused(tmp_path):
 
 def test_cli_export(tmp_path, capsys):
     qckpt = _base("llama")
-    qbara = helpers_tiny.random_adapter(qckpt, tmp_path / "qbara", "qbara", rank=4)
+    qbara = tiny.random_adapter(qckpt, tmp_path / "qbara", "qbara", rank=4)
     assert cli_main(["export", str(qbara), str(tmp_path / "out"), "--format", "peft-lora"]) == 0
     assert json.loads(capsys.readouterr().out)["r"] == 4
     cfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import helpers_tiny
+from support import tiny
 from qahira_vllm.adapter_format import AdapterError, checkpoint_fingerprint, load_adapter
 from qahira_vllm.cli import main as cli_main
 from qahira_vllm.merge import merge_qahira
@@ -23,7 +23,7 @@ BASES = {  # name -> (arch, block, offset dtype, QA-HiRA pool pi, repeat qo)
 def _base(name):
     arch, block, odt, _, _ = BASES[name]
     kw = dict(TINY, tie=True) if arch == "qwen2" else TINY
-    return helpers_tiny.tiny_qckpt(arch, block_size=block, offset_dtype=odt, **kw)
+    return tiny.tiny_qckpt(arch, block_size=block, offset_dtype=odt, **kw)
 
 
 def _tensors(model_dir):
@@ -52,7 +52,7 @@ def test_qahira_merge_is_exact(name, targets, tmp_path):
     _, block, odt, pi, qo = BASES[name]
     tg = (("q_proj", "v_proj") if targets == "q,v" else
           ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
-    adapter_dir = helpers_tiny.random_adapter(qckpt, tmp_path / "ad", "qahira", pool=pi,
+    adapter_dir = tiny.random_adapter(qckpt, tmp_path / "ad", "qahira", pool=pi,
                                               repeat=qo, scaling=1.7, std=0.5, targets=tg)
     summary = merge_qahira(qckpt, adapter_dir, tmp_path / "merged")
     assert summary["method"] == "exact_offsets"
@@ -66,8 +66,8 @@ def test_qahira_merge_is_exact(name, targets, tmp_path):
             assert _same_bytes(base[key], merged[key]), key   # qweight, scales, the rest
             continue
         q = base[f"{layer}.qweight"]
-        w_base = helpers_tiny.dequant_reference(q, base[f"{layer}.scales"], base[key], block)
-        w_merged = helpers_tiny.dequant_reference(q, merged[f"{layer}.scales"], merged[key], block)
+        w_base = tiny.dequant_reference(q, base[f"{layer}.scales"], base[key], block)
+        w_merged = tiny.dequant_reference(q, merged[f"{layer}.scales"], merged[key], block)
         delta = _delta_reference(adapter.tensors[layer]["qahira_M"], 1.7, pi, qo, *w_base.shape)
         # One rounding of offset_dtype per block (|error| <= one ulp at the stored offset),
         # plus the fp32 rounding of s * M / pi itself (relative 2^-23 of the delta).
@@ -90,7 +90,7 @@ def test_verify_reports_tiny_logit_difference(tmp_path):
     for name, tol in (("llama-1x32-fp16", 5e-3), ("qwen-4x8-fp32", 1e-4)):
         qckpt = _base(name)
         _, _, _, pi, qo = BASES[name]
-        ad = helpers_tiny.random_adapter(qckpt, tmp_path / f"ad-{name}", "qahira", pool=pi,
+        ad = tiny.random_adapter(qckpt, tmp_path / f"ad-{name}", "qahira", pool=pi,
                                          repeat=qo, scaling=2.0, std=0.5)
         s = merge_qahira(qckpt, ad, tmp_path / f"m-{name}", verify=True)
         assert s["max_abs_logit_diff"] < tol, s
@@ -99,7 +99,7 @@ def test_verify_reports_tiny_logit_difference(tmp_path):
 
 def test_cannot_merge_twice(tmp_path):
     qckpt = _base("llama-1x32-fp16")
-    ad = helpers_tiny.random_adapter(qckpt, tmp_path / "ad", "qahira", pool=32, repeat=8)
+    ad = tiny.random_adapter(qckpt, tmp_path / "ad", "qahira", pool=32, repeat=8)
     merge_qahira(qckpt, ad, tmp_path / "m1")
     with pytest.raises(AdapterError, match="trained on a base with fingerprint"):
         merge_qahira(tmp_path / "m1", ad, tmp_path / "m2")
@@ -108,7 +108,7 @@ def test_cannot_merge_twice(tmp_path):
 @pytest.mark.parametrize("kind", ["qbara", "lora"])
 def test_low_rank_merge_refused_without_requantize(kind, tmp_path):
     qckpt = _base("llama-1x32-fp16")
-    ad = helpers_tiny.random_adapter(qckpt, tmp_path / "ad", kind, rank=4)
+    ad = tiny.random_adapter(qckpt, tmp_path / "ad", kind, rank=4)
     with pytest.raises(AdapterError, match=f"a '{kind}' adapter cannot be merged exactly"):
         merge_qahira(qckpt, ad, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -118,7 +118,7 @@ def test_low_rank_merge_refused_without_requantize(kind, tmp_path):
 def test_requantize_reports_measured_error(tmp_path):
     qckpt = _base("llama-1x32-fp16")
     block = BASES["llama-1x32-fp16"][1]
-    ad = helpers_tiny.random_adapter(qckpt, tmp_path / "ad", "qbara", rank=4, std=0.2,
+    ad = tiny.random_adapter(qckpt, tmp_path / "ad", "qbara", rank=4, std=0.2,
                                      targets=("q_proj", "down_proj"))
     s = merge_qahira(qckpt, ad, tmp_path / "rq", requantize=True)
     assert s["method"] == "requantized"
@@ -128,9 +128,9 @@ def test_requantize_reports_measured_error(tmp_path):
     for layer, t in adapter.tensors.items():
         a, b = t["lora_A"].double(), t["lora_B"].double()
         delta = 2.0 * torch.kron(b @ a, torch.ones(2, 2, dtype=torch.float64) / 2)
-        target = helpers_tiny.dequant_reference(base[f"{layer}.qweight"], base[f"{layer}.scales"],
+        target = tiny.dequant_reference(base[f"{layer}.qweight"], base[f"{layer}.scales"],
                                                 base[f"{layer}.offsets"], block) + delta
-        got = helpers_tiny.dequant_reference(merged[f"{layer}.qweight"],
+        got = tiny.dequant_reference(merged[f"{layer}.qweight"],
                                              merged[f"{layer}.scales"],
                                              merged[f"{layer}.offsets"], block)
         sq_err += float((got - target).square().sum())
@@ -144,7 +144,7 @@ def test_requantize_reports_measured_error(tmp_path):
 
 def test_geometry_mismatch_refused_then_requantized(tmp_path):
     qckpt = _base("llama-1x32-fp16")  # block [1, 32]: pi must be a multiple of 32
-    ad = helpers_tiny.random_adapter(qckpt, tmp_path / "ad", "qahira", pool=16, repeat=8)
+    ad = tiny.random_adapter(qckpt, tmp_path / "ad", "qahira", pool=16, repeat=8)
     with pytest.raises(AdapterError) as e:
         merge_qahira(qckpt, ad, tmp_path / "out")
     assert "pool pi=16 is not a multiple of the block's bi=32" in str(e.value)
@@ -157,7 +157,7 @@ def test_shape_mismatch_refused(tmp_path):
     from safetensors.torch import load_file, save_file
 
     qckpt = _base("llama-1x32-fp16")
-    ad = helpers_tiny.random_adapter(qckpt, tmp_path / "ad", "qahira", pool=32, repeat=8)
+    ad = tiny.random_adapter(qckpt, tmp_path / "ad", "qahira", pool=32, repeat=8)
     key = "base_model.model.model.layers.1.mlp.up_proj.qahira_M.weight"
     t = load_file(str(ad / "adapter_model.safetensors"))
     t[key] = torch.zeros(32, 2)  # expected [128/8, 64/32] = [16, 2]
@@ -168,12 +168,12 @@ def test_shape_mismatch_refused(tmp_path):
 
 def test_cli_merge(tmp_path, capsys):
     qckpt = _base("qwen-4x8-fp32")
-    ad = helpers_tiny.random_adapter(qckpt, tmp_path / "ad", "qahira", pool=8, repeat=8)
+    ad = tiny.random_adapter(qckpt, tmp_path / "ad", "qahira", pool=8, repeat=8)
     assert cli_main(["merge", str(qckpt), str(ad), str(tmp_path / "m"), "--verify"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["max_abs_logit_diff"] < 1e-4
     assert cli_main(["merge", str(qckpt), str(ad), str(tmp_path / "m")]) == 2
     assert "already exists" in capsys.readouterr().err
-    qb = helpers_tiny.random_adapter(qckpt, tmp_path / "qb", "qbara", rank=2)
+    qb = tiny.random_adapter(qckpt, tmp_path / "qb", "qbara", rank=2)
     assert cli_main(["merge", str(qckpt), str(qb), str(tmp_path / "m3")]) == 2
     assert "--requantize" in capsys.readouterr().err

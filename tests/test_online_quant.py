@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from qahira_vllm.format import QahiraFormatError
-from tiny_models import dequant_packed_ref, error_bound, make_model_dir
+from support.tiny import dequant_packed_ref, error_bound, make_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -3,15 +3,12 @@ references computed independently (python bit arithmetic, explicit index arithme
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import tiny_models as tm  # noqa: E402
+from support import tiny as tm  # noqa: E402
 from qahira_vllm import quant_math as qm  # noqa: E402
 from qahira_vllm.format import QahiraQuantConfig  # noqa: E402
 
@@ -150,7 +147,7 @@ def test_minmax_quantize_error_bound(block, bits, offset_dtype):
     # min-max: the offset is the block minimum rounded to offset_dtype (exact for fp32 offsets)
     lo = tm.blockwise(w, block).amin(-1)
     assert torch.equal(offsets, lo.to(cfg.offset_torch_dtype))
-    # per-element bound derived in tiny_models.error_bound:
+    # per-element bound derived in support.tiny.error_bound:
     #   |err| <= s'/2 + |o' - lo| + qmax*|s' - s| + fp32 slack  (no clipping term)
     err = (tm.dequant_ref(q, scales, offsets, block) - w.double()).abs()
     bound = tm.error_bound(w, block, bits, offset_dtype, clip=False)

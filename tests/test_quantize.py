@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import tiny_models as tm  # noqa: E402
+from support import tiny as tm  # noqa: E402
 from qahira_vllm.checkpoint import (dequantized_state_dict, load_reference_model,  # noqa: E402
                                     validate_checkpoint, read_quant_config)
 from qahira_vllm.format import QahiraFormatError  # noqa: E402
@@ -134,7 +133,7 @@ def test_dequantized_weights_within_bound(src, quantized, arch, bits, block):
         ref = tm.dequant_packed_ref(stored[f"{layer}.qweight"], stored[f"{layer}.scales"],
                                     stored[f"{layer}.offsets"], block, bits)
         assert torch.allclose(d.double(), ref, rtol=2.0**-22, atol=1e-9), layer
-        # mse_clip: |err| <= s'/2 + 0.15*(hi - lo) + fp16 rounding terms (tiny_models.error_bound)
+        # mse_clip: |err| <= s'/2 + 0.15*(hi - lo) + fp16 rounding terms (support.tiny.error_bound)
         err = (ref - w.double()).abs()
         assert (err <= tm.error_bound(w, block, bits, "float16", clip=True)).all(), layer
         sq_err += (ref - w.double()).square().sum().item()

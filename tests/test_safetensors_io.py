@@ -7,17 +7,15 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import helpers_tiny  # noqa: E402
-import tiny_models as tm  # noqa: E402
+from support import tiny  # noqa: E402
+from support import tiny as tm  # noqa: E402
 from qahira_vllm.adapter_format import (AdapterError, base_layer_dims,  # noqa: E402
                                         checkpoint_fingerprint, load_adapter)
 from qahira_vllm.checkpoint import (load_quantized_state, read_headers,  # noqa: E402
@@ -254,7 +252,7 @@ def test_damaged_file_every_reader(models, tmp_path, kind):
 
 @pytest.mark.parametrize("kind", sorted(DAMAGE))
 def test_damaged_adapter_file(models, tmp_path, kind):
-    adapter = helpers_tiny.random_adapter(models["q4"], tmp_path / "adapter")
+    adapter = tiny.random_adapter(models["q4"], tmp_path / "adapter")
     load_adapter(adapter)  # readable before the damage
     f = adapter / "adapter_model.safetensors"
     expected = DAMAGE[kind](f)

@@ -15,6 +15,7 @@ run time. Each kernel has one name, used for its module here, its op in qahira_k
 | name               | class                  | serves                                            |
 | triton_blockwise   | TritonBlockwiseKernel  | CUDA, fp16/bf16, INT4/INT8, any block             |
 | cpu_avx2_int4      | CpuAvx2Int4Kernel      | CPU AVX2, INT4, bi % 32 == 0, bf16/fp16           |
+| cpu_int8           | CpuInt8Kernel          | CPU AVX2, INT8, bi % 32 == 0, bf16/fp16           |
 | cpu_int4pack       | CpuInt4PackKernel      | CPU, torch's int4 GEMM, bi in 32..256, bf16/fp16  |
 | cpu_blockwise      | CpuBlockwiseKernel     | CPU AVX2, every format case, exact                |
 | dequant_torch      | DequantTorchKernel     | anything: dequantize + dense GEMM (last resort)   |
@@ -29,6 +30,7 @@ import os
 from .cpu_avx2_int4 import CpuAvx2Int4Kernel
 from .cpu_blockwise import CpuBlockwiseKernel
 from .cpu_int4pack import CpuInt4PackKernel
+from .cpu_int8 import CpuInt8Kernel
 from .dequant_torch import DequantTorchKernel
 from .interface import LinearKernel, LinearSpec, set_buffer
 from .triton_blockwise import TritonBlockwiseKernel
@@ -37,6 +39,7 @@ from .triton_blockwise import TritonBlockwiseKernel
 KERNELS: tuple[type[LinearKernel], ...] = (
     TritonBlockwiseKernel,   # CUDA only
     CpuAvx2Int4Kernel,
+    CpuInt8Kernel,
     CpuInt4PackKernel,
     CpuBlockwiseKernel,
     DequantTorchKernel,
@@ -86,5 +89,6 @@ def choose_kernel(spec: LinearSpec) -> tuple[type[LinearKernel], list[str]]:
 
 
 __all__ = ["ADAPTER_KERNEL_NAMES", "DISABLE_ENV", "KERNELS", "CpuAvx2Int4Kernel", "CpuBlockwiseKernel",
-           "CpuInt4PackKernel", "DequantTorchKernel", "LinearKernel", "LinearSpec",
+           "CpuInt4PackKernel", "CpuInt8Kernel", "DequantTorchKernel", "LinearKernel",
+           "LinearSpec",
            "TritonBlockwiseKernel", "choose_kernel", "disabled_kernels", "set_buffer"]

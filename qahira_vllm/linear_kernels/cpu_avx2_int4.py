@@ -2,9 +2,12 @@
 batch sizes.
 
 The arithmetic is in qahira_kernels' `cpu_avx2_int4.c` (read its header for the math and the
-error bound), called through the op `torch.ops.qahira.cpu_avx2_int4` (qahira_kernels.ops). No
-compiler, no AVX2, or a failed build: `can_implement` says so and the next kernel serves the
-layer. `QAHIRA_DISABLED_KERNELS=cpu_avx2_int4` turns it off (for comparisons).
+error bound), called through the op `torch.ops.qahira.cpu_avx2_int4` (qahira_kernels.ops). The
+source is built for AVX2 and for AVX-512 + VNNI; the op runs the build CPUID allows
+(qahira_kernels.cpu_lib.intdot_variant(); bit-identical outputs; QAHIRA_CPU_ISA=avx2 forces the
+AVX2 one), despite the "avx2" in the kernel's name. No compiler, no AVX2, or a failed build:
+`can_implement` says so and the next kernel serves the layer.
+`QAHIRA_DISABLED_KERNELS=cpu_avx2_int4` turns it off (for comparisons).
 
 Under torch.compile apply() calls the op, so vLLM's compiled graph holds one opaque node; in
 eager mode it calls the implementation directly (the dispatcher costs ~6 us per call). The same

@@ -16,7 +16,7 @@ import torch
 from qahira_kernels import cpu_lib
 from qahira_kernels.cpu_qbara import CpuQbaraLayer
 from qahira_vllm.lora.ops import SlotGeometry
-from qbara_reference import dense_reference
+from support.qbara_reference import dense_reference
 
 ROUNDING = {torch.float32: 0.0, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 R_MAX, SLOTS = 16, 6

@@ -9,20 +9,25 @@ import torch
 
 from qahira_kernels import cpu_lib, ops
 
-TORCH_OPS = ("triton_blockwise", "cpu_avx2_int4", "cpu_blockwise")
+TORCH_OPS = ("triton_blockwise", "cpu_avx2_int4", "cpu_int8", "cpu_blockwise")
 
 
 def test_every_c_entry_point_is_declared_and_exported():
     lib = cpu_lib.load_library()
     assert lib is not None, cpu_lib.library_error()
-    for name, argtypes in ops.C_FUNCTIONS.items():
+    # the AVX-512 build's entry points are absent only if gcc lacks the flags
+    # (test_cpu_avx2_int4.test_avx512_build_compiles_and_links requires them here)
+    declared = {name: argtypes for name, argtypes in ops.C_FUNCTIONS.items()
+                if name not in cpu_lib.AVX512_FUNCTIONS
+                or "avx512" in cpu_lib.intdot_built_variants()}
+    for name, argtypes in declared.items():
         fn = getattr(lib, name)  # AttributeError if the library lacks it
         assert fn.argtypes == argtypes and fn.restype is not None
     # ... and nothing the library exports is left undeclared.
     nm = subprocess.run(["nm", "-D", "--defined-only", lib._name], capture_output=True,
                         text=True, check=True).stdout
     exported = {line.split()[-1] for line in nm.splitlines() if " T qahira_" in line}
-    assert exported == set(ops.C_FUNCTIONS)
+    assert exported == set(declared)
 
 
 def test_torch_ops_registered_with_fake_impls():
@@ -40,6 +45,10 @@ def test_torch_ops_registered_with_fake_impls():
                                               torch.empty(16, 2, dtype=torch.float16),
                                               torch.empty(16, 2, dtype=torch.float16),
                                               1, 32).shape == (5, 16)
+        assert torch.ops.qahira.cpu_int8(x, torch.empty(16, 64, dtype=torch.uint8),
+                                         torch.empty(16, 2, dtype=torch.float16),
+                                         torch.empty(16, 2, dtype=torch.float16),
+                                         1, 32).shape == (5, 16)
 
 
 def test_imports_nothing_of_qahira_vllm():

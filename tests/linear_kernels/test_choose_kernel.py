@@ -25,8 +25,8 @@ def _choose(spec):
 def test_one_fixed_list_one_name_per_kernel():
     assert isinstance(lk.KERNELS, tuple)  # no run-time registration
     assert not hasattr(lk, "register_kernel") and not hasattr(lk, "select_kernel")
-    assert [k.name for k in lk.KERNELS] == ["triton_blockwise", "cpu_avx2_int4", "cpu_int4pack",
-                                            "cpu_blockwise", "dequant_torch"]
+    assert [k.name for k in lk.KERNELS] == ["triton_blockwise", "cpu_avx2_int4", "cpu_int8",
+                                            "cpu_int4pack", "cpu_blockwise", "dequant_torch"]
     for k in lk.KERNELS:  # the name is the module's
         assert k.__module__ == f"qahira_vllm.linear_kernels.{k.name}"
     assert lk.KERNELS[0] is lk.TritonBlockwiseKernel and lk.KERNELS[-1] is lk.DequantTorchKernel
@@ -35,7 +35,7 @@ def test_one_fixed_list_one_name_per_kernel():
 @pytest.fixture
 def torch_kernels_only(monkeypatch):
     """Only the torch kernels (cpu_int4pack, dequant_torch), through the disable switch."""
-    monkeypatch.setenv(ENV, "triton_blockwise, cpu_avx2_int4,cpu_blockwise")
+    monkeypatch.setenv(ENV, "triton_blockwise, cpu_avx2_int4,cpu_int8,cpu_blockwise")
 
 
 def test_choose_among_torch_kernels(torch_kernels_only):
@@ -60,6 +60,7 @@ def test_reasons_of_every_earlier_kernel(monkeypatch):
     assert kernel is lk.CpuBlockwiseKernel
     assert reasons == ["triton_blockwise: CUDA only (layer is on cpu)",
                        "cpu_avx2_int4: bi must be a multiple of 32",
+                       "cpu_int8: 8-bit only",
                        f"cpu_int4pack: disabled by {ENV}"]
     assert lk.choose_kernel(_spec()) == (lk.CpuAvx2Int4Kernel,
                                          ["triton_blockwise: CUDA only (layer is on cpu)"])

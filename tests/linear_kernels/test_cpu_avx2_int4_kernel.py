@@ -13,9 +13,22 @@ from qahira_vllm import linear_kernels as lk
 from qahira_vllm.linear_kernels.cpu_avx2_int4 import CpuAvx2Int4Kernel
 
 
+@pytest.fixture(params=["avx2", "avx512"])
+def variant(request, monkeypatch):
+    """Each build of the kernel this CPU runs, through the $QAHIRA_CPU_ISA switch (the test id
+    names it; a build the CPU lacks is reported as skipped, see tests/kernels/test_cpu_avx2_int4.py
+    for the compile-and-link check)."""
+    runs = cpu_lib.intdot_variants()
+    if request.param not in runs:
+        pytest.skip(f"{request.param} build not run: this CPU runs only {runs}")
+    monkeypatch.setenv(cpu_lib.ISA_ENV, request.param)
+    assert cpu_lib.intdot_variant() == request.param
+    return request.param
+
+
 @pytest.mark.parametrize("act_dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("block", [(1, 32), (1, 64), (4, 64)])
-def test_kernel_interface_bf16_fp16_bias_3d(act_dtype, block):
+def test_kernel_interface_bf16_fp16_bias_3d(variant, act_dtype, block):
     spec = lk.LinearSpec(bits=4, block_size=block, out_features=64, in_features=192,
                          act_dtype=act_dtype, device_type="cpu")
     assert CpuAvx2Int4Kernel.can_implement(spec) == (True, None)
@@ -32,7 +45,7 @@ def test_kernel_interface_bf16_fp16_bias_3d(act_dtype, block):
     check_avx2_int4(y, x, q, scales, offsets, block, bias)
 
 
-def test_traced_by_torch_compile_as_one_op():
+def test_traced_by_torch_compile_as_one_op(variant):
     """vLLM compiles the model: the op must trace with fullgraph (fake impl) and give the same y."""
     spec = lk.LinearSpec(bits=4, block_size=(1, 32), out_features=48, in_features=128,
                          act_dtype=torch.bfloat16, device_type="cpu")

@@ -1,5 +1,5 @@
 """qahira_vllm.linear_kernels.cpu_int4pack: CpuInt4PackKernel (torch's CPU int4 GEMM) against an
-fp64 reference built from tiny_models' independent dequantization (no vLLM), and what it
+fp64 reference built from support.tiny's independent dequantization (no vLLM), and what it
 accepts."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """qahira_vllm.linear_kernels.dequant_torch: DequantTorchKernel (the general path) against an fp64
-reference built from tiny_models' independent dequantization (no vLLM); and the tests' own fp32
+reference built from support.tiny's independent dequantization (no vLLM); and the tests' own fp32
 reference (linear_reference.linear_ref, on quant_math.dequantize) against the same."""
 
 from __future__ import annotations

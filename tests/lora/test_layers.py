@@ -13,7 +13,7 @@ from torch import nn
 
 from qahira_vllm.adapter_format import AdapterError
 from qahira_vllm.lora.ops import SlotGeometry
-from qbara_reference import dense_reference
+from support.qbara_reference import dense_reference
 
 IN = 64
 

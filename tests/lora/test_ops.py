@@ -8,7 +8,7 @@ import torch
 from qahira_vllm.adapter_math import pool_sum
 from qahira_vllm.lora.ops import (Segment, SlotGeometry, add_qbara_gathered, add_qbara_segments,
                                   segment_by_slot)
-from qbara_reference import dense_reference
+from support.qbara_reference import dense_reference
 
 IN, OUT, R_MAX, SLOTS = 64, 96, 16, 4
 GEOMETRY = [SlotGeometry(2, 2, 8, 2.0), SlotGeometry(4, 1, 16, 0.5), None,

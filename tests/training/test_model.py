@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import helpers_tiny
+from support import tiny
 from qahira_vllm.adapter_format import AdapterError
 from qahira_vllm.checkpoint import load_reference_model
 from qahira_vllm.training.adapters import AdaptedLinear
@@ -32,7 +32,7 @@ def test_base_forward_equals_dequantized_reference(which, qckpt, qckpt_qwen):
 def test_converted_lm_head_is_a_frozen_quant_layer_never_adapted():
     """A checkpoint made with `quantize --lm-head` (tied Qwen2, so stored untied): the trainer's
     base runs the quantized head like the reference does, and adapters still skip lm_head."""
-    path = helpers_tiny.tiny_qckpt("qwen2", block_size=(4, 8), lm_head=True, hidden=64,
+    path = tiny.tiny_qckpt("qwen2", block_size=(4, 8), lm_head=True, hidden=64,
                                    intermediate=128, heads=2, kv_heads=1, tie=True)
     model, _ = load_quantized_model(path)
     assert isinstance(model.lm_head, QuantLinear)
@@ -82,7 +82,7 @@ def test_qahira_default_geometry_follows_blocks(qckpt, qckpt_qwen):
     # block [4, 8]: pi = 8, qo = 8 (a multiple of 4).
     _, c = build_training_model(qckpt_qwen, AdapterSpec(method="qahira"))
     assert (c.pool, c.repeat) == (8, 8)
-    paper = helpers_tiny.tiny_qckpt("llama", block_size=(8, 4), hidden=64, intermediate=128,
+    paper = tiny.tiny_qckpt("llama", block_size=(8, 4), hidden=64, intermediate=128,
                                     heads=2, kv_heads=1)
     _, c = build_training_model(paper, AdapterSpec(method="qahira"))
     assert (c.pool, c.repeat) == (4, 8)  # the paper's default fits [8, 4] blocks

@@ -8,24 +8,24 @@ from __future__ import annotations
 
 import pytest
 
-import helpers_tiny
-from engine import CPU_ENGINE, run_engine
-from hf_reference import greedy_reference
+from support import tiny
+from support.engine import CPU_ENGINE, run_engine
+from support.hf_reference import greedy_reference
 
 pytestmark = pytest.mark.vllm
 
 MAX_TOKENS = 16
 RANK = 8  # vLLM's max_lora_rank takes 8, 16, 32, ...
-PROMPTS = helpers_tiny.TOKEN_PROMPTS
+PROMPTS = tiny.TOKEN_PROMPTS
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     from qahira_vllm.export import export_peft_lora
 
-    qckpt = helpers_tiny.tiny_qckpt("llama", block_size=(1, 32))  # head_dim 64
+    qckpt = tiny.tiny_qckpt("llama", block_size=(1, 32))  # head_dim 64
     root = tmp_path_factory.mktemp("export-vllm")
-    qbara = helpers_tiny.random_adapter(qckpt, root / "qbara", "qbara", pool=2, repeat=2,
+    qbara = tiny.random_adapter(qckpt, root / "qbara", "qbara", pool=2, repeat=2,
                                         rank=RANK, scaling=2.0, std=0.3)
     export_peft_lora(qbara, root / "lora")
     return qckpt, qbara, root / "lora"

@@ -9,23 +9,23 @@ from __future__ import annotations
 
 import pytest
 
-import helpers_tiny
-from engine import CPU_ENGINE, run_engine
-from hf_reference import greedy_reference
+from support import tiny
+from support.engine import CPU_ENGINE, run_engine
+from support.hf_reference import greedy_reference
 
 pytestmark = pytest.mark.vllm
 
 MAX_TOKENS = 16
-PROMPTS = helpers_tiny.TOKEN_PROMPTS
+PROMPTS = tiny.TOKEN_PROMPTS
 
 
 @pytest.fixture(scope="module")
 def merged(tmp_path_factory):
     from qahira_vllm.merge import merge_qahira
 
-    qckpt = helpers_tiny.tiny_qckpt("llama", block_size=(1, 32))  # head_dim 64
+    qckpt = tiny.tiny_qckpt("llama", block_size=(1, 32))  # head_dim 64
     root = tmp_path_factory.mktemp("merge-vllm")
-    adapter = helpers_tiny.random_adapter(qckpt, root / "qahira", "qahira", pool=32, repeat=8,
+    adapter = tiny.random_adapter(qckpt, root / "qahira", "qahira", pool=32, repeat=8,
                                           scaling=2.0, std=2.0)
     out = root / "merged"
     merge_qahira(qckpt, adapter, out)

@@ -85,7 +85,7 @@ def _engine_main(spec_path: str, out_path: str) -> None:
 
 def run_spec(spec: dict, tmp_path: Path, env: dict | None = None) -> dict:
     """tests/engine.run_engine with this file as the engine script."""
-    from engine import run_engine
+    from support.engine import run_engine
 
     return run_engine(spec, tmp_path, env, timeout=1500, script=Path(__file__))
 
@@ -95,7 +95,7 @@ def run_spec(spec: dict, tmp_path: Path, env: dict | None = None) -> dict:
 @pytest.fixture(scope="module")
 def smol(smollm2_quantized, tmp_path_factory):
     """(qckpt, {name: adapter dir}, {name: exported PEFT LoRA dir}, tokenized prompts)."""
-    import helpers_tiny
+    from support import tiny
     from transformers import AutoTokenizer
 
     from qahira_vllm.export import export_peft_lora
@@ -104,7 +104,7 @@ def smol(smollm2_quantized, tmp_path_factory):
     root = tmp_path_factory.mktemp("multi-adapter")
     dirs, exports = {}, {}
     for name, kw in ADAPTERS.items():
-        dirs[name] = helpers_tiny.random_adapter(qckpt, root / name, std=ADAPTER_STD, **kw)
+        dirs[name] = tiny.random_adapter(qckpt, root / name, std=ADAPTER_STD, **kw)
         exports[name] = export_peft_lora(dirs[name], root / f"{name}-export")["out_dir"]
     tok = AutoTokenizer.from_pretrained(qckpt)
     prompts = [tok(t).input_ids for t in TEXTS]
@@ -129,7 +129,7 @@ def native_mixed(smol, tmp_path_factory):
 @pytest.fixture(scope="module")
 def trainer_reference(smol):
     """Greedy tokens + first logprobs of the trainer's forward (base + adapter), per request."""
-    from hf_reference import greedy_reference
+    from support.hf_reference import greedy_reference
 
     from qahira_vllm.training.model import load_model_with_adapter, load_quantized_model
 
@@ -169,7 +169,7 @@ def test_adapters_change_generations_and_base_gets_none(smol, native_mixed):
     """Every adapter request differs from the bare base on its prompt (so the equalities above
     are not vacuous), and base-only requests batched next to adapters equal the bare base
     (vLLM's stock CPU path would give them the last adapter)."""
-    from hf_reference import greedy_reference
+    from support.hf_reference import greedy_reference
 
     from qahira_vllm.training.model import load_quantized_model
 
@@ -268,7 +268,7 @@ def test_bf16_mixed_batch_on_avx2_int4_kernel(native_mixed_bf16, native_mixed):
 @pytest.fixture(scope="module")
 def tiny_tp(tiny_llama_tp, tmp_path_factory):
     """INT4 tiny Llama (4 heads, 2 KV heads) + adapters; one misaligned for TP=2."""
-    import helpers_tiny
+    from support import tiny
 
     from qahira_vllm.quantize import quantize_model
 
@@ -278,10 +278,10 @@ def tiny_tp(tiny_llama_tp, tmp_path_factory):
     good = {"p2q2": dict(adapter_type="qbara", pool=2, repeat=2, rank=16, seed=1),
             "p4q4": dict(adapter_type="qbara", pool=4, repeat=4, rank=8, seed=2),
             "lora": dict(adapter_type="lora", rank=8, seed=3)}
-    dirs = {n: helpers_tiny.random_adapter(qckpt, root / n, std=0.1, scaling=2.0, **kw)
+    dirs = {n: tiny.random_adapter(qckpt, root / n, std=0.1, scaling=2.0, **kw)
             for n, kw in good.items()}
     # k/v_proj have 128 outputs, 64 per rank at TP=2: repeat 128 straddles the shard boundary.
-    misaligned = helpers_tiny.random_adapter(qckpt, root / "misaligned", "qbara", pool=2,
+    misaligned = tiny.random_adapter(qckpt, root / "misaligned", "qbara", pool=2,
                                              repeat=128, rank=8, std=0.1, seed=4)
     return qckpt, dirs, misaligned
 
@@ -300,7 +300,7 @@ def _tp_spec(qckpt, dirs, misaligned, tp):
 
 
 def test_tensor_parallel_2_equals_1(tiny_tp, tmp_path):
-    from engine import TP2_ENV
+    from support.engine import TP2_ENV
 
     qckpt, dirs, misaligned = tiny_tp
     (tmp_path / "tp1").mkdir()
@@ -325,14 +325,14 @@ def test_adapters_on_a_base_with_converted_lm_head(smollm2_quantized, smol, tmp_
     engine starts (vLLM's lm_head LoRA wrapper reads dtype/device from lm_head.weight, which a
     converted head lacks), and a batch mixing base-only and Q-BaRA requests equals the trainer's
     forward on that base, token for token."""
-    import helpers_tiny
-    from hf_reference import greedy_reference
+    from support import tiny
+    from support.hf_reference import greedy_reference
 
     from qahira_vllm.training.model import load_model_with_adapter, load_quantized_model
 
     qckpt = smollm2_quantized(4, (1, 32), lm_head=True)
     prompts = smol[3]
-    adapter = helpers_tiny.random_adapter(qckpt, tmp_path / "adapter", std=ADAPTER_STD,
+    adapter = tiny.random_adapter(qckpt, tmp_path / "adapter", std=ADAPTER_STD,
                                           **ADAPTERS["qb-p2q2-r16"])
     names = [None, "a", None, "a"]
     ref = {"name": "a", "id": 1, "path": str(adapter)}
@@ -361,7 +361,7 @@ def _broken_adapters(qckpt, good: Path, root: Path) -> dict[str, tuple[Path, str
     """name -> (adapter dir, a phrase its rejection message must contain)."""
     from safetensors.torch import load_file, save_file
 
-    import helpers_tiny
+    from support import tiny
     from qahira_vllm.adapter_format import CONFIG_NAME, WEIGHTS_NAME
 
     def variant(name, edit_config=None, edit_tensors=None):
@@ -398,7 +398,7 @@ def _broken_adapters(qckpt, good: Path, root: Path) -> dict[str, tuple[Path, str
     def nonfinite(t):
         t[q_b][0, 0] = float("nan")
 
-    high_rank = helpers_tiny.random_adapter(qckpt, root / "rank-32", "qbara", pool=2, repeat=2,
+    high_rank = tiny.random_adapter(qckpt, root / "rank-32", "qbara", pool=2, repeat=2,
                                             rank=32, seed=9)
     bad_pool = variant("pool-5", edit_config=lambda c: c["qahira"].update(pool=5))
     no_config = variant("no-config")
@@ -427,9 +427,9 @@ def _broken_adapters(qckpt, good: Path, root: Path) -> dict[str, tuple[Path, str
 @pytest.fixture(scope="module")
 def server16(smol, tmp_path_factory):
     """`qahira serve` with 16 adapters given at startup and runtime updates allowed."""
-    import helpers_tiny
-    from engine import KV_CACHE_BYTES
-    from server import qahira_server
+    from support import tiny
+    from support.engine import KV_CACHE_BYTES
+    from support.server import qahira_server
 
     qckpt, dirs, _, _ = smol
     root = tmp_path_factory.mktemp("serve-adapters")
@@ -438,7 +438,7 @@ def server16(smol, tmp_path_factory):
     for k in range(16):
         pool, repeat, rank = geoms[k % 4]
         kind = "lora" if pool == 1 else "qbara"
-        many[f"a{k}"] = helpers_tiny.random_adapter(qckpt, root / f"a{k}", kind, pool=pool,
+        many[f"a{k}"] = tiny.random_adapter(qckpt, root / f"a{k}", kind, pool=pool,
                                                     repeat=repeat, rank=rank, std=ADAPTER_STD,
                                                     seed=100 + k)
     args = [str(qckpt), "--served-model-name", "base", "--quantization", "qahira",

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine import CPU_ENGINE, TP2_ENV, run_engine
-from hf_reference import PROMPTS, greedy_reference
+from support.engine import CPU_ENGINE, TP2_ENV, run_engine
+from support.hf_reference import PROMPTS, greedy_reference
 
 pytestmark = pytest.mark.vllm
 

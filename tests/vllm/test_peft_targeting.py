@@ -2,7 +2,7 @@
 on a qahira INT4 base with our native LoRA layers (the default with the plugin), against PEFT's
 own forward (PeftModel on the dequantized base, fp32). Issue 11, part 5.
 
-One engine (fp32, eager) serves one adapter per option (helpers_tiny.PEFT_OPTIONS: target_modules
+One engine (fp32, eager) serves one adapter per option (tiny.PEFT_OPTIONS: target_modules
 as a list and as a regex, layers_to_transform + layers_pattern, exclude_modules, rank_pattern,
 alpha_pattern, rsLoRA with a rank_pattern) plus one base-only request, in one batch.
 
@@ -63,12 +63,12 @@ def _engine_main(spec_path: str, out_path: str) -> None:
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
-    import helpers_tiny
+    from support import tiny
 
-    qckpt = helpers_tiny.tiny_qckpt("llama", block_size=(1, 32))
+    qckpt = tiny.tiny_qckpt("llama", block_size=(1, 32))
     root = tmp_path_factory.mktemp("peft-targeting")
-    dirs = {name: helpers_tiny.peft_adapter(qckpt, root / name, seed=i, std=0.1, **kw)
-            for i, (name, kw) in enumerate(helpers_tiny.PEFT_OPTIONS.items())}
+    dirs = {name: tiny.peft_adapter(qckpt, root / name, seed=i, std=0.1, **kw)
+            for i, (name, kw) in enumerate(tiny.PEFT_OPTIONS.items())}
     # Bad: tensors for a layer the config excludes (PEFT would never have saved them).
     bad = root / "bad-excluded-layer"
     shutil.copytree(dirs["exclude"], bad)
@@ -84,19 +84,19 @@ def adapters(tmp_path_factory):
 
 
 def test_peft_options_served_exactly_as_peft(adapters, tmp_path):
-    import helpers_tiny
-    from engine import CPU_ENGINE, run_engine
-    from hf_reference import greedy_reference
+    from support import tiny
+    from support.engine import CPU_ENGINE, run_engine
+    from support.hf_reference import greedy_reference
 
     from qahira_vllm.checkpoint import load_reference_model
 
-    PROMPTS = helpers_tiny.TOKEN_PROMPTS
+    PROMPTS = tiny.TOKEN_PROMPTS
     qckpt, dirs, bad = adapters
     names = [*dirs, None]  # one request per adapter, then the base alone
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(names))]
     expected = []
     for name, prompt in zip(names, prompts):
-        model = (helpers_tiny.peft_reference(qckpt, dirs[name]) if name
+        model = (tiny.peft_reference(qckpt, dirs[name]) if name
                  else load_reference_model(qckpt))
         expected.append(greedy_reference(model, prompt, MAX_TOKENS))
     base = [greedy_reference(load_reference_model(qckpt), p, MAX_TOKENS)[1] for p in prompts]

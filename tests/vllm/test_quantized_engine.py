@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine import CPU_ENGINE, TP2_ENV, EngineFailed, run_engine
-from hf_reference import PROMPTS, greedy_reference
+from support.engine import CPU_ENGINE, TP2_ENV, EngineFailed, run_engine
+from support.hf_reference import PROMPTS, greedy_reference
 
 pytestmark = pytest.mark.vllm
 
@@ -146,7 +146,7 @@ def test_qwen2_style_with_qkv_bias(tmp_path):
     import shutil
 
     from huggingface_hub import save_torch_state_dict
-    from tiny_models import make_model_dir
+    from support.tiny import make_model_dir
 
     from qahira_vllm.checkpoint import load_reference_model
     from qahira_vllm.quantize import quantize_model
@@ -178,7 +178,7 @@ TOKEN_PROMPTS = [[5, 17, 42, 99, 3], [200, 11, 7], [64, 65, 66, 67, 68, 69]]
 
 @pytest.fixture(scope="module")
 def gqa_src(tmp_path_factory):
-    from tiny_models import make_model_dir
+    from support.tiny import make_model_dir
 
     return make_model_dir(tmp_path_factory.mktemp("gqa") / "llama", "llama", seed=4, **GQA)
 

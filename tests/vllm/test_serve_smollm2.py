@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
-from engine import KV_CACHE_BYTES
-from server import qahira_server
+from support.engine import KV_CACHE_BYTES
+from support.server import qahira_server
 
 pytestmark = pytest.mark.vllm
 

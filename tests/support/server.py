@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from engine import engine_lock
+from .engine import engine_lock
 
 from qahira_vllm.server_process import free_port, running_server  # noqa: F401
 

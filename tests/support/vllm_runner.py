@@ -3,7 +3,7 @@
 Tests start engines through this script (not in the pytest process) so that each engine gets
 its own environment (tensor parallel needs its own OpenMP binding) and is torn down cleanly.
 
-    python tests/vllm_runner.py SPEC.json OUT.json
+    python tests/support/vllm_runner.py SPEC.json OUT.json
 
 SPEC: {"model": path, "llm_kwargs": {...}, "prompts": [str | [token ids]], "max_tokens": 16,
        "logprobs": 5, "lora": [{"name", "id", "path"} | null per prompt] (optional),

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 ENGINE_LOCK = "/tmp/qahira_engine.lock"  # one vLLM engine at a time on this 2-core machine
 
 
@@ -43,8 +43,8 @@ class EngineFailed(RuntimeError):
 
 
 def run_engine(spec: dict, tmp_path: Path, env: dict | None = None, timeout: int = 900,
-               script: Path = REPO / "tests" / "vllm_runner.py") -> dict:
-    """Run `script SPEC OUT` (default tests/vllm_runner.py) on `spec` in a child process under
+               script: Path = Path(__file__).with_name("vllm_runner.py")) -> dict:
+    """Run `script SPEC OUT` (default tests/support/vllm_runner.py) on `spec` in a child process under
     the engine lock; return its JSON result plus "log" (the child's stdout + stderr)."""
     spec, env = single_process(spec, env)
     spec_path, out_path = tmp_path / "spec.json", tmp_path / "out.json"

@@ -307,9 +307,13 @@ int ENTRY(const void *x, int x_dt, int M, int K, const uint8_t *w, int bits, con
 /* 1 if this CPU and OS run the AVX-512 build (F, BW, VL, DQ, VNNI; libgcc checks the OS saves
  * the zmm state), else 0. Compiled in the AVX2 object so it runs on any x86-64. */
 int qahira_cpu_avx512_ok(void) {
+#if (defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && __GNUC__ >= 8)
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
          __builtin_cpu_supports("avx512vnni");
+#else
+  return 0; /* a compiler this old cannot name VNNI here (nor build the AVX-512 object) */
+#endif
 }
 #endif

@@ -66,8 +66,8 @@ def test_qahira_merge_is_exact(name, targets, tmp_path):
             assert _same_bytes(base[key], merged[key]), key   # qweight, scales, the rest
             continue
         q = base[f"{layer}.qweight"]
-        w_base = tiny.dequant_reference(q, base[f"{layer}.scales"], base[key], block)
-        w_merged = tiny.dequant_reference(q, merged[f"{layer}.scales"], merged[key], block)
+        w_base = tiny.dequant_packed_ref(q, base[f"{layer}.scales"], base[key], block)
+        w_merged = tiny.dequant_packed_ref(q, merged[f"{layer}.scales"], merged[key], block)
         delta = _delta_reference(adapter.tensors[layer]["qahira_M"], 1.7, pi, qo, *w_base.shape)
         # One rounding of offset_dtype per block (|error| <= one ulp at the stored offset),
         # plus the fp32 rounding of s * M / pi itself (relative 2^-23 of the delta).
@@ -128,9 +128,9 @@ def test_requantize_reports_measured_error(tmp_path):
     for layer, t in adapter.tensors.items():
         a, b = t["lora_A"].double(), t["lora_B"].double()
         delta = 2.0 * torch.kron(b @ a, torch.ones(2, 2, dtype=torch.float64) / 2)
-        target = tiny.dequant_reference(base[f"{layer}.qweight"], base[f"{layer}.scales"],
+        target = tiny.dequant_packed_ref(base[f"{layer}.qweight"], base[f"{layer}.scales"],
                                                 base[f"{layer}.offsets"], block) + delta
-        got = tiny.dequant_reference(merged[f"{layer}.qweight"],
+        got = tiny.dequant_packed_ref(merged[f"{layer}.qweight"],
                                              merged[f"{layer}.scales"],
                                              merged[f"{layer}.offsets"], block)
         sq_err += float((got - target).square().sum())

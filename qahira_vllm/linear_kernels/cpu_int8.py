@@ -10,8 +10,8 @@ intdot_variant(); both give bit-identical outputs). No compiler, no AVX2, or a f
 `can_implement` says so and the next kernel (cpu_int4pack's two int4 planes) serves the layer.
 `QAHIRA_DISABLED_KERNELS=cpu_int8` turns it off (for comparisons).
 
-Measured (1 thread, 2048 -> 5632 layer, bf16, AVX-512 machine, loaded): M = 1 is 2.6x faster than
-bf16 F.linear with the AVX-512 build, 2.2x with the AVX2 one (docs/KERNELS.md).
+Measured (1 thread, 2048 -> 5632 layer, bf16, AVX-512 machine, loaded): M = 1 is ~2.4x faster
+than bf16 F.linear (both builds: memory-bound), M = 8 ~0.95x (AVX-512) (docs/KERNELS.md).
 Each row's arithmetic is independent of the batch, as for cpu_avx2_int4.
 """
 

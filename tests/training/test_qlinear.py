@@ -24,7 +24,7 @@ def test_weight_is_bit_exact_stored_formula(which, qckpt, qckpt_qwen):
     lin = QuantLinear(t["qweight"], t["scales"], t["offsets"], cfg, in_f, out_f)
     # scale (fp16) * q (4 bits) is exact in fp32 and in fp64; the sum is rounded once, so the
     # fp32 weight must equal the fp64 reference rounded to fp32, bit for bit.
-    ref = tiny.dequant_reference(t["qweight"], t["scales"], t["offsets"],
+    ref = tiny.dequant_packed_ref(t["qweight"], t["scales"], t["offsets"],
                                          cfg.block_size, cfg.bits).to(torch.float32)
     assert torch.equal(lin.dequantized_weight(), ref)
 
@@ -33,7 +33,7 @@ def test_forward_backward_match_dense(qckpt_qwen):
     cfg, t, bias, out_f, in_f = _layer(qckpt_qwen, "model.layers.1.self_attn.q_proj")
     assert bias is not None
     lin = QuantLinear(t["qweight"], t["scales"], t["offsets"], cfg, in_f, out_f, bias=bias)
-    w = tiny.dequant_reference(t["qweight"], t["scales"], t["offsets"], cfg.block_size)
+    w = tiny.dequant_packed_ref(t["qweight"], t["scales"], t["offsets"], cfg.block_size)
     x = torch.randn(3, 5, in_f, dtype=torch.float64)
     x32 = x.float().requires_grad_(True)
     y = lin(x32)
@@ -75,7 +75,7 @@ def test_8bit_layer():
                                    intermediate=128, heads=2, kv_heads=1)
     cfg, t, _, out_f, in_f = _layer(path)
     lin = QuantLinear(t["qweight"], t["scales"], t["offsets"], cfg, in_f, out_f)
-    ref = tiny.dequant_reference(t["qweight"], t["scales"], t["offsets"], cfg.block_size,
+    ref = tiny.dequant_packed_ref(t["qweight"], t["scales"], t["offsets"], cfg.block_size,
                                          bits=8).float()
     assert torch.equal(lin.dequantized_weight(), ref)
 

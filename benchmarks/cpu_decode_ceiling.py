@@ -8,8 +8,8 @@ This script measures, on one thread (what vLLM's CPU backend computes on by defa
 2. M = 1 time of every linear layer of the 1B-shaped Llama as vLLM builds it (merged qkv and
    gate_up), for bf16 `F.linear`, qahira INT4 1x32 on the `cpu_int4pack` kernel (the one the
    plugin selects), and the bf16 tied lm_head (never converted);
-3. the same layers on `cpu_avx2_int4` (qahira_vllm.linear_kernels.cpu_avx2_int4,
-   kernels/cpu_avx2_int4.c: integer dot products on the nibbles against 16-bit-quantized
+3. the same layers on `cpu_int4` (qahira_vllm.linear_kernels.cpu_int4,
+   kernels/cpu_intdot.c: integer dot products on the nibbles against 16-bit-quantized
    activations; the plugin's default CPU INT4 kernel).
    An earlier version of this script also timed an exact nibble -> fp32 -> FMA AVX2 GEMV: it
    was no faster than torch's kernel (3.1-4.5 GB/s), which is why the default kernel uses
@@ -71,15 +71,15 @@ class _Layer(torch.nn.Module):
 
 def measure() -> dict:
     from qahira_vllm.format import QahiraQuantConfig
-    from qahira_vllm.linear_kernels import CpuAvx2Int4Kernel, CpuInt4PackKernel, LinearSpec
+    from qahira_vllm.linear_kernels import CpuInt4Kernel, CpuInt4PackKernel, LinearSpec
     from qahira_vllm.quant_math import dequantize
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    spec_ok, why = CpuAvx2Int4Kernel.can_implement(LinearSpec(4, BLOCK, 64, 64, torch.bfloat16,
+    spec_ok, why = CpuInt4Kernel.can_implement(LinearSpec(4, BLOCK, 64, 64, torch.bfloat16,
                                                               "cpu"))
     if not spec_ok:
-        raise SystemExit(f"cpu_avx2_int4 unavailable: {why}")
+        raise SystemExit(f"cpu_int4 unavailable: {why}")
     res = {"threads": 1, "stream_read_gbps": stream_bandwidth() / 1e9, "layers": {}}
     for name, (out_f, in_f) in LAYER_SHAPES.items():
         x = torch.randn(1, in_f).bfloat16()
@@ -89,7 +89,7 @@ def measure() -> dict:
                                      QahiraQuantConfig(bits=4, block_size=BLOCK)).t()
         spec = LinearSpec(4, BLOCK, out_f, in_f, torch.bfloat16, "cpu")
         avx2_layer = copy.deepcopy(layer)  # each kernel repacks (and frees) its own copy
-        avx2 = CpuAvx2Int4Kernel(spec)
+        avx2 = CpuInt4Kernel(spec)
         avx2.prepare(avx2_layer)
         kernel = CpuInt4PackKernel(spec)
         kernel.prepare(layer)
@@ -100,8 +100,8 @@ def measure() -> dict:
         rel = lambda y: ((y.float().reshape(-1) - ref.reshape(-1)).abs().max()  # noqa: E731
                          / ref.abs().max()).item()
         row["int4_cpu_int4pack_rel_err"] = rel(kernel.apply(layer, x))
-        row["int4_cpu_avx2_int4_ms"] = _time(lambda: avx2.apply(avx2_layer, x)) * 1e3
-        row["int4_cpu_avx2_int4_rel_err"] = rel(avx2.apply(avx2_layer, x))
+        row["int4_cpu_int4_ms"] = _time(lambda: avx2.apply(avx2_layer, x)) * 1e3
+        row["int4_cpu_int4_rel_err"] = rel(avx2.apply(avx2_layer, x))
         res["layers"][name] = row
         print(name, json.dumps(row), flush=True)
     x = torch.randn(1, HIDDEN).bfloat16()
@@ -111,7 +111,7 @@ def measure() -> dict:
     res["per_step_ms"] = {"bf16_linears": per_step("bf16_ms"),
                           "int4_linears_cpu_int4pack": per_step("int4_cpu_int4pack_ms"),
                           "lm_head_bf16": res["lm_head_bf16_ms"]}
-    res["per_step_ms"]["int4_linears_cpu_avx2_int4"] = per_step("int4_cpu_avx2_int4_ms")
+    res["per_step_ms"]["int4_linears_cpu_int4"] = per_step("int4_cpu_int4_ms")
     int4_bytes = LAYERS * sum(r["int4_bytes"] for r in res["layers"].values())
     res["int4_linear_bytes_per_step"] = int4_bytes
     res["per_step_ms"]["int4_linears_at_stream_bw"] = int4_bytes / res["stream_read_gbps"] / 1e6
@@ -120,11 +120,11 @@ def measure() -> dict:
 
 def ceiling(res: dict, decode: dict) -> dict:
     """Combine with the engine's batch-1 step times (decode_throughput.json): "qahira INT4" ran
-    the default kernel (cpu_avx2_int4), "qahira INT4 (cpu_int4pack)" torch's int4 kernel."""
+    the default kernel (cpu_int4), "qahira INT4 (cpu_int4pack)" torch's int4 kernel."""
     m = decode["models"]["Llama-1B-shape (random)"]
     step = {fmt: 1e3 / r["tok_per_s"]["1"] for fmt, r in m.items()}
     p = res["per_step_ms"]
-    linears = {"bf16": p["bf16_linears"], "qahira INT4": p["int4_linears_cpu_avx2_int4"],
+    linears = {"bf16": p["bf16_linears"], "qahira INT4": p["int4_linears_cpu_int4"],
                "qahira INT4 (cpu_int4pack)": p["int4_linears_cpu_int4pack"]}
     rest = {fmt: step[fmt] - lin - p["lm_head_bf16"] for fmt, lin in linears.items()
             if fmt in step}
@@ -150,7 +150,7 @@ def plot(res: dict, path: Path) -> None:
     if "qahira INT4 (cpu_int4pack)" in rest:
         bars["INT4\ncpu_int4pack"] = (p["int4_linears_cpu_int4pack"], p["lm_head_bf16"],
                                       rest["qahira INT4 (cpu_int4pack)"])
-    bars["INT4\ncpu_avx2_int4"] = (p["int4_linears_cpu_avx2_int4"], p["lm_head_bf16"],
+    bars["INT4\ncpu_int4"] = (p["int4_linears_cpu_int4"], p["lm_head_bf16"],
                                    rest["qahira INT4"])
     bars["INT4 at stream\nBW (bound)"] = (p["int4_linears_at_stream_bw"], p["lm_head_bf16"],
                                           rest["qahira INT4"])

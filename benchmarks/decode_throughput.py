@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/decode_throughput.py [--quick] [--out benchmarks/results]
 
-Formats: bf16, qahira INT4 1x32 on the default CPU kernel (cpu_avx2_int4) and on torch's int4pack
-kernel (QAHIRA_DISABLED_KERNELS=cpu_avx2_int4, the previous default), qahira INT4 1x64 (the quantizer's default
+Formats: bf16, qahira INT4 1x32 on the default CPU kernel (cpu_int4) and on torch's int4pack
+kernel (QAHIRA_DISABLED_KERNELS=cpu_int4, the previous default), qahira INT4 1x64 (the quantizer's default
 block), the same with lm_head converted too (`--lm-head`), qahira INT8 1x64.
 Models: SmolLM2-135M (embedded) and a randomly initialised 1B-shaped Llama (hidden 2048,
 16 layers, intermediate 8192, 32 heads / 8 KV heads, SmolLM2's 49152-token vocabulary), where
@@ -164,7 +164,7 @@ def main() -> None:
     if not args.quick and "1b" in wanted:
         models["Llama-1B-shape (random)"] = build_1b_llama(work / "llama-1b-random", smol)
     # SmolLM2 INT4 uses 1x32: its weights come from a 32-block Q4_1 GGUF (see README).
-    # "qahira INT4" runs the default CPU kernel (cpu_avx2_int4); the int4pack row is the same
+    # "qahira INT4" runs the default CPU kernel (cpu_int4); the int4pack row is the same
     # checkpoint on torch's int4 kernel, the previous default, for comparison in the same run.
     # "qahira INT4 1x64" is `qahira quantize`'s default block (4.5 bits per weight vs 5 for 1x32).
     # "+ lm_head": `qahira quantize --lm-head` (lm_head converted too; default: kept in bf16).
@@ -172,7 +172,7 @@ def main() -> None:
                "qahira INT4 1x64": ((4, (1, 64)), {}),
                "qahira INT4 1x64 + lm_head": ((4, (1, 64), True), {}),
                "qahira INT4 (cpu_int4pack)": ((4, (1, 32)),
-                                              {"QAHIRA_DISABLED_KERNELS": "cpu_avx2_int4"}),
+                                              {"QAHIRA_DISABLED_KERNELS": "cpu_int4"}),
                "qahira INT8": ((8, (1, 64)), {})}
     if args.formats != "all":
         formats = {f: formats[f] for f in args.formats.split(",")}

@@ -4,11 +4,11 @@ A leaf library: it imports nothing of its users, only torch (and Triton, for the
 on first use).
 
 - `qahira_kernels.ops`: every raw op in one place: the torch ops `torch.ops.qahira.*`
-  (triton_blockwise, cpu_avx2_int4, cpu_int8, cpu_blockwise) and the C library's entry points.
+  (triton_blockwise, cpu_int4, cpu_int8, cpu_blockwise) and the C library's entry points.
 - `qahira_kernels.blockwise_gemm`: Triton y = x @ W^T for block-wise INT4/INT8 weights.
 - `qahira_kernels.qbara`: Triton multi-adapter Q-BaRA shrink (fused pooling) and expand (fused
   repeat).
-- `qahira_kernels.cpu_lib`: builds and loads the C kernels (cpu_avx2_int4.c, cpu_blockwise.c,
+- `qahira_kernels.cpu_lib`: builds and loads the C kernels (cpu_intdot.c, cpu_blockwise.c,
   cpu_qbara.c) once per machine; `cpu_qbara`: the compiled multi-adapter Q-BaRA layer.
 - `qahira_kernels.layouts`: weight layouts the ops read, made from plain tensors.
 - `qahira_kernels.reference`: fp32 torch references of the Q-BaRA kernels.

@@ -1,4 +1,4 @@
-/* Shared by qahira's CPU kernels (cpu_avx2_int4.c, cpu_blockwise.c, cpu_qbara.c): dtype codes, element
+/* Shared by qahira's CPU kernels (cpu_intdot.c, cpu_blockwise.c, cpu_qbara.c): dtype codes, element
  * load/store in fp32/bf16/fp16, horizontal sum. Static inline: each .c gets its own copy. */
 #ifndef QAHIRA_CPU_COMMON_H
 #define QAHIRA_CPU_COMMON_H

@@ -2,10 +2,10 @@
 
     lib = load_library()        # ctypes.CDLL, or None: library_error() says why
 
-The C sources (cpu_avx2_int4.c: INT4 and INT8 integer-dot linear layers, fast at decode batch
+The C sources (cpu_intdot.c: INT4 and INT8 integer-dot linear layers, fast at decode batch
 sizes; cpu_blockwise.c: every format case, exact; cpu_qbara.c: multi-adapter Q-BaRA, one call per
 layer; cpu_common.h) are compiled once per machine with the system C compiler (`$CC`, else gcc,
-else cc; `-O3 -mavx2 -mfma -mf16c -fopenmp`) into one shared library. cpu_avx2_int4.c is
+else cc; `-O3 -mavx2 -mfma -mf16c -fopenmp`) into one shared library. cpu_intdot.c is
 compiled twice, as is and with `AVX512_FLAGS` (512-bit vectors, VNNI): both objects go into the
 library wherever the compiler knows the flags, and `intdot_variant()` picks the one this CPU
 runs (CPUID; `$QAHIRA_CPU_ISA=avx2` forces the AVX2 one). The library is
@@ -33,13 +33,13 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ("cpu_avx2_int4.c", "cpu_blockwise.c", "cpu_qbara.c")
+SOURCES = ("cpu_intdot.c", "cpu_blockwise.c", "cpu_qbara.c")
 HEADERS = ("cpu_common.h",)
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 # The second build of INTDOT_SOURCE (entry point qahira_cpu_intdot_avx512).
 AVX512_FLAGS = ("-DQAHIRA_W512", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
                 "-mavx512vnni")
-INTDOT_SOURCE = "cpu_avx2_int4.c"
+INTDOT_SOURCE = "cpu_intdot.c"
 # Entry points of the AVX-512 object: absent from the library when the compiler lacks the flags.
 AVX512_FUNCTIONS = ("qahira_cpu_intdot_avx512",)
 ISA_ENV = "QAHIRA_CPU_ISA"  # "avx2" forces the AVX2 build of the integer-dot kernels
@@ -146,7 +146,7 @@ def library_error() -> str | None:
 
 
 def intdot_built_variants() -> tuple[str, ...]:
-    """The builds of the integer-dot kernels (cpu_avx2_int4.c) in the library: ("avx2",
+    """The builds of the integer-dot kernels (cpu_intdot.c) in the library: ("avx2",
     "avx512"), or ("avx2",) when the compiler could not build the AVX-512 object; () without
     a library."""
     lib = load_library()

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import torch
 
-CPU_AVX2_INT4_CHUNK = 32  # activation quantization chunk (columns) of cpu_avx2_int4; bi % it == 0
+CPU_INTDOT_CHUNK = 32  # activation quantization chunk (columns) of cpu_int4; bi % it == 0
 
 
-def pack_cpu_avx2_int4(q: torch.Tensor) -> torch.Tensor:
+def pack_cpu_int4(q: torch.Tensor) -> torch.Tensor:
     """q int [N, K] (values 0..15, K % 32 == 0) -> uint8 [N, K/2], the weight of
-    ops.cpu_avx2_int4: per 32-column chunk, byte j = q[j] | q[16 + j] << 4."""
+    ops.cpu_int4: per 32-column chunk, byte j = q[j] | q[16 + j] << 4."""
     n, k = q.shape
-    c = CPU_AVX2_INT4_CHUNK
+    c = CPU_INTDOT_CHUNK
     g = q.to(torch.uint8).view(n, k // c, 2, c // 2)
     return (g[:, :, 0] | (g[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
 
@@ -20,10 +20,10 @@ def pack_cpu_avx2_int4(q: torch.Tensor) -> torch.Tensor:
 def pack_cpu_int8(q: torch.Tensor) -> torch.Tensor:
     """q int [N, K] (values 0..255, K % 32 == 0) -> uint8 [N, K], the weight of ops.cpu_int8:
     each pair of 32-column chunks (c even, c + 1) stored as [c[0:16], c+1[0:16], c[16:32],
-    c+1[16:32]] (the order cpu_avx2_int4.c keeps its quantized activations in: one 512-bit load
+    c+1[16:32]] (the order cpu_intdot.c keeps its quantized activations in: one 512-bit load
     then holds the same half of two chunks); a last unpaired chunk stays as it is."""
     n, k = q.shape
-    c = CPU_AVX2_INT4_CHUNK
+    c = CPU_INTDOT_CHUNK
     q = q.to(torch.uint8)
     paired = (k // c) // 2 * 2 * c
     pairs = q[:, :paired].reshape(n, paired // (2 * c), 2, 2, c // 2).transpose(2, 3)

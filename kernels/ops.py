@@ -6,10 +6,10 @@ each also callable here as a plain function of the same name:
     triton_blockwise(x [..., K], qweight, scales_t, offsets_t, bias, bits, bo, bi) -> y [..., N]
         CUDA, Triton (blockwise_gemm.py); the weight as made by
         blockwise_gemm.pack_blockwise_weight (scales/offsets transposed)
-    cpu_avx2_int4(x [M, K], w, scales, offsets, bo, bi) -> y [M, N]
-        CPU, cpu_avx2_int4.c; w as made by layouts.pack_cpu_avx2_int4, 4-bit, bi % 32 == 0
+    cpu_int4(x [M, K], w, scales, offsets, bo, bi) -> y [M, N]
+        CPU, cpu_intdot.c; w as made by layouts.pack_cpu_int4, 4-bit, bi % 32 == 0
     cpu_int8(x [M, K], w, scales, offsets, bo, bi) -> y [M, N]
-        CPU, cpu_avx2_int4.c; w as made by layouts.pack_cpu_int8, 8-bit, bi % 32 == 0
+        CPU, cpu_intdot.c; w as made by layouts.pack_cpu_int8, 8-bit, bi % 32 == 0
         (both: the AVX2 or AVX-512 build, cpu_lib.intdot_variant(); bit-identical results)
     cpu_blockwise(x [M, K], qweight, scales, offsets, bits, bo, bi) -> y [M, N]
         CPU, cpu_blockwise.c; tensors as stored (docs/FORMAT.md), any bits/block
@@ -21,9 +21,9 @@ y has x's dtype (fp32/bf16/fp16 on CPU, fp16/bf16 for Triton). Python-only entry
 C entry points of the compiled CPU library, with their ctypes signatures (`C_FUNCTIONS`; every
 one returns int, 0 = success; cpu_lib.load_library() applies them):
 
-    qahira_cpu_intdot_avx2         cpu_avx2_int4.c   (AVX2 build)
-    qahira_cpu_intdot_avx512       cpu_avx2_int4.c   (AVX-512 + VNNI build, where compiled)
-    qahira_cpu_avx512_ok           cpu_avx2_int4.c   (CPUID: can the AVX-512 build run here)
+    qahira_cpu_intdot_avx2         cpu_intdot.c   (AVX2 build)
+    qahira_cpu_intdot_avx512       cpu_intdot.c   (AVX-512 + VNNI build, where compiled)
+    qahira_cpu_avx512_ok           cpu_intdot.c   (CPUID: can the AVX-512 build run here)
     qahira_cpu_blockwise           cpu_blockwise.c
     qahira_cpu_blockwise_dequant   cpu_blockwise.c
     qahira_qbara_layer             cpu_qbara.c   (called by cpu_qbara.CpuQbaraLayer)
@@ -116,31 +116,31 @@ def _intdot(name: str, bits: int, x: torch.Tensor, w: torch.Tensor, scales: torc
     return y
 
 
-def cpu_avx2_int4(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor,
+def cpu_int4(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor,
                   offsets: torch.Tensor, bo: int, bi: int,
                   variant: str | None = None) -> torch.Tensor:
-    """x [M, K] -> [M, N] in x.dtype; w uint8 [N, K/2] (layouts.pack_cpu_avx2_int4), scales
+    """x [M, K] -> [M, N] in x.dtype; w uint8 [N, K/2] (layouts.pack_cpu_int4), scales
     fp16 and offsets fp16/fp32 [N/bo, K/bi], all contiguous on CPU. `variant` ("avx2" /
     "avx512", one of cpu_lib.intdot_variants()) picks the build; None: cpu_lib.intdot_variant().
     AttributeError for a variant not in the library, MemoryError if the C code cannot allocate."""
-    return _intdot("cpu_avx2_int4", 4, x, w, scales, offsets, bo, bi, variant)
+    return _intdot("cpu_int4", 4, x, w, scales, offsets, bo, bi, variant)
 
 
 def cpu_int8(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
              bo: int, bi: int, variant: str | None = None) -> torch.Tensor:
     """x [M, K] -> [M, N] in x.dtype; w uint8 [N, K] (layouts.pack_cpu_int8), scales fp16 and
-    offsets fp16/fp32 [N/bo, K/bi], all contiguous on CPU; variant and errors as cpu_avx2_int4."""
+    offsets fp16/fp32 [N/bo, K/bi], all contiguous on CPU; variant and errors as cpu_int4."""
     return _intdot("cpu_int8", 8, x, w, scales, offsets, bo, bi, variant)
 
 
-for _name, _fn in (("cpu_avx2_int4", cpu_avx2_int4), ("cpu_int8", cpu_int8)):
+for _name, _fn in (("cpu_int4", cpu_int4), ("cpu_int8", cpu_int8)):
     _lib.define(f"{_name}(Tensor x, Tensor w, Tensor scales, Tensor offsets, int bo, int bi) "
                 "-> Tensor")
     _lib.impl(_name, _fn, "CPU")
 
 
-@torch.library.register_fake("qahira::cpu_avx2_int4")
-def _cpu_avx2_int4_fake(x, w, scales, offsets, bo, bi):
+@torch.library.register_fake("qahira::cpu_int4")
+def _cpu_int4_fake(x, w, scales, offsets, bo, bi):
     return x.new_empty(x.shape[0], w.shape[0])
 
 
@@ -240,6 +240,6 @@ def _cpu_blockwise_fake(x, qweight, scales, offsets, bits, bo, bi):
     return x.new_empty(x.shape[0], qweight.shape[0])
 
 
-__all__ = ["C_FUNCTIONS", "check_cpu_blockwise_stored", "cpu_avx2_int4", "cpu_blockwise",
+__all__ = ["C_FUNCTIONS", "check_cpu_blockwise_stored", "cpu_int4", "cpu_blockwise",
            "cpu_blockwise_dequant", "cpu_blockwise_prechecked", "cpu_blockwise_stored_ok",
            "cpu_int8", "triton_blockwise"]

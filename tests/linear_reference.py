@@ -48,16 +48,16 @@ def layer_of(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor)
     return layer
 
 
-# ---- cpu_avx2_int4: its documented error bound -------------------------------------------------
+# ---- cpu_int4: its documented error bound -------------------------------------------------
 # The kernel quantizes activations to 16 bits per 32 columns, so outputs are compared with the
-# kernel's own error bound, computed per output from the data (see kernels/cpu_avx2_int4.c):
+# kernel's own error bound, computed per output from the data (see kernels/cpu_intdot.c):
 #     |y - y_ref| <= sum_c s_c * sum_{k in c} q_k * max|x_c| / 65534   (+ fp32 accumulation slack)
 # plus the output dtype's rounding for bf16/fp16 outputs.
 
 ROUNDING = {torch.float32: 0.0, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 
 
-def avx2_int4_layer(out_f, in_f, block, seed=0, offset_dtype=torch.float16):
+def int4_layer(out_f, in_f, block, seed=0, offset_dtype=torch.float16):
     """(layer, q, scales, offsets) of a random INT4 layer."""
     bo, bi = block
     g = torch.Generator().manual_seed(seed)
@@ -67,7 +67,7 @@ def avx2_int4_layer(out_f, in_f, block, seed=0, offset_dtype=torch.float16):
     return layer_of(pack_qweight(q, 4), scales, offsets), q, scales, offsets
 
 
-def _avx2_int4_bound(x, q, scales, block):
+def _int4_bound(x, q, scales, block):
     """Per-output bound [M, N] of the activation-quantization error, plus fp32 slack."""
     from support import tiny as tm
 
@@ -81,7 +81,7 @@ def _avx2_int4_bound(x, q, scales, block):
     return amax / 65534 @ (s * qsum).t() + 1e-6 * (x2.abs() @ w_abs.t())
 
 
-def check_avx2_int4(y, x, q, scales, offsets, block, bias=None) -> torch.Tensor:
+def check_int4(y, x, q, scales, offsets, block, bias=None) -> torch.Tensor:
     """Assert y is within the kernel's bound of support.tiny's fp64 reference; returns |err|."""
     from support import tiny as tm
 
@@ -90,7 +90,7 @@ def check_avx2_int4(y, x, q, scales, offsets, block, bias=None) -> torch.Tensor:
     if bias is not None:
         y_ref = y_ref + bias.double()
     err = (y.double() - y_ref).reshape(-1, y.shape[-1]).abs()
-    tol = (_avx2_int4_bound(x, q, scales, block)
+    tol = (_int4_bound(x, q, scales, block)
            + ROUNDING[y.dtype] * y_ref.reshape(-1, y.shape[-1]).abs())
     if bias is not None:  # bias added to the rounded GEMM output, then rounded again
         tol = tol + ROUNDING[y.dtype] * (y_ref - bias.double()).reshape(-1, y.shape[-1]).abs()

@@ -10,12 +10,12 @@ refused (as vLLM's `choose_mp_linear_kernel`). The list is fixed: nothing regist
 run time. Each kernel has one name, used for its module here, its op in qahira_kernels.ops
 (`torch.ops.qahira.<name>`, where it has one) and the disable switch:
 
-    QAHIRA_DISABLED_KERNELS=cpu_avx2_int4,cpu_int4pack   # comma-separated kernel names
+    QAHIRA_DISABLED_KERNELS=cpu_int4,cpu_int4pack   # comma-separated kernel names
 
 | name               | class                  | serves                                            |
 | triton_blockwise   | TritonBlockwiseKernel  | CUDA, fp16/bf16, INT4/INT8, any block             |
-| cpu_avx2_int4      | CpuAvx2Int4Kernel      | CPU AVX2, INT4, bi % 32 == 0, bf16/fp16           |
-| cpu_int8           | CpuInt8Kernel          | CPU AVX2, INT8, bi % 32 == 0, bf16/fp16           |
+| cpu_int4           | CpuInt4Kernel          | CPU AVX2/AVX-512, INT4, bi % 32 == 0, bf16/fp16   |
+| cpu_int8           | CpuInt8Kernel          | CPU AVX2/AVX-512, INT8, bi % 32 == 0, bf16/fp16   |
 | cpu_int4pack       | CpuInt4PackKernel      | CPU, torch's int4 GEMM, bi in 32..256, bf16/fp16  |
 | cpu_blockwise      | CpuBlockwiseKernel     | CPU AVX2, every format case, exact                |
 | dequant_torch      | DequantTorchKernel     | anything: dequantize + dense GEMM (last resort)   |
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 
-from .cpu_avx2_int4 import CpuAvx2Int4Kernel
+from .cpu_int4 import CpuInt4Kernel
 from .cpu_blockwise import CpuBlockwiseKernel
 from .cpu_int4pack import CpuInt4PackKernel
 from .cpu_int8 import CpuInt8Kernel
@@ -38,7 +38,7 @@ from .triton_blockwise import TritonBlockwiseKernel
 # Order of preference; the general path is last and always applies.
 KERNELS: tuple[type[LinearKernel], ...] = (
     TritonBlockwiseKernel,   # CUDA only
-    CpuAvx2Int4Kernel,
+    CpuInt4Kernel,
     CpuInt8Kernel,
     CpuInt4PackKernel,
     CpuBlockwiseKernel,
@@ -88,7 +88,7 @@ def choose_kernel(spec: LinearSpec) -> tuple[type[LinearKernel], list[str]]:
                      + f" (remove some names from {DISABLE_ENV})")
 
 
-__all__ = ["ADAPTER_KERNEL_NAMES", "DISABLE_ENV", "KERNELS", "CpuAvx2Int4Kernel", "CpuBlockwiseKernel",
-           "CpuInt4PackKernel", "CpuInt8Kernel", "DequantTorchKernel", "LinearKernel",
-           "LinearSpec",
-           "TritonBlockwiseKernel", "choose_kernel", "disabled_kernels", "set_buffer"]
+__all__ = ["ADAPTER_KERNEL_NAMES", "DISABLE_ENV", "KERNELS", "CpuBlockwiseKernel",
+           "CpuInt4Kernel", "CpuInt4PackKernel", "CpuInt8Kernel", "DequantTorchKernel",
+           "LinearKernel", "LinearSpec", "TritonBlockwiseKernel", "choose_kernel",
+           "disabled_kernels", "set_buffer"]

@@ -9,14 +9,14 @@ import torch
 
 from qahira_kernels import cpu_lib, ops
 
-TORCH_OPS = ("triton_blockwise", "cpu_avx2_int4", "cpu_int8", "cpu_blockwise")
+TORCH_OPS = ("triton_blockwise", "cpu_int4", "cpu_int8", "cpu_blockwise")
 
 
 def test_every_c_entry_point_is_declared_and_exported():
     lib = cpu_lib.load_library()
     assert lib is not None, cpu_lib.library_error()
     # the AVX-512 build's entry points are absent only if gcc lacks the flags
-    # (test_cpu_avx2_int4.test_avx512_build_compiles_and_links requires them here)
+    # (test_cpu_int4.test_avx512_build_compiles_and_links requires them here)
     declared = {name: argtypes for name, argtypes in ops.C_FUNCTIONS.items()
                 if name not in cpu_lib.AVX512_FUNCTIONS
                 or "avx512" in cpu_lib.intdot_built_variants()}
@@ -41,7 +41,7 @@ def test_torch_ops_registered_with_fake_impls():
                                               torch.empty(16, 2, dtype=torch.float16),
                                               torch.empty(16, 2, dtype=torch.float16),
                                               4, 1, 32).shape == (5, 16)
-        assert torch.ops.qahira.cpu_avx2_int4(x, torch.empty(16, 32, dtype=torch.uint8),
+        assert torch.ops.qahira.cpu_int4(x, torch.empty(16, 32, dtype=torch.uint8),
                                               torch.empty(16, 2, dtype=torch.float16),
                                               torch.empty(16, 2, dtype=torch.float16),
                                               1, 32).shape == (5, 16)

@@ -25,7 +25,7 @@ def _choose(spec):
 def test_one_fixed_list_one_name_per_kernel():
     assert isinstance(lk.KERNELS, tuple)  # no run-time registration
     assert not hasattr(lk, "register_kernel") and not hasattr(lk, "select_kernel")
-    assert [k.name for k in lk.KERNELS] == ["triton_blockwise", "cpu_avx2_int4", "cpu_int8",
+    assert [k.name for k in lk.KERNELS] == ["triton_blockwise", "cpu_int4", "cpu_int8",
                                             "cpu_int4pack", "cpu_blockwise", "dequant_torch"]
     for k in lk.KERNELS:  # the name is the module's
         assert k.__module__ == f"qahira_vllm.linear_kernels.{k.name}"
@@ -35,7 +35,7 @@ def test_one_fixed_list_one_name_per_kernel():
 @pytest.fixture
 def torch_kernels_only(monkeypatch):
     """Only the torch kernels (cpu_int4pack, dequant_torch), through the disable switch."""
-    monkeypatch.setenv(ENV, "triton_blockwise, cpu_avx2_int4,cpu_int8,cpu_blockwise")
+    monkeypatch.setenv(ENV, "triton_blockwise, cpu_int4,cpu_int8,cpu_blockwise")
 
 
 def test_choose_among_torch_kernels(torch_kernels_only):
@@ -59,10 +59,10 @@ def test_reasons_of_every_earlier_kernel(monkeypatch):
     kernel, reasons = lk.choose_kernel(_spec(block=(8, 4), act=torch.float32))
     assert kernel is lk.CpuBlockwiseKernel
     assert reasons == ["triton_blockwise: CUDA only (layer is on cpu)",
-                       "cpu_avx2_int4: bi must be a multiple of 32",
+                       "cpu_int4: bi must be a multiple of 32",
                        "cpu_int8: 8-bit only",
                        f"cpu_int4pack: disabled by {ENV}"]
-    assert lk.choose_kernel(_spec()) == (lk.CpuAvx2Int4Kernel,
+    assert lk.choose_kernel(_spec()) == (lk.CpuInt4Kernel,
                                          ["triton_blockwise: CUDA only (layer is on cpu)"])
 
 
@@ -77,7 +77,7 @@ def test_triton_first_for_cuda_only():
 
 def test_cpu_blockwise_for_fp32_and_for_shapes_the_fast_kernels_refuse(monkeypatch):
     """fp32 layers and bf16 2-D/odd blocks get cpu_blockwise; the INT4 bf16 default stays on
-    cpu_avx2_int4; CUDA and no library fall through."""
+    cpu_int4; CUDA and no library fall through."""
 
     def spec(bits=4, block=(1, 32), act=torch.float32, dev="cpu"):
         return lk.LinearSpec(bits, block, 64, 128, act, dev)
@@ -85,7 +85,7 @@ def test_cpu_blockwise_for_fp32_and_for_shapes_the_fast_kernels_refuse(monkeypat
     for s in (spec(), spec(bits=8), spec(block=(8, 4), act=torch.bfloat16),
               spec(bits=8, block=(1, 16), act=torch.float16)):
         assert _choose(s) is lk.CpuBlockwiseKernel, s
-    assert _choose(spec(act=torch.bfloat16)) is lk.CpuAvx2Int4Kernel
+    assert _choose(spec(act=torch.bfloat16)) is lk.CpuInt4Kernel
     assert _choose(spec(dev="cuda")) is lk.DequantTorchKernel
     assert lk.CpuBlockwiseKernel.can_implement(spec(bits=3))[0] is False
     monkeypatch.setattr(cpu_lib, "_lib", None)
@@ -100,7 +100,7 @@ def test_cpu_blockwise_for_fp32_and_for_shapes_the_fast_kernels_refuse(monkeypat
 def test_unknown_name_in_switch_is_an_error(monkeypatch):
     monkeypatch.setenv(ENV, "cpu_gemv")
     with pytest.raises(ValueError, match=r"QAHIRA_DISABLED_KERNELS=.*cpu_gemv.*valid names: "
-                                         r"triton_blockwise, cpu_avx2_int4"):
+                                         r"triton_blockwise, cpu_int4"):
         lk.choose_kernel(_spec())
 
 
@@ -108,6 +108,6 @@ def test_everything_disabled_lists_every_reason(monkeypatch):
     monkeypatch.setenv(ENV, "cpu_int4pack,dequant_torch")
     with pytest.raises(ValueError, match="no qahira kernel implements") as e:
         lk.choose_kernel(_spec(act=torch.float32, block=(1, 16), bits=8, dev="cuda"))
-    for name in ("triton_blockwise:", "cpu_avx2_int4:", "cpu_int4pack: disabled",
+    for name in ("triton_blockwise:", "cpu_int4:", "cpu_int4pack: disabled",
                  "cpu_blockwise: CPU only", "dequant_torch: disabled"):
         assert name in str(e.value)

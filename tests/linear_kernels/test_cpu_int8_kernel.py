@@ -1,15 +1,15 @@
 """qahira_vllm.linear_kernels.cpu_int8: CpuInt8Kernel (what it accepts, the choice for INT8
 bf16/fp16 layers, prepare/apply on a layer, under torch.compile), per build of the kernel (AVX2,
 AVX-512; the test id names it), within the kernel's documented error bound of support.tiny's fp64
-reference (linear_reference.check_avx2_int4: the bound holds for any integer weights). The op:
-tests/kernels/test_cpu_avx2_int4.py."""
+reference (linear_reference.check_int4: the bound holds for any integer weights). The op:
+tests/kernels/test_cpu_int4.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from linear_reference import check_avx2_int4, layer_of
+from linear_reference import check_int4, layer_of
 from qahira_kernels import cpu_lib
 from qahira_vllm import linear_kernels as lk
 from qahira_vllm.linear_kernels.cpu_int8 import CpuInt8Kernel
@@ -54,7 +54,7 @@ def test_kernel_interface_bf16_fp16_bias_3d(variant, act_dtype, block, in_f):
     bias = (torch.randn(64, generator=g) * 0.5).to(act_dtype)
     y = kernel.apply(layer, x, bias)
     assert y.dtype == act_dtype and y.shape == (2, 5, 64)
-    check_avx2_int4(y, x, q, scales, offsets, block, bias)
+    check_int4(y, x, q, scales, offsets, block, bias)
 
 
 def test_traced_by_torch_compile_as_one_op(variant):
@@ -110,5 +110,5 @@ def test_failed_build_is_reported_not_raised(monkeypatch, tmp_path):
     monkeypatch.setenv("QAHIRA_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "/bin/false")
     ok, why = CpuInt8Kernel.can_implement(_spec())
-    assert not ok and "/bin/false failed" in why and "cpu_avx2_int4.c" in why
+    assert not ok and "/bin/false failed" in why and "cpu_intdot.c" in why
     assert list(tmp_path.glob("*")) == []

@@ -205,7 +205,7 @@ def test_native_equals_stock_vllm_on_exported_lora(smol, native_mixed, tmp_path)
 
 @pytest.fixture(scope="module")
 def native_mixed_bf16(smol, tmp_path_factory):
-    """The mixed batch again in bf16, where the base runs on the cpu_avx2_int4 kernel (which
+    """The mixed batch again in bf16, where the base runs on the cpu_int4 kernel (which
     frees `qweight` after repacking), plus every prompt once more without an adapter."""
     qckpt, dirs, _, prompts = smol
     ids = {n: i + 1 for i, n in enumerate(ADAPTERS)}
@@ -223,7 +223,7 @@ def _same_first_step(a: dict, b: dict, tol: float) -> bool:
                     for t, lp in a["first_logprobs"].items() if t in b["first_logprobs"]))
 
 
-def test_bf16_mixed_batch_on_avx2_int4_kernel(native_mixed_bf16, native_mixed):
+def test_bf16_mixed_batch_on_int4_kernel(native_mixed_bf16, native_mixed):
     """bf16: the fast base kernel and our adapter layers together.
 
     The base kernel is batch-invariant, but the adapter GEMMs round differently at different M,
@@ -236,7 +236,7 @@ def test_bf16_mixed_batch_on_avx2_int4_kernel(native_mixed_bf16, native_mixed):
     amplify bf16 rounding (measured up to 1.1 nats; stock vLLM LoRA on the exports in bf16
     deviates as much)."""
     out = native_mixed_bf16
-    assert "using kernel cpu_avx2_int4" in out["log"]
+    assert "using kernel cpu_int4" in out["log"]
     n = len(MIXED)
     worst_base = worst_adapter = 0.0
     for i, (batched, solo) in enumerate(zip(out["batched"], out["solo"])):

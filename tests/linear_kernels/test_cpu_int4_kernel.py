@@ -1,22 +1,22 @@
-"""qahira_vllm.linear_kernels.cpu_avx2_int4: CpuAvx2Int4Kernel (what it accepts, prepare/apply on a
+"""qahira_vllm.linear_kernels.cpu_int4: CpuInt4Kernel (what it accepts, prepare/apply on a
 layer, under torch.compile), within the kernel's documented error bound of an fp64 reference
-(linear_reference.check_avx2_int4). The op itself: tests/kernels/test_cpu_avx2_int4.py."""
+(linear_reference.check_int4). The op itself: tests/kernels/test_cpu_int4.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from linear_reference import avx2_int4_layer, check_avx2_int4
+from linear_reference import int4_layer, check_int4
 from qahira_kernels import cpu_lib
 from qahira_vllm import linear_kernels as lk
-from qahira_vllm.linear_kernels.cpu_avx2_int4 import CpuAvx2Int4Kernel
+from qahira_vllm.linear_kernels.cpu_int4 import CpuInt4Kernel
 
 
 @pytest.fixture(params=["avx2", "avx512"])
 def variant(request, monkeypatch):
     """Each build of the kernel this CPU runs, through the $QAHIRA_CPU_ISA switch (the test id
-    names it; a build the CPU lacks is reported as skipped, see tests/kernels/test_cpu_avx2_int4.py
+    names it; a build the CPU lacks is reported as skipped, see tests/kernels/test_cpu_int4.py
     for the compile-and-link check)."""
     runs = cpu_lib.intdot_variants()
     if request.param not in runs:
@@ -31,9 +31,9 @@ def variant(request, monkeypatch):
 def test_kernel_interface_bf16_fp16_bias_3d(variant, act_dtype, block):
     spec = lk.LinearSpec(bits=4, block_size=block, out_features=64, in_features=192,
                          act_dtype=act_dtype, device_type="cpu")
-    assert CpuAvx2Int4Kernel.can_implement(spec) == (True, None)
-    layer, q, scales, offsets = avx2_int4_layer(64, 192, block, seed=3)
-    kernel = CpuAvx2Int4Kernel(spec)
+    assert CpuInt4Kernel.can_implement(spec) == (True, None)
+    layer, q, scales, offsets = int4_layer(64, 192, block, seed=3)
+    kernel = CpuInt4Kernel(spec)
     kernel.prepare(layer)
     assert not hasattr(layer, "qweight") and list(layer.parameters()) == []
     assert layer.gemv_weight.dtype == torch.uint8 and layer.gemv_weight.shape == (64, 96)
@@ -42,15 +42,15 @@ def test_kernel_interface_bf16_fp16_bias_3d(variant, act_dtype, block):
     bias = (torch.randn(64, generator=g) * 0.5).to(act_dtype)
     y = kernel.apply(layer, x, bias)
     assert y.dtype == act_dtype and y.shape == (2, 5, 64)
-    check_avx2_int4(y, x, q, scales, offsets, block, bias)
+    check_int4(y, x, q, scales, offsets, block, bias)
 
 
 def test_traced_by_torch_compile_as_one_op(variant):
     """vLLM compiles the model: the op must trace with fullgraph (fake impl) and give the same y."""
     spec = lk.LinearSpec(bits=4, block_size=(1, 32), out_features=48, in_features=128,
                          act_dtype=torch.bfloat16, device_type="cpu")
-    layer, *_ = avx2_int4_layer(48, 128, (1, 32), seed=5)
-    kernel = CpuAvx2Int4Kernel(spec)
+    layer, *_ = int4_layer(48, 128, (1, 32), seed=5)
+    kernel = CpuInt4Kernel(spec)
     kernel.prepare(layer)
     x = torch.randn(4, 128).bfloat16()
     compiled = torch.compile(lambda t: kernel.apply(layer, t) * 2, backend="aot_eager",
@@ -66,19 +66,19 @@ def test_traced_by_torch_compile_as_one_op(variant):
 def test_can_implement_refuses(change, reason):
     spec = lk.LinearSpec(**{**dict(bits=4, block_size=(1, 32), out_features=64, in_features=64,
                                    act_dtype=torch.bfloat16, device_type="cpu"), **change})
-    ok, why = CpuAvx2Int4Kernel.can_implement(spec)
+    ok, why = CpuInt4Kernel.can_implement(spec)
     assert not ok and reason in why
 
 
 def test_disabled_by_environment(monkeypatch):
-    """QAHIRA_DISABLED_KERNELS=cpu_avx2_int4 turns off this kernel only: the layer goes to the
+    """QAHIRA_DISABLED_KERNELS=cpu_int4 turns off this kernel only: the layer goes to the
     next one (torch's int4 kernel), and the reason says why."""
     spec = lk.LinearSpec(4, (1, 32), 64, 64, torch.bfloat16, "cpu")
-    assert lk.choose_kernel(spec)[0] is CpuAvx2Int4Kernel
-    monkeypatch.setenv("QAHIRA_DISABLED_KERNELS", "cpu_avx2_int4")
+    assert lk.choose_kernel(spec)[0] is CpuInt4Kernel
+    monkeypatch.setenv("QAHIRA_DISABLED_KERNELS", "cpu_int4")
     kernel, reasons = lk.choose_kernel(spec)
     assert kernel is lk.CpuInt4PackKernel
-    assert "cpu_avx2_int4: disabled by QAHIRA_DISABLED_KERNELS" in reasons
+    assert "cpu_int4: disabled by QAHIRA_DISABLED_KERNELS" in reasons
     # fp32 layers still get the compiled exact kernel (the library is not switched off).
     assert lk.choose_kernel(lk.LinearSpec(4, (1, 32), 64, 64, torch.float32, "cpu"))[0] \
         is lk.CpuBlockwiseKernel
@@ -90,6 +90,6 @@ def test_failed_build_is_reported_not_raised(monkeypatch, tmp_path):
     monkeypatch.setenv("QAHIRA_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "/bin/false")
     spec = lk.LinearSpec(4, (1, 32), 64, 64, torch.bfloat16, "cpu")
-    ok, why = CpuAvx2Int4Kernel.can_implement(spec)
-    assert not ok and "/bin/false failed" in why and "cpu_avx2_int4.c" in why
+    ok, why = CpuInt4Kernel.can_implement(spec)
+    assert not ok and "/bin/false failed" in why and "cpu_intdot.c" in why
     assert list(tmp_path.glob("*")) == []  # no partial file left behind

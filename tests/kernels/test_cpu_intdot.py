@@ -1,8 +1,8 @@
-"""qahira_kernels' cpu_avx2_int4 op (kernels/cpu_avx2_int4.c, ops.cpu_avx2_int4, its weight layout
-layouts.pack_cpu_avx2_int4) and cpu_lib, which builds it, against an fp64 reference.
+"""qahira_kernels' cpu_int4 op (kernels/cpu_intdot.c, ops.cpu_int4, its weight layout
+layouts.pack_cpu_int4) and cpu_lib, which builds it, against an fp64 reference.
 
 The kernel quantizes activations to 16 bits per 32 columns, so the reference comparison uses the
-kernel's own error bound, computed per output from the data (linear_reference.check_avx2_int4).
+kernel's own error bound, computed per output from the data (linear_reference.check_int4).
 This machine class (x86-64 with AVX2 and gcc) is what CI runs on, so the kernel must build here:
 a test fails, rather than skips, if it does not.
 
@@ -20,9 +20,9 @@ import os
 import pytest
 import torch
 
-from linear_reference import avx2_int4_layer, check_avx2_int4
+from linear_reference import int4_layer, check_int4
 from qahira_kernels import cpu_lib, ops
-from qahira_kernels.layouts import pack_cpu_avx2_int4, pack_cpu_int8
+from qahira_kernels.layouts import pack_cpu_int4, pack_cpu_int8
 
 VARIANTS = ("avx2", "avx512")
 
@@ -66,7 +66,7 @@ def _layer(bits, out_f, in_f, block, seed, offset_dtype=torch.float16):
               / ((1 << bits) - 1)).half()
     offsets = (-0.1 + 0.02 * torch.randn(out_f // bo, in_f // bi, generator=g)).to(offset_dtype)
     if bits == 4:
-        return pack_cpu_avx2_int4(q), q, scales, offsets, ops.cpu_avx2_int4
+        return pack_cpu_int4(q), q, scales, offsets, ops.cpu_int4
     return pack_cpu_int8(q), q, scales, offsets, ops.cpu_int8
 
 
@@ -98,9 +98,9 @@ def test_op_per_variant_all_chunk_tails(variant, bits, block, out_f, in_f):
     w, q, scales, offsets, op = _layer(bits, out_f, in_f, block, seed=in_f)
     x = torch.randn(11, in_f, generator=torch.Generator().manual_seed(1)) * 3
     y = op(x, w, scales, offsets, *block, variant=variant)
-    check_avx2_int4(y, x, q, scales, offsets, block)
+    check_int4(y, x, q, scales, offsets, block)
     yb = op(x.bfloat16(), w, scales, offsets, *block, variant=variant)
-    check_avx2_int4(yb, x.bfloat16(), q, scales, offsets, block)
+    check_int4(yb, x.bfloat16(), q, scales, offsets, block)
 
 
 def test_isa_switch(monkeypatch):
@@ -133,13 +133,13 @@ def test_pack_cpu_int8_layout():
 def test_op_fp32_within_activation_quantization_bound(variant, block, out_f, in_f, m,
                                                       offset_dtype):
     """fp32 in and out: the only error is the documented activation rounding (and fp32 sums)."""
-    _, q, scales, offsets = avx2_int4_layer(out_f, in_f, block, seed=m, offset_dtype=offset_dtype)
+    _, q, scales, offsets = int4_layer(out_f, in_f, block, seed=m, offset_dtype=offset_dtype)
     x = torch.randn(m, in_f, generator=torch.Generator().manual_seed(m)) * 3
     x[0, :7] = 0.0          # a chunk with zeros and one with a single large value
     x[-1, 40 % in_f] = 50.0
-    y = ops.cpu_avx2_int4(x, pack_cpu_avx2_int4(q), scales, offsets, *block, variant=variant)
+    y = ops.cpu_int4(x, pack_cpu_int4(q), scales, offsets, *block, variant=variant)
     assert y.dtype == torch.float32 and y.shape == (m, out_f)
-    err = check_avx2_int4(y, x, q, scales, offsets, block)
+    err = check_int4(y, x, q, scales, offsets, block)
     # and the bound is tight enough to mean something: far below bf16 output rounding
     assert err.max() <= 1e-3 * (x.abs().max() * 0.2 * in_f)
 
@@ -159,10 +159,10 @@ def test_each_row_independent_of_batch(variant, bits):
         assert torch.equal(part, full[lo:hi])
 
 
-def test_pack_cpu_avx2_int4_layout():
+def test_pack_cpu_int4_layout():
     q = torch.arange(64, dtype=torch.int32).remainder(16).view(1, 64).repeat(2, 1)
     q[1] = 15 - q[1]
-    w = pack_cpu_avx2_int4(q)
+    w = pack_cpu_int4(q)
     assert w.shape == (2, 32) and w.dtype == torch.uint8
     for n in range(2):
         for c in range(2):
@@ -198,7 +198,7 @@ def test_failed_build_is_reported_not_raised(fresh_library, monkeypatch, tmp_pat
     monkeypatch.setenv("CC", "/bin/false")
     assert cpu_lib.load_library() is None
     why = cpu_lib.library_error()
-    assert "/bin/false failed" in why and "cpu_avx2_int4.c" in why
+    assert "/bin/false failed" in why and "cpu_intdot.c" in why
     assert list(tmp_path.glob("*")) == []  # no partial file left behind
 
 
@@ -223,14 +223,14 @@ def test_cache_dir_from_environment(monkeypatch, tmp_path):
     assert cpu_lib.cache_dir() == tmp_path / "xdg" / "qahira" / "kernels"
 
 
-@pytest.mark.parametrize("name", ["cpu_avx2_int4", "cpu_int8"])
+@pytest.mark.parametrize("name", ["cpu_int4", "cpu_int8"])
 def test_torch_op_runs_the_chosen_build(monkeypatch, name):
     """torch.ops.qahira.<name> (what vLLM's compiled graph calls) runs cpu_lib.intdot_variant()."""
-    bits = 4 if name == "cpu_avx2_int4" else 8
+    bits = 4 if name == "cpu_int4" else 8
     w, q, scales, offsets, op = _layer(bits, 32, 320, (1, 64), seed=3)
     x = torch.randn(6, 320, generator=torch.Generator().manual_seed(4)).bfloat16()
     for v in cpu_lib.intdot_variants():
         monkeypatch.setenv(cpu_lib.ISA_ENV, v)
         y = getattr(torch.ops.qahira, name)(x, w, scales, offsets, 1, 64)
         assert torch.equal(y, op(x, w, scales, offsets, 1, 64, variant=v))
-        check_avx2_int4(y, x, q, scales, offsets, (1, 64))
+        check_int4(y, x, q, scales, offsets, (1, 64))

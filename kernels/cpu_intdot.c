@@ -1,4 +1,4 @@
-/* cpu_avx2_int4: qahira INT4 and INT8 linear layers on x86-64 CPUs, integer dot products.
+/* cpu_int4: qahira INT4 and INT8 linear layers on x86-64 CPUs, integer dot products.
  * ONE source, compiled twice by cpu_lib: as is (AVX2/FMA/F16C, 256-bit vectors, entry point
  * qahira_cpu_intdot_avx2) and with -DQAHIRA_W512 plus AVX-512 F/BW/VL/DQ + VNNI flags (512-bit
  * vectors, vpdpwssd, entry point qahira_cpu_intdot_avx512). Python picks one at run time by
@@ -23,7 +23,7 @@
  * activations (scratch) and the INT8 weight store chunk pairs (c even, c+1) as
  *   [c lo, c+1 lo, c hi, c+1 hi]   (16 elements each; a last unpaired chunk as [lo, hi]),
  * so a 512-bit vector holds the lo (or hi) halves of two chunks and a 256-bit one those of one.
- * INT4 weight (layouts.pack_cpu_avx2_int4), uint8 [N, K/2]: per chunk, byte j = q[j] | q[16+j]<<4,
+ * INT4 weight (layouts.pack_cpu_int4), uint8 [N, K/2]: per chunk, byte j = q[j] | q[16+j]<<4,
  * so 16 bytes (or 32 for a pair) zero-extended to int16 and masked / shifted by 4 give lo / hi.
  * INT8 weight (layouts.pack_cpu_int8), uint8 [N, K] in the pair order above.
  * Scales fp16 [N/bo, K/bi]; offsets fp16 or fp32 [N/bo, K/bi]; bi a multiple of 32.

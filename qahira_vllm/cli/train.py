@@ -1,4 +1,7 @@
-"""qahira train --base QCKPT --method {qbara,qahira,lora} --data FILE.jsonl --out ADAPTER_DIR"""
+"""qahira train --base QCKPT --method {qbara,qahira,lora} --data FILE.jsonl --out ADAPTER_DIR
+
+Data parallel: torchrun --nproc-per-node N -m qahira_vllm.cli train ... (see docs/TRAINING.md).
+"""
 
 from __future__ import annotations
 
@@ -43,7 +46,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
     o.add_argument("--warmup-ratio", type=float, default=0.03)
     o.add_argument("--max-grad-norm", type=float, default=0.3)
-    o.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    o.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on for CUDA GPUs with native bf16, off for CPU)")
+    o.add_argument("--device", default="auto",
+                   help="auto (CUDA when available) | cpu | cuda | cuda:N; under torchrun each "
+                   "rank uses cuda:LOCAL_RANK (pass cuda or auto)")
     o.add_argument("--gradient-checkpointing", action="store_true")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--threads", type=int, help="torch CPU threads")
@@ -60,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from ..training.model import normalize_targets
-    from ..training.trainer import TrainConfig, train
+    from ..training.trainer import TrainConfig, dist_from_env, train
 
     cfg = TrainConfig(
         base=args.base, data=args.data, out=args.out, method=args.method,
@@ -70,10 +77,12 @@ def run(args) -> int:
         eval_fraction=args.eval_fraction, max_length=args.max_length, packing=args.packing,
         batch_size=args.batch_size, grad_accum=args.grad_accum, max_steps=args.max_steps,
         epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, schedule=args.schedule,
-        warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm, bf16=args.bf16,
+        warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm, bf16=args.bf16, device=args.device,
         gradient_checkpointing=args.gradient_checkpointing, eval_steps=args.eval_steps,
         eval_batch_size=args.eval_batch_size, save_steps=args.save_steps, run_dir=args.run_dir,
         resume=args.resume, seed=args.seed, threads=args.threads,
         progress=not args.no_progress, overwrite=args.overwrite)
-    print(json.dumps(train(cfg), indent=2))
+    summary = train(cfg)
+    if dist_from_env().main:  # one summary per launch, not one per rank
+        print(json.dumps(summary, indent=2))
     return 0

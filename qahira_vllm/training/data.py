@@ -220,7 +220,7 @@ class BatchStream:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(len(self.examples), generator=g).tolist()
 
-    def next_batch(self) -> dict[str, torch.Tensor]:
+    def _next_examples(self) -> list[Example]:
         picked = []
         while len(picked) < self.batch_size:
             if self.position == len(self._order):
@@ -228,7 +228,24 @@ class BatchStream:
                 self._order = self._permutation(self.epoch)
             picked.append(self.examples[self._order[self.position]])
             self.position += 1
-        return collate(picked, self.pad_id)
+        return picked
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        return collate(self._next_examples(), self.pad_id)
+
+    def next_shard(self, rank: int, world_size: int) -> dict[str, torch.Tensor]:
+        """Rows [rank * b, (rank + 1) * b) of the next batch, b = batch_size / world_size.
+
+        Every rank advances the same stream (same seed, same state), so the shards of one
+        global batch are disjoint and together are exactly next_batch()'s examples; each shard
+        is padded only to its own longest sequence. Raises ValueError when world_size does not
+        divide batch_size.
+        """
+        if self.batch_size % world_size:
+            raise ValueError(f"batch of {self.batch_size} does not split into {world_size} "
+                             "equal shards")
+        b = self.batch_size // world_size
+        return collate(self._next_examples()[rank * b:(rank + 1) * b], self.pad_id)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}

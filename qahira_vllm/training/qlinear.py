@@ -5,9 +5,19 @@ qahira_vllm.quant_math.dequantize. It is rebuilt on every forward
 and again in backward instead of being saved for it, as QLoRA does, so memory stays at
 ~bits/8 bytes per weight. These are the same stored tensors and the same fp32
 formula vLLM's qahira kernels serve. Gradients flow to the input only.
+
+Where W is rebuilt depends on the buffers' device: on CPU the compiled C kernel
+(qahira_kernels.ops.cpu_blockwise_dequant), on CUDA qahira_kernels' Triton dequantization kernel
+(blockwise_gemm.dequantize_weight, the dense path of the serving GEMM), writing W in the matmul
+dtype (fp32/fp16 directly, bf16 through one fp32 copy: see dequantize_triton). Both compute s * q + z in fp32 and equal quant_math.dequantize bit for bit
+(s * q is exact in fp32: an 11-bit fp16 significand times an 8-bit integer, so fusing the add
+into an FMA rounds the same way).
 """
 
 from __future__ import annotations
+
+import functools
+import importlib.util
 
 import torch
 import torch.nn.functional as F
@@ -17,11 +27,50 @@ from ..format import QahiraQuantConfig, validate_layer_tensors
 from ..quant_math import dequantize
 
 
-def _dequantize(qweight, scales, offsets, cfg: QahiraQuantConfig) -> torch.Tensor:
-    """fp32 W, the same bits either way: the compiled CPU kernel (qahira_kernels.ops.
-    cpu_blockwise_dequant, ~7x faster than torch here) when it is available and the buffers
-    still have their stored dtypes (a `model.to(dtype)` also casts them), else
-    quant_math.dequantize."""
+def dequantize_triton(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+                      cfg: QahiraQuantConfig, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """W [out, in] in `dtype` (fp32, bf16 or fp16) from the stored tensors, by qahira_kernels'
+    Triton kernel (blockwise_gemm.dequantize_weight): s * q + z in fp32, rounded once to
+    `dtype`, so it equals quant_math.dequantize(...).to(dtype) bit for bit.
+
+    qweight int32 [out, in/8] (4-bit) or uint8 [out, in] (8-bit); scales fp16 and offsets
+    fp16/fp32 [out/bo, in/bi]. The CUDA path of QuantLinear; on CPU tensors it runs only in
+    Triton's interpreter (TRITON_INTERPRET=1), which is how the tests check it. Raises
+    ValueError for tensors that do not match cfg (pack_blockwise_weight's checks).
+    """
+    from qahira_kernels.blockwise_gemm import dequantize_weight, pack_blockwise_weight
+
+    # The kernel reads scales/offsets transposed; the copy is ~1/(bo*bi*2) of W's bytes, so it
+    # is redone per call rather than kept next to the stored buffers.
+    packed = pack_blockwise_weight(qweight, scales, offsets, cfg.bits, cfg.block_size)
+    if dtype in (torch.float32, torch.float16):
+        return dequantize_weight(packed, dtype)
+    # bf16: the kernel's fp32 -> bf16 store rounds to nearest-even on a GPU but truncates in
+    # Triton's interpreter, so only the fp32 result can be checked here; torch rounds it
+    # (a transient fp32 copy of one layer's W).
+    return dequantize_weight(packed, torch.float32).to(dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _has_triton() -> bool:
+    # torch's CUDA wheels ship Triton; without it CUDA falls back to quant_math (same bits).
+    return importlib.util.find_spec("triton") is not None
+
+
+def _dequantize(qweight, scales, offsets, cfg: QahiraQuantConfig,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """W in `dtype`, the same bits on every path (fp32 math, rounded once to `dtype`).
+
+    CUDA: the Triton kernel (dequantize_triton) when triton is installed. CPU: the
+    compiled kernel (qahira_kernels.ops.cpu_blockwise_dequant, ~7x faster than torch here)
+    when it is available and the buffers still have their stored dtypes (a `model.to(dtype)`
+    also casts them), else quant_math.dequantize."""
+    if qweight.device.type == "cuda" and scales.dtype == torch.float16 and _has_triton():
+        return dequantize_triton(qweight, scales, offsets, cfg, dtype)
+    return _dequantize_fp32(qweight, scales, offsets, cfg).to(dtype)
+
+
+def _dequantize_fp32(qweight, scales, offsets, cfg: QahiraQuantConfig) -> torch.Tensor:
     if qweight.device.type == "cpu":
         from qahira_kernels import cpu_lib, ops
 
@@ -46,7 +95,7 @@ class _DequantLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, qweight, scales, offsets, bias, cfg: QahiraQuantConfig):
         dtype = _compute_dtype(x)
-        w = _dequantize(qweight, scales, offsets, cfg).to(dtype)
+        w = _dequantize(qweight, scales, offsets, cfg, dtype)
         ctx.save_for_backward(qweight, scales, offsets)
         ctx.cfg, ctx.dtype, ctx.x_dtype = cfg, dtype, x.dtype
         return F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype))
@@ -56,7 +105,7 @@ class _DequantLinear(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return (None,) * 6
         qweight, scales, offsets = ctx.saved_tensors
-        w = _dequantize(qweight, scales, offsets, ctx.cfg).to(ctx.dtype)
+        w = _dequantize(qweight, scales, offsets, ctx.cfg, ctx.dtype)
         grad_x = (grad_y.to(ctx.dtype) @ w).to(ctx.x_dtype)
         return grad_x, None, None, None, None, None
 

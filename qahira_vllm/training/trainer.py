@@ -1,11 +1,20 @@
 """The training loop: AdamW (torch), warmup + constant/cosine (transformers.get_scheduler),
 gradient accumulation, clipping, bf16 autocast, gradient checkpointing, held-out eval, JSONL logs,
-checkpoints and an exact resume.
+checkpoints and an exact resume, on CPU or CUDA, in one process or data-parallel under torchrun.
+
+Devices: `device` auto (CUDA when available) | cpu | cuda | cuda:N. bf16 autocast is on by
+default on CUDA (GPUs with native bf16) and off on CPU. Data parallel: when torchrun's environment (RANK, WORLD_SIZE,
+LOCAL_RANK) says WORLD_SIZE > 1, the model is wrapped in torch's DistributedDataParallel (gloo
+on CPU, nccl on CUDA, rank r on cuda:LOCAL_RANK); every rank reads rows [r*b, (r+1)*b) of each
+global micro-batch of b * world_size sequences, so one optimizer step sees
+batch_size * world_size * grad_accum sequences, the same as one process with batch_size *
+world_size. Losses, token counts, eval and peak memory are reduced across ranks; rank 0 alone
+writes the log, checkpoints (holding every rank's RNG state) and the adapter.
 
 A run directory (default `<out>.run/`) holds `log.jsonl` and `checkpoints/step-NNNNNN/`. A
 checkpoint stores the trainable tensors, optimizer, scheduler, torch and python RNG states and
 the data stream position, so `resume` continues the same run bit for bit (same machine, same
-thread count). The finished adapter is written atomically to `out`.
+thread count, same number of ranks). The finished adapter is written atomically to `out`.
 """
 
 from __future__ import annotations
@@ -14,9 +23,12 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import random
+import resource
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,7 +73,8 @@ class TrainConfig:
     schedule: str = "constant"     # constant | cosine (both after linear warmup)
     warmup_ratio: float = 0.03
     max_grad_norm: float = 0.3
-    bf16: bool = False
+    bf16: bool | None = None       # bf16 autocast; None: on for CUDA with native bf16, else off
+    device: str = "auto"           # auto (CUDA when available) | cpu | cuda | cuda:N
     gradient_checkpointing: bool = False
     eval_steps: int = 50           # 0: only before and after training
     eval_at_start: bool = True     # evaluate before the first step (a zero-init adapter = base)
@@ -88,8 +101,118 @@ class TrainConfig:
 
     def identity(self) -> dict:
         d = dataclasses.asdict(self)
+        if d["device"] != "auto":  # the kind of device changes the numbers, not its index
+            d["device"] = torch.device(d["device"]).type
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()
                 if k not in self._NOT_STATE}
+
+
+# ----------------------------------------------------------------------------- devices, ranks
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in a torchrun launch (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def parallel(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_from_env(env=None) -> DistInfo:
+    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK (absent: a single process).
+
+    Raises ValueError when they are not integers or do not fit together."""
+    env = os.environ if env is None else env
+    if "WORLD_SIZE" not in env:
+        return DistInfo()
+    try:
+        world = int(env["WORLD_SIZE"])
+        rank = int(env.get("RANK", "0"))
+        local = int(env.get("LOCAL_RANK", str(rank)))
+    except ValueError:
+        raise ValueError(f"torchrun environment RANK={env.get('RANK')!r} WORLD_SIZE="
+                         f"{env.get('WORLD_SIZE')!r} LOCAL_RANK={env.get('LOCAL_RANK')!r}: "
+                         "expected integers") from None
+    if world < 1 or not 0 <= rank < world or local < 0:
+        raise ValueError(f"torchrun environment RANK={rank} WORLD_SIZE={world} LOCAL_RANK="
+                         f"{local}: expected 0 <= RANK < WORLD_SIZE")
+    return DistInfo(rank, world, local)
+
+
+def resolve_device(device: str, dist: DistInfo = DistInfo()) -> torch.device:
+    """`auto` | `cpu` | `cuda` | `cuda:N` -> torch.device. Under torchrun with more than one
+    rank, CUDA means cuda:LOCAL_RANK. Raises ValueError for an unknown name, CUDA without a
+    usable GPU, an index past the GPU count, or an explicit index with several ranks."""
+    name = (device or "auto").strip().lower()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index):
+        raise ValueError(f"device={device!r}: expected auto, cpu, cuda or cuda:N")
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: no CUDA device is usable here (torch "
+                         f"{torch.__version__}, torch.cuda.is_available() is False); use "
+                         "--device cpu or auto")
+    if dist.parallel:
+        if dev.index is not None:
+            raise ValueError(f"device={device!r} with {dist.world_size} ranks: each rank uses "
+                             "cuda:LOCAL_RANK; pass --device cuda (choose GPUs with "
+                             "CUDA_VISIBLE_DEVICES)")
+        dev = torch.device("cuda", dist.local_rank)
+    elif dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    if dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device={device!r}: {dev} does not exist ({torch.cuda.device_count()} "
+                         "CUDA device(s) visible)")
+    return dev
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process so far, MiB: CUDA torch.cuda.max_memory_allocated (tensors
+    torch allocated on `device`); CPU the peak resident set size (getrusage ru_maxrss)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, else KiB
+
+
+def _all_reduce(values: list[float], device: torch.device, dist: DistInfo,
+                op: str = "sum") -> list[float]:
+    """Sum (or max) floats over the ranks, in fp64; identity in one process."""
+    if not dist.parallel:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(
+        t, op=torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM)
+    return t.tolist()
+
+
+def _rng_state(device: torch.device) -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_to_python_rng(state["python"]))
+    if device.type == "cuda":
+        if state.get("cuda") is None:
+            raise ValueError("checkpoint has no CUDA RNG state (written by a CPU run): resume "
+                             "on the device kind it was written on")
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -101,23 +224,36 @@ def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            reduction="sum")
 
 
-def _autocast(enabled: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+def _autocast(enabled: bool, device_type: str = "cpu"):
+    return (torch.autocast(device_type, dtype=torch.bfloat16) if enabled
+            else contextlib.nullcontext())
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 @torch.no_grad()
-def evaluate(model, examples, batch_size: int, pad_id: int, bf16: bool = False) -> dict:
-    """Mean held-out loss per target token and its perplexity."""
+def evaluate(model, examples, batch_size: int, pad_id: int, bf16: bool = False,
+             dist: DistInfo = DistInfo()) -> dict:
+    """Mean held-out loss per target token and its perplexity, on the model's device.
+
+    With several ranks each evaluates examples[rank::world_size] and the sums of token NLL and
+    target tokens are all-reduced, so every rank returns the loss over all examples."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     nll, tokens = 0.0, 0
-    for batch in eval_batches(examples, batch_size, pad_id):
-        with _autocast(bf16):
+    for batch in eval_batches(examples[dist.rank::dist.world_size], batch_size, pad_id):
+        batch = _to(batch, device)
+        with _autocast(bf16, device.type):
             logits = model(input_ids=batch["input_ids"],
                            attention_mask=batch["attention_mask"]).logits
         nll += token_nll_sum(logits, batch["labels"]).item()
         tokens += target_tokens(batch)
     model.train(was_training)
+    nll, tokens = _all_reduce([nll, float(tokens)], device, dist)
+    tokens = int(tokens)
     loss = nll / max(tokens, 1)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": tokens}
 
@@ -128,10 +264,13 @@ def _latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 class _Log:
-    """Append-only JSONL log (rewritten up to the resume step when resuming)."""
+    """Append-only JSONL log (rewritten up to the resume step when resuming); path None: off
+    (ranks other than 0)."""
 
-    def __init__(self, path: Path, keep_until_step: int | None):
+    def __init__(self, path: Path | None, keep_until_step: int | None):
         self.path = path
+        if path is None:
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         if keep_until_step is None:
             path.write_text("")
@@ -142,6 +281,8 @@ class _Log:
             path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
+        if self.path is None:
+            return
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
 
@@ -159,7 +300,12 @@ def prepare_data(cfg: TrainConfig, tokenizer):
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Train an adapter on cfg.base and write it to cfg.out. Returns a summary."""
+    """Train an adapter on cfg.base and write it to cfg.out. Returns a summary (every rank).
+
+    Under torchrun (WORLD_SIZE > 1 in the environment) it joins, or creates and at the end
+    destroys, the default process group. Raises ValueError for bad settings (device, schedule,
+    resume with other settings or another rank count), FileExistsError when `out` exists
+    without overwrite, FileNotFoundError for a missing checkpoint."""
     from tqdm import tqdm
     from transformers import AutoTokenizer, get_scheduler
 
@@ -168,6 +314,15 @@ def train(cfg: TrainConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     if cfg.schedule not in SCHEDULES:
         raise ValueError(f"schedule={cfg.schedule!r}: expected one of {sorted(SCHEDULES)}")
+    dist = dist_from_env()
+    device = resolve_device(cfg.device, dist)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # nccl collectives and Triton launch on the current device
+    if cfg.bf16 is None:  # default: bf16 autocast where the GPU does bf16 natively
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    else:
+        bf16 = cfg.bf16
+    cfg = dataclasses.replace(cfg, device=str(device), bf16=bf16)
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:
         raise FileExistsError(f"output folder {out} already exists (pass --overwrite)")
@@ -179,7 +334,19 @@ def train(cfg: TrainConfig) -> dict:
             raise FileNotFoundError(f"no checkpoint to resume from in {run_dir / 'checkpoints'}"
                                     if cfg.resume == "auto" else
                                     f"{resume_from}: not a checkpoint (no {STATE_FILE})")
+    own_group = dist.parallel and not torch.distributed.is_initialized()
+    if own_group:
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        return _train(cfg, dist, device, run_dir, resume_from, t0, tqdm, AutoTokenizer,
+                      get_scheduler)
+    finally:
+        if own_group:
+            torch.distributed.destroy_process_group()
 
+
+def _train(cfg, dist, device, run_dir, resume_from, t0, tqdm, AutoTokenizer, get_scheduler):
+    out = Path(cfg.out)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(cfg.base)
@@ -188,92 +355,133 @@ def train(cfg: TrainConfig) -> dict:
     train_set, eval_set = prepare_data(cfg, tokenizer)
     model, adapter_config = build_training_model(
         cfg.base, cfg.spec(), seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing)
+    model.to(device)  # the base moves packed: QuantLinear buffers keep their stored dtypes
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     n_params = sum(p.numel() for p in params.values())
+    if dist.parallel:
+        # Same adapter init on every rank (seeded above; DDP also broadcasts rank 0's), then
+        # different dropout streams per rank.
+        torch.manual_seed(cfg.seed * 1_000_003 + dist.rank)
+    net = model
+    if dist.parallel:
+        with warnings.catch_warnings():
+            # broadcast_buffers=False is deprecated but is the only switch that also skips the
+            # init broadcast of the packed base (identical on every rank: read from one file).
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*",
+                                    category=FutureWarning)
+            net = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None,
+                broadcast_buffers=False)
 
-    steps_per_epoch = math.ceil(len(train_set) / (cfg.batch_size * cfg.grad_accum))
+    global_batch = cfg.batch_size * dist.world_size
+    steps_per_epoch = math.ceil(len(train_set) / (global_batch * cfg.grad_accum))
     max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     warmup = math.ceil(cfg.warmup_ratio * max_steps)
     optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(SCHEDULES[cfg.schedule], optimizer, num_warmup_steps=warmup,
                               num_training_steps=max_steps)
-    stream = BatchStream(train_set, cfg.batch_size, cfg.seed, pad_id)
+    # One global stream on every rank; each takes its rows of every micro-batch.
+    stream = BatchStream(train_set, global_batch, cfg.seed, pad_id)
 
     start_step = 0
     if resume_from is not None:
-        state = torch.load(resume_from / STATE_FILE, weights_only=True)
-        if state["config"] != cfg.identity():
-            diff = sorted(k for k in cfg.identity() if cfg.identity()[k] != state["config"].get(k))
+        state = torch.load(resume_from / STATE_FILE, map_location="cpu", weights_only=True)
+        saved = {"device": "cpu", **state["config"]}  # checkpoints from before `device`
+        if saved != cfg.identity():
+            diff = sorted(k for k in cfg.identity() if cfg.identity()[k] != saved.get(k))
             raise ValueError(f"{resume_from}: resume with different settings {diff}: expected "
                              "the same run (only out/run_dir/progress/eval/save options may "
                              "change)")
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != dist.world_size:
+            raise ValueError(f"{resume_from}: written by {saved_world} rank(s), resumed with "
+                             f"{dist.world_size}: resume with the same number of ranks "
+                             "(torchrun --nproc-per-node) so the batches and RNG continue")
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(state["trainable"][name])
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(state["optimizer"])  # moves the moments to the params' device
         scheduler.load_state_dict(state["scheduler"])
         stream.load_state_dict(state["data"])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(_to_python_rng(state["python_rng"]))
+        rng = state.get("rng") or [{"torch": state["torch_rng"], "python": state["python_rng"]}]
+        _set_rng_state(rng[dist.rank], device)
         start_step = int(state["step"])
-    log = _Log(run_dir / "log.jsonl", start_step if resume_from is not None else None)
+    log = _Log(run_dir / "log.jsonl" if dist.main else None,
+               start_step if resume_from is not None else None)
     if resume_from is None:
         log.write({"event": "start", "step": 0, "method": cfg.method,
                    "trainable_params": n_params, "train_sequences": len(train_set),
                    "eval_sequences": len(eval_set), "max_steps": max_steps,
+                   "device": str(device), "world_size": dist.world_size, "bf16": cfg.bf16,
+                   "global_batch": global_batch * cfg.grad_accum,
                    "adapter": adapter_config.to_json_dict()["qahira"]})
         if eval_set and cfg.eval_at_start:
             log.write({"step": 0, **evaluate(model, eval_set, cfg.eval_batch_size, pad_id,
-                                             cfg.bf16)})
+                                             cfg.bf16, dist)})
 
-    model.train()
+    net.train()
     bar = tqdm(total=max_steps, initial=start_step, desc=f"train {cfg.method}", unit="step",
-               disable=not cfg.progress)
+               disable=not (cfg.progress and dist.main))
     last = {}
     for step in range(start_step + 1, max_steps + 1):
-        micro = [stream.next_batch() for _ in range(cfg.grad_accum)]
-        n_tokens = sum(target_tokens(b) for b in micro)
+        micro = [stream.next_shard(dist.rank, dist.world_size) for _ in range(cfg.grad_accum)]
+        # Normalise by all target tokens of the global step, on every rank: DDP averages the
+        # ranks' gradients, hence the factor world_size.
+        n_tokens = int(_all_reduce([float(sum(target_tokens(b) for b in micro))], device,
+                                   dist)[0])
+        micro = [_to(b, device) for b in micro]
         loss_sum = 0.0
-        for batch in micro:  # normalise by all target tokens of the step, not per micro-batch
-            with _autocast(cfg.bf16):
-                logits = model(input_ids=batch["input_ids"],
-                               attention_mask=batch["attention_mask"]).logits
-            nll = token_nll_sum(logits, batch["labels"])
-            (nll / max(n_tokens, 1)).backward()
+        for i, batch in enumerate(micro):
+            sync = not dist.parallel or i == len(micro) - 1  # all-reduce once per step
+            with contextlib.nullcontext() if sync else net.no_sync():
+                with _autocast(cfg.bf16, device.type):
+                    logits = net(input_ids=batch["input_ids"],
+                                 attention_mask=batch["attention_mask"]).logits
+                nll = token_nll_sum(logits, batch["labels"])
+                (nll / max(n_tokens, 1) * dist.world_size).backward()
             loss_sum += nll.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        loss_sum = _all_reduce([loss_sum], device, dist)[0]
+        peak = _all_reduce([peak_memory_mb(device)], device, dist, op="max")[0]
         last = {"step": step, "loss": loss_sum / max(n_tokens, 1), "lr": lr,
                 "grad_norm": float(grad_norm), "tokens": n_tokens,
-                "elapsed_s": round(time.time() - t0, 3)}
+                "peak_mem_mb": round(peak, 1), "elapsed_s": round(time.time() - t0, 3)}
         log.write(last)
         bar.update(1)
         bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}")
         if eval_set and (step == max_steps or (cfg.eval_steps and step % cfg.eval_steps == 0)):
-            ev = evaluate(model, eval_set, cfg.eval_batch_size, pad_id, cfg.bf16)
+            ev = evaluate(model, eval_set, cfg.eval_batch_size, pad_id, cfg.bf16, dist)
             last.update(ev)
             log.write({"step": step, **ev})
-            if cfg.progress:
+            if cfg.progress and dist.main:
                 bar.write(f"step {step}: eval loss {ev['eval_loss']:.4f}, ppl "
                           f"{ev['eval_ppl']:.2f}", file=sys.stderr)
         if cfg.save_steps and step % cfg.save_steps == 0 and step < max_steps:
             _save_checkpoint(run_dir / "checkpoints" / f"step-{step:06d}", cfg, step, params,
-                             optimizer, scheduler, stream)
+                             optimizer, scheduler, stream, device, dist)
     bar.close()
 
-    extra = {"training_log.jsonl": (run_dir / "log.jsonl").read_text(),
-             "training_args.json": json.dumps(cfg.identity(), indent=2) + "\n"}
-    save_adapter(out, adapter_config, adapter_tensors(model), overwrite=cfg.overwrite,
-                 extra_files=extra)
     summary = {"out": str(out.resolve()), "method": cfg.method, "steps": max_steps,
                "resumed_from_step": start_step if resume_from is not None else None,
                "trainable_params": n_params, "final_loss": last.get("loss"),
                "eval_loss": last.get("eval_loss"), "eval_ppl": last.get("eval_ppl"),
+               "device": str(device), "world_size": dist.world_size,
+               "peak_mem_mb": round(_all_reduce([peak_memory_mb(device)], device, dist,
+                                                op="max")[0], 1),
                "seconds": round(time.time() - t0, 2)}
-    log.write({"event": "done", "step": max_steps, **summary})
+    if dist.main:
+        extra = {"training_log.jsonl": (run_dir / "log.jsonl").read_text(),
+                 "training_args.json": json.dumps(cfg.identity(), indent=2) + "\n"}
+        tensors = {n: {k: t.cpu() for k, t in kinds.items()}
+                   for n, kinds in adapter_tensors(model).items()}
+        save_adapter(out, adapter_config, tensors, overwrite=cfg.overwrite, extra_files=extra)
+        log.write({"event": "done", "step": max_steps, **summary})
+    if dist.parallel:
+        torch.distributed.barrier()  # every rank returns once the adapter exists
     return summary
 
 
@@ -284,15 +492,29 @@ def _to_python_rng(state):
 
 
 def _save_checkpoint(path: Path, cfg: TrainConfig, step: int, params, optimizer, scheduler,
-                     stream: BatchStream) -> None:
-    state = {"step": step, "config": cfg.identity(),
-             "trainable": {n: p.detach().clone() for n, p in params.items()},
+                     stream: BatchStream, device: torch.device = torch.device("cpu"),
+                     dist: DistInfo = DistInfo()) -> None:
+    """Rank 0 writes the state (tensors on CPU) atomically; with several ranks every rank's RNG
+    state is gathered into it first (a collective: all ranks call this)."""
+    rng = _rng_state(device)
+    if dist.parallel:
+        gathered = [None] * dist.world_size
+        torch.distributed.all_gather_object(gathered, rng)
+        rng_all = gathered
+    else:
+        rng_all = [rng]
+    if not dist.main:
+        return
+    state = {"step": step, "config": cfg.identity(), "world_size": dist.world_size,
+             "trainable": {n: p.detach().cpu().clone() for n, p in params.items()},
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "data": stream.state_dict(), "torch_rng": torch.get_rng_state(),
-             "python_rng": random.getstate()}
+             "data": stream.state_dict(), "rng": rng_all,
+             # rank 0's, under the names older versions read
+             "torch_rng": rng_all[0]["torch"], "python_rng": rng_all[0]["python"]}
     with atomic_dir(path, overwrite=True) as tmp:
         torch.save(state, tmp / STATE_FILE)
         (tmp / "step.json").write_text(json.dumps({"step": step, **stream.state_dict()}) + "\n")
 
 
-__all__ = ["TrainConfig", "train", "evaluate", "token_nll_sum", "prepare_data"]
+__all__ = ["TrainConfig", "train", "evaluate", "token_nll_sum", "prepare_data", "DistInfo",
+           "dist_from_env", "resolve_device", "peak_memory_mb"]

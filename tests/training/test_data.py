@@ -106,3 +106,21 @@ def test_padding_has_no_loss():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"][1].tolist() == [4, IGNORE_INDEX, IGNORE_INDEX]
     assert target_tokens(batch) == 2
+
+
+def test_rank_shards_partition_each_global_batch():
+    # sequences of different lengths, each with its id as content
+    exs = [Example([i] * (1 + i % 5), [i] * (1 + i % 5)) for i in range(11)]
+    whole = BatchStream(exs, 6, seed=3, pad_id=-1)
+    ranks = [BatchStream(exs, 6, seed=3, pad_id=-1) for _ in range(3)]
+    for _ in range(4):  # crosses an epoch boundary (11 sequences, 6 per batch)
+        full = whole.next_batch()
+        shards = [s.next_shard(r, 3) for r, s in enumerate(ranks)]
+        assert [row[0].item() for sh in shards for row in sh["input_ids"]] == \
+            full["input_ids"][:, 0].tolist()
+        for sh in shards:  # each shard padded only to its own longest sequence
+            assert sh["input_ids"].shape[0] == 2
+            assert sh["input_ids"].shape[1] == int(sh["attention_mask"].sum(1).max())
+    assert all(s.state_dict() == whole.state_dict() for s in ranks)
+    with pytest.raises(ValueError, match="does not split into 4 equal shards"):
+        whole.next_shard(0, 4)

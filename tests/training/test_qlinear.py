@@ -107,3 +107,31 @@ def test_fast_dequant_is_bit_identical_to_quant_math(bits, block, odt):
 
     assert cpu_lib.load_library() is not None, cpu_lib.library_error()
     assert torch.equal(_dequantize(qweight, scales, offsets, cfg), reference)
+
+
+@pytest.mark.parametrize("bits, block, odt", [(4, (1, 32), "float16"), (4, (4, 8), "float32"),
+                                              (8, (2, 16), "float16"), (4, (8, 4), "float16"),
+                                              (4, (1, 24), "float16")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_dequant_triton_is_bit_identical_to_quant_math(bits, block, odt, dtype):
+    """QuantLinear's CUDA path (qahira_kernels' Triton dequant kernel), run on CPU tensors in
+    Triton's interpreter, as CI checks Triton: bit for bit the stored formula, rounded once."""
+    from qahira_kernels import blockwise_gemm
+    from qahira_kernels._triton_utils import is_interpreted
+    from qahira_vllm.format import QahiraQuantConfig
+    from qahira_vllm.quant_math import dequantize, pack_qweight, quantize
+    from qahira_vllm.training.qlinear import dequantize_triton
+
+    assert is_interpreted(blockwise_gemm._dequant_kernel), (
+        "run with TRITON_INTERPRET=1 in the environment (the project's test command sets it)")
+    cfg = QahiraQuantConfig(bits=bits, block_size=block, offset_dtype=odt)
+    torch.manual_seed(1)
+    w = torch.randn(64, 96) * torch.logspace(-3, 1, 96)  # many magnitudes per row
+    q, scales, offsets = quantize(w, cfg)
+    qweight = pack_qweight(q, bits)
+    got = dequantize_triton(qweight, scales, offsets, cfg, dtype)
+    assert got.dtype == dtype and got.shape == (64, 96)
+    assert torch.equal(got, dequantize(qweight, scales, offsets, cfg).to(dtype))
+    # and the independent unpacking reference (fp64, rounded to fp32 once; see above)
+    ref = tiny.dequant_packed_ref(qweight, scales, offsets, block, bits).to(torch.float32)
+    assert torch.equal(got, ref.to(dtype))

@@ -17,8 +17,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from linear_reference import dequantize_ref
-from linear_reference import linear_ref
+from support.linear_reference import dequantize_ref
+from support.linear_reference import linear_ref
 from qahira_kernels import blockwise_gemm as bg
 from qahira_kernels._triton_utils import is_interpreted
 from qahira_vllm.quant_math import pack_qweight

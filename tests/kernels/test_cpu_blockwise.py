@@ -13,8 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from linear_reference import dequantize_ref as _reference_weight
-from linear_reference import stored_tensors as _stored
+from support.linear_reference import dequantize_ref as _reference_weight
+from support.linear_reference import stored_tensors as _stored
 from qahira_kernels import ops
 
 ROUNDING = {torch.float32: 0.0, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}

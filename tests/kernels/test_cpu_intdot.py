@@ -20,7 +20,7 @@ import os
 import pytest
 import torch
 
-from linear_reference import int4_layer, check_int4
+from support.linear_reference import int4_layer, check_int4
 from qahira_kernels import cpu_lib, ops
 from qahira_kernels.layouts import pack_cpu_int4, pack_cpu_int8
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from linear_reference import run_kernel
+from support.linear_reference import run_kernel
 from qahira_kernels import cpu_lib
 from qahira_vllm import linear_kernels as lk
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from linear_reference import ROUNDING, layer_of
-from linear_reference import dequantize_ref as _reference_weight
-from linear_reference import stored_tensors as _stored
+from support.linear_reference import ROUNDING, layer_of
+from support.linear_reference import dequantize_ref as _reference_weight
+from support.linear_reference import stored_tensors as _stored
 from qahira_vllm import linear_kernels as lk
 from qahira_vllm.linear_kernels.cpu_blockwise import CpuBlockwiseKernel
 

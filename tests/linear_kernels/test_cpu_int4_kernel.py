@@ -1,13 +1,13 @@
 """qahira_vllm.linear_kernels.cpu_int4: CpuInt4Kernel (what it accepts, prepare/apply on a
 layer, under torch.compile), within the kernel's documented error bound of an fp64 reference
-(linear_reference.check_int4). The op itself: tests/kernels/test_cpu_int4.py."""
+(linear_reference.check_int4). The op itself: tests/kernels/test_cpu_intdot.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from linear_reference import int4_layer, check_int4
+from support.linear_reference import int4_layer, check_int4
 from qahira_kernels import cpu_lib
 from qahira_vllm import linear_kernels as lk
 from qahira_vllm.linear_kernels.cpu_int4 import CpuInt4Kernel
@@ -16,7 +16,7 @@ from qahira_vllm.linear_kernels.cpu_int4 import CpuInt4Kernel
 @pytest.fixture(params=["avx2", "avx512"])
 def variant(request, monkeypatch):
     """Each build of the kernel this CPU runs, through the $QAHIRA_CPU_ISA switch (the test id
-    names it; a build the CPU lacks is reported as skipped, see tests/kernels/test_cpu_int4.py
+    names it; a build the CPU lacks is reported as skipped, see tests/kernels/test_cpu_intdot.py
     for the compile-and-link check)."""
     runs = cpu_lib.intdot_variants()
     if request.param not in runs:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from linear_reference import check_int4, layer_of
+from support.linear_reference import check_int4, layer_of
 from qahira_kernels import cpu_lib
 from qahira_vllm import linear_kernels as lk
 from qahira_vllm.linear_kernels.cpu_int8 import CpuInt8Kernel

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from linear_reference import layer_and_fp64_weight, linear_ref, run_kernel
+from support.linear_reference import layer_and_fp64_weight, linear_ref, run_kernel
 from qahira_vllm import linear_kernels as lk
 
 

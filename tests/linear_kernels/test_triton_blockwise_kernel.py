@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from linear_reference import linear_ref
+from support.linear_reference import linear_ref
 from qahira_vllm.linear_kernels import LinearSpec
 from qahira_vllm.linear_kernels import triton_blockwise as tl_linear
 from qahira_vllm.linear_kernels.triton_blockwise import TritonBlockwiseKernel as Kernel

@@ -69,7 +69,7 @@ def int4_layer(out_f, in_f, block, seed=0, offset_dtype=torch.float16):
 
 def _int4_bound(x, q, scales, block):
     """Per-output bound [M, N] of the activation-quantization error, plus fp32 slack."""
-    from support import tiny as tm
+    from . import tiny as tm
 
     bo, bi = block
     x2 = x.reshape(-1, x.shape[-1]).double()
@@ -83,7 +83,7 @@ def _int4_bound(x, q, scales, block):
 
 def check_int4(y, x, q, scales, offsets, block, bias=None) -> torch.Tensor:
     """Assert y is within the kernel's bound of support.tiny's fp64 reference; returns |err|."""
-    from support import tiny as tm
+    from . import tiny as tm
 
     w_ref = tm.dequant_ref(q, scales, offsets, block)
     y_ref = x.double() @ w_ref.t()
@@ -103,7 +103,7 @@ def check_int4(y, x, q, scales, offsets, block, bias=None) -> torch.Tensor:
 def layer_and_fp64_weight(out_f, in_f, bits, block, seed=0, offset_dtype=torch.float16):
     """A layer of random stored tensors, plus its fp64 weight computed independently
     (support.tiny.dequant_ref: indexing, no quant_math)."""
-    from support import tiny as tm
+    from . import tiny as tm
 
     bo, bi = block
     g = torch.Generator().manual_seed(seed)

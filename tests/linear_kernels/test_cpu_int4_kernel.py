@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from support.linear_reference import int4_layer, check_int4
+from support.linear_reference import check_traced_as_one_op, int4_layer, check_int4
 from qahira_kernels import cpu_lib
 from qahira_vllm import linear_kernels as lk
 from qahira_vllm.linear_kernels.cpu_int4 import CpuInt4Kernel
@@ -52,10 +52,7 @@ def test_traced_by_torch_compile_as_one_op(variant):
     layer, *_ = int4_layer(48, 128, (1, 32), seed=5)
     kernel = CpuInt4Kernel(spec)
     kernel.prepare(layer)
-    x = torch.randn(4, 128).bfloat16()
-    compiled = torch.compile(lambda t: kernel.apply(layer, t) * 2, backend="aot_eager",
-                             fullgraph=True)
-    assert torch.equal(compiled(x), kernel.apply(layer, x) * 2)
+    check_traced_as_one_op(kernel, layer, 128)
 
 
 @pytest.mark.parametrize("change,reason", [

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from support.linear_reference import check_int4, layer_of
+from support.linear_reference import check_traced_as_one_op, check_int4, layer_of
 from qahira_kernels import cpu_lib
 from qahira_vllm import linear_kernels as lk
 from qahira_vllm.linear_kernels.cpu_int8 import CpuInt8Kernel
@@ -61,10 +61,7 @@ def test_traced_by_torch_compile_as_one_op(variant):
     layer, *_ = _int8_layer(48, 128, (1, 32), seed=5)
     kernel = CpuInt8Kernel(_spec(out_features=48, in_features=128))
     kernel.prepare(layer)
-    x = torch.randn(4, 128).bfloat16()
-    compiled = torch.compile(lambda t: kernel.apply(layer, t) * 2, backend="aot_eager",
-                             fullgraph=True)
-    assert torch.equal(compiled(x), kernel.apply(layer, x) * 2)
+    check_traced_as_one_op(kernel, layer, 128)
 
 
 @pytest.mark.parametrize("change,reason", [

@@ -137,3 +137,12 @@ def run_kernel(kernel_cls, out_f, in_f, bits, block, act_dtype, m, with_bias, x_
     if with_bias:
         y_ref = y_ref + bias.double()
     return y.double(), y_ref, layer
+
+
+def check_traced_as_one_op(kernel, layer, in_features: int) -> None:
+    """A prepared kernel's apply() traces under torch.compile (fullgraph) and gives the eager
+    result bit for bit."""
+    x = torch.randn(4, in_features).bfloat16()
+    compiled = torch.compile(lambda t: kernel.apply(layer, t) * 2, backend="aot_eager",
+                             fullgraph=True)
+    assert torch.equal(compiled(x), kernel.apply(layer, x) * 2)

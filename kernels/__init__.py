@@ -7,11 +7,11 @@ on first use).
   (triton_blockwise, cpu_int4, cpu_int8, cpu_blockwise) and the C library's entry points.
 - `qahira_kernels.blockwise_gemm`: Triton y = x @ W^T for block-wise INT4/INT8 weights.
 - `qahira_kernels.qbara`: Triton multi-adapter Q-BaRA shrink (fused pooling) and expand (fused
-  repeat).
+  repeat), and QA-HiRA (`qahira_apply`).
 - `qahira_kernels.cpu_lib`: builds and loads the C kernels (cpu_intdot.c, cpu_blockwise.c,
   cpu_qbara.c) once per machine; `cpu_qbara`: the compiled multi-adapter Q-BaRA layer.
 - `qahira_kernels.layouts`: weight layouts the ops read, made from plain tensors.
-- `qahira_kernels.reference`: fp32 torch references of the Q-BaRA kernels.
+- `qahira_kernels.reference`: fp32 torch references of the Q-BaRA and QA-HiRA kernels.
 - `qahira_kernels.aot_compile`: compiles the Triton kernels to cubins without a GPU.
 
 The kernel interface and the choice among kernels belong to the user (docs/KERNELS.md).

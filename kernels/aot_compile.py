@@ -116,6 +116,19 @@ def compile_all(arch: int, quick: bool) -> list[Compiled]:
                 f"qbara_expand {str(act)[6:]} T={t} {cfg}"))
             if quick:
                 break
+    for act in (torch.bfloat16, torch.float16, torch.float32):
+        for t in (1, 4096):
+            cfg = qb.qahira_config(t, 4096, 8, act)
+            out.append(_compile(
+                qb._qahira_kernel,
+                {"y_ptr": PTR[act], "x_ptr": PTR[act], "m_ptr": "*fp32", "m_offset_ptr": "*i64",
+                 "pool_ptr": "*i32", "repeat_ptr": "*i32", "on_ptr": "*i32",
+                 "scaling_ptr": "*fp32", **idx},
+                dict(BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                     X_FP32=act == torch.float32, UPCAST_DOT=False), arch, cfg.num_warps, 3,
+                f"qahira_apply {str(act)[6:]} T={t} {cfg}"))
+            if quick:
+                break
     return out
 
 

@@ -38,6 +38,15 @@ static inline void store_elem(void *p, int dt, long i, float v) {
   }
 }
 
+#ifdef __AVX512F__
+/* The low and high 8 lanes of v: the AVX-512 builds hold the AVX2 builds' two 8-lane
+ * accumulators as one register and split it for the same final sums. */
+static inline void split_halves(__m512 v, __m256 *lo, __m256 *hi) {
+  *lo = _mm512_castps512_ps256(v);
+  *hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+}
+#endif
+
 static inline float hsum(__m256 v) {
   __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   a = _mm_add_ps(a, _mm_movehl_ps(a, a));

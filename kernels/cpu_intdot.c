@@ -196,10 +196,7 @@ ALWAYS_INLINE void row_mt(const int MT, const int bits, const uint8_t *wr, const
       pair_mt(MT, bits, wr, sc2, v, K, c0 + p, acc);
     }
   }
-  for (int m = 0; m < MT; m++) {
-    a0[m] = _mm512_castps512_ps256(acc[m]);
-    a1[m] = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[m]), 1));
-  }
+  for (int m = 0; m < MT; m++) split_halves(acc[m], &a0[m], &a1[m]);
 #else
   for (int m = 0; m < MT; m++) a0[m] = a1[m] = _mm256_setzero_ps();
   for (; c0 + 8 <= nc; c0 += 8) {

@@ -3,12 +3,14 @@
     lib = load_library()        # ctypes.CDLL, or None: library_error() says why
 
 The C sources (cpu_intdot.c: INT4 and INT8 integer-dot linear layers, fast at decode batch
-sizes; cpu_blockwise.c: every format case, exact; cpu_qbara.c: multi-adapter Q-BaRA, one call per
+sizes; cpu_blockwise.c: every format case, exact; cpu_quantize.c: the quantizer's clip search;
+cpu_qbara.c: multi-adapter Q-BaRA, one call per
 layer; cpu_common.h) are compiled once per machine with the system C compiler (`$CC`, else gcc,
-else cc; `-O3 -mavx2 -mfma -mf16c -fopenmp`) into one shared library. cpu_intdot.c is
-compiled twice, as is and with `AVX512_FLAGS` (512-bit vectors, VNNI): both objects go into the
-library wherever the compiler knows the flags, and `intdot_variant()` picks the one this CPU
-runs (CPUID; `$QAHIRA_CPU_ISA=avx2` forces the AVX2 one). The library is
+else cc; `-O3 -mavx2 -mfma -mf16c -fopenmp`) into one shared library. cpu_intdot.c and
+cpu_qbara.c (`WIDTH_SOURCES`) are compiled twice, as is and with `AVX512_FLAGS` (512-bit vectors,
+VNNI): both objects go into the library wherever the compiler knows the flags, and
+`intdot_variant()` (= `qbara_variant()`) picks the one this CPU runs (CPUID;
+`$QAHIRA_CPU_ISA=avx2` forces the AVX2 one). The library is
 `<cache>/qahira_cpu-<hash>.so`, written to a temporary name and renamed (vLLM workers may build
 concurrently; each renames a complete file). `<cache>` is `$QAHIRA_KERNEL_CACHE`, else
 `$XDG_CACHE_HOME/qahira/kernels`, else `~/.cache/qahira/kernels`. The hash covers the sources,
@@ -33,16 +35,16 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ("cpu_intdot.c", "cpu_blockwise.c", "cpu_qbara.c")
+SOURCES = ("cpu_intdot.c", "cpu_blockwise.c", "cpu_qbara.c", "cpu_quantize.c")
 HEADERS = ("cpu_common.h",)
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
-# The second build of INTDOT_SOURCE (entry point qahira_cpu_intdot_avx512).
+# The second build of each WIDTH_SOURCES file (entry points *_avx512).
 AVX512_FLAGS = ("-DQAHIRA_W512", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
                 "-mavx512vnni")
-INTDOT_SOURCE = "cpu_intdot.c"
-# Entry points of the AVX-512 object: absent from the library when the compiler lacks the flags.
-AVX512_FUNCTIONS = ("qahira_cpu_intdot_avx512",)
-ISA_ENV = "QAHIRA_CPU_ISA"  # "avx2" forces the AVX2 build of the integer-dot kernels
+WIDTH_SOURCES = ("cpu_intdot.c", "cpu_qbara.c")  # compiled twice: AVX2 and AVX512_FLAGS
+# Entry points of the AVX-512 objects: absent from the library when the compiler lacks the flags.
+AVX512_FUNCTIONS = ("qahira_cpu_intdot_avx512", "qahira_qbara_layer_avx512")
+ISA_ENV = "QAHIRA_CPU_ISA"  # "avx2" forces the AVX2 build of the WIDTH_SOURCES kernels
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # cpu_common.h
 
 _lib: ctypes.CDLL | None = None
@@ -87,19 +89,24 @@ def _build(compiler: str) -> Path:
     os.close(fd)
     try:
         with tempfile.TemporaryDirectory(dir=out.parent) as objdir:
-            # The integer-dot source twice: AVX2 object, AVX-512 object (same logic, wider
-            # vectors). The AVX-512 one is built on every machine whose compiler knows the
-            # flags, so it is compiled (and tested to link) even where it cannot run.
-            objs = [str(Path(objdir) / "intdot_avx2.o"), str(Path(objdir) / "intdot_avx512.o")]
-            src = str(HERE / INTDOT_SOURCE)
-            _run([compiler, *CFLAGS, "-c", src, "-o", objs[0]], INTDOT_SOURCE)
-            try:
-                _run([compiler, *CFLAGS, *AVX512_FLAGS, "-c", src, "-o", objs[1]],
-                     f"{INTDOT_SOURCE} (AVX-512 build)")
-            except RuntimeError as e:  # an old compiler: serve with the AVX2 build only
-                _avx512_build_error = str(e)
-                objs.pop()
-            others = [str(HERE / s) for s in SOURCES if s != INTDOT_SOURCE]
+            # Each WIDTH_SOURCES file twice: AVX2 object, AVX-512 object (same logic, wider
+            # vectors). The AVX-512 ones are built on every machine whose compiler knows the
+            # flags, so they are compiled (and tested to link) even where they cannot run; all
+            # or none of them, so one variant list holds for every kernel.
+            objs, wide, wide_error = [], [], None
+            for name in WIDTH_SOURCES:
+                src, stem = str(HERE / name), str(Path(objdir) / Path(name).stem)
+                _run([compiler, *CFLAGS, "-c", src, "-o", stem + "_avx2.o"], name)
+                objs.append(stem + "_avx2.o")
+                if wide_error is None:
+                    try:
+                        _run([compiler, *CFLAGS, *AVX512_FLAGS, "-c", src, "-o",
+                              stem + "_avx512.o"], f"{name} (AVX-512 build)")
+                        wide.append(stem + "_avx512.o")
+                    except RuntimeError as e:  # an old compiler: serve with AVX2 builds only
+                        wide_error = _avx512_build_error = str(e)
+            objs += [] if wide_error else wide
+            others = [str(HERE / s) for s in SOURCES if s not in WIDTH_SOURCES]
             _run([compiler, *CFLAGS, "-o", tmp, *objs, *others], ", ".join(SOURCES))
         os.replace(tmp, out)
     finally:
@@ -146,13 +153,13 @@ def library_error() -> str | None:
 
 
 def intdot_built_variants() -> tuple[str, ...]:
-    """The builds of the integer-dot kernels (cpu_intdot.c) in the library: ("avx2",
-    "avx512"), or ("avx2",) when the compiler could not build the AVX-512 object; () without
-    a library."""
+    """The builds of the WIDTH_SOURCES kernels (cpu_intdot.c's integer-dot ops, cpu_qbara.c's
+    multi-adapter layer) in the library: ("avx2", "avx512"), or ("avx2",) when the compiler
+    could not build the AVX-512 objects; () without a library."""
     lib = load_library()
     if lib is None:
         return ()
-    return ("avx2", "avx512") if hasattr(lib, "qahira_cpu_intdot_avx512") else ("avx2",)
+    return ("avx2", "avx512") if all(hasattr(lib, f) for f in AVX512_FUNCTIONS) else ("avx2",)
 
 
 def intdot_variants() -> tuple[str, ...]:
@@ -186,3 +193,9 @@ def intdot_variant() -> str:
         raise ValueError(f"{ISA_ENV}={want!r}: this machine runs only {', '.join(variants)}{why}; "
                          f"unset it or choose one of those")
     return want
+
+
+# cpu_qbara.c is built and chosen exactly as cpu_intdot.c (same flags, both AVX-512 objects or
+# neither, same CPUID check), so its builds are these: one definition, a name for each caller.
+qbara_built_variants, qbara_variants, qbara_variant = \
+    intdot_built_variants, intdot_variants, intdot_variant

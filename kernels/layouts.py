@@ -28,3 +28,19 @@ def pack_cpu_int8(q: torch.Tensor) -> torch.Tensor:
     paired = (k // c) // 2 * 2 * c
     pairs = q[:, :paired].reshape(n, paired // (2 * c), 2, 2, c // 2).transpose(2, 3)
     return torch.cat([pairs.reshape(n, paired), q[:, paired:]], dim=1).contiguous()
+
+
+def pack_qahira_slots(ms: "list[torch.Tensor | None]") -> tuple[torch.Tensor, torch.Tensor]:
+    """QA-HiRA slots of one slice -> (m_flat fp32 [n], m_offset int64 [slots]), what
+    cpu_qbara.CpuQbaraLayer.set_qahira and qbara.qahira_apply read: ms[s] is slot s's M
+    [out_c/qo, in/pi] (any float dtype, any device; None = not a QA-HiRA slot, offset 0), stored
+    row-major one after another on the device of the first M (CPU if none)."""
+    present = [m for m in ms if m is not None]
+    device = present[0].device if present else torch.device("cpu")
+    sizes = [0 if m is None else m.numel() for m in ms]
+    offsets = torch.tensor([0, *sizes], dtype=torch.int64).cumsum(0)
+    m_flat = torch.cat([m.reshape(-1).to(device, torch.float32) for m in present]) if present \
+        else torch.zeros(0, dtype=torch.float32, device=device)
+    m_offset = torch.where(torch.tensor([m is not None for m in ms], dtype=torch.bool),
+                           offsets[:-1], 0)
+    return m_flat.contiguous(), m_offset.to(device)

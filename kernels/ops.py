@@ -15,8 +15,9 @@ each also callable here as a plain function of the same name:
         CPU, cpu_blockwise.c; tensors as stored (docs/FORMAT.md), any bits/block
 
 y has x's dtype (fp32/bf16/fp16 on CPU, fp16/bf16 for Triton). Python-only entry points:
-`cpu_blockwise_dequant` (the fp32 weight, for the trainer) and `check_cpu_blockwise_stored` /
-`cpu_blockwise_stored_ok`.
+`cpu_blockwise_dequant` (the fp32 weight, for the trainer), `cpu_quantize` and `cpu_all_finite`
+(the quantizer's clip search and finiteness check, for `qahira quantize`) and
+`check_cpu_blockwise_stored` / `cpu_blockwise_stored_ok`.
 
 C entry points of the compiled CPU library, with their ctypes signatures (`C_FUNCTIONS`; every
 one returns int, 0 = success; cpu_lib.load_library() applies them):
@@ -26,7 +27,10 @@ one returns int, 0 = success; cpu_lib.load_library() applies them):
     qahira_cpu_avx512_ok           cpu_intdot.c   (CPUID: can the AVX-512 build run here)
     qahira_cpu_blockwise           cpu_blockwise.c
     qahira_cpu_blockwise_dequant   cpu_blockwise.c
-    qahira_qbara_layer             cpu_qbara.c   (called by cpu_qbara.CpuQbaraLayer)
+    qahira_qbara_layer_avx2        cpu_qbara.c   (AVX2 build; called by cpu_qbara.CpuQbaraLayer)
+    qahira_qbara_layer_avx512      cpu_qbara.c   (AVX-512 build, where compiled; same bits)
+    qahira_cpu_quantize            cpu_quantize.c (called by cpu_quantize below)
+    qahira_cpu_all_finite          cpu_quantize.c (called by cpu_all_finite below)
 
 Importing this module registers the torch ops once per process; it imports neither Triton nor
 the C library (both load on first call).
@@ -56,7 +60,13 @@ C_FUNCTIONS: dict[str, list] = {
     # qweight, bits, scales, offsets, offsets_f32, N, K, bo, bi, w
     "qahira_cpu_blockwise_dequant": [_p, _i, _p, _p, _i, _i, _i, _i, _i, _p],
     # layer struct, x, x_dtype, x_stride, n_rows, n, rows, slots, y, y_dtype, y_stride
-    "qahira_qbara_layer": [_p, _p, _i, _l, _l, _i, _p, _p, _p, _i, _l],
+    "qahira_qbara_layer_avx2": [_p, _p, _i, _l, _l, _i, _p, _p, _p, _i, _l],
+    "qahira_qbara_layer_avx512": [_p, _p, _i, _l, _l, _i, _p, _p, _p, _i, _l],
+    # w, w_dtype, N, K, bo, bi, bits, ratios, n_ratios, offsets_f32, n_threads,
+    # q, scales, offsets, err, ref
+    "qahira_cpu_quantize": [_p, _i, _i, _i, _i, _i, _i, _p, _i, _i, _i, _p, _p, _p, _p, _p],
+    # x, x_dtype, n, n_threads
+    "qahira_cpu_all_finite": [_p, _i, _l, _i],
 }
 
 
@@ -230,6 +240,60 @@ def cpu_blockwise_dequant(qweight: torch.Tensor, scales: torch.Tensor, offsets: 
     return w
 
 
+class NotStorableError(ValueError):
+    """cpu_quantize found a non-finite value, a min-max scale above float16's range or a block
+    minimum that overflows the offset dtype (the caller names the tensor and block)."""
+
+
+def cpu_quantize(w: torch.Tensor, bits: int, bo: int, bi: int, ratios: tuple[float, ...],
+                 offsets_f32: bool, n_threads: int | None = None):
+    """Block-wise quantization of w [N, K] (fp32/bf16/fp16, CPU) with the MSE clip search over
+    `ratios` (fp32 values; 1.0 = min-max), bit-identical to qahira_vllm.quant_math.quantize.
+
+    Returns (qweight as stored: 4-bit int32 [N, K/8], 8-bit uint8 [N, K]; scales fp16
+    [N/bo, K/bi]; offsets fp16 or fp32 [N/bo, K/bi]; err fp32 [N/bo, K/bi], each block's
+    squared error; ref fp32 [N/bo, K/bi], each block's sum of w^2). bo, bi must divide N, K (and
+    K % 8 == 0 for 4 bits; ValueError otherwise). n_threads: OpenMP threads, default
+    torch.get_num_threads(). Raises NotStorableError (see there), MemoryError, RuntimeError
+    without the library."""
+    n, k = w.shape
+    if n % bo or k % bi or (bits == 4 and k % 8) or bits not in (4, 8) or not ratios:
+        raise ValueError(f"cpu_quantize: w {tuple(w.shape)} with bits={bits}, block {bo}x{bi}: "
+                         "the block must divide w (and in % 8 == 0 for 4 bits), and ratios "
+                         "must not be empty")
+    if w.dtype not in cpu_lib.DTYPE_CODES or w.device.type != "cpu":
+        raise ValueError(f"cpu_quantize: w must be an fp32/bf16/fp16 CPU tensor, got "
+                         f"{w.dtype} on {w.device}")
+    w = w.detach().contiguous()
+    r = torch.tensor(tuple(ratios), dtype=torch.float32)
+    q = (torch.zeros(n, k // 8, dtype=torch.int32) if bits == 4
+         else torch.empty(n, k, dtype=torch.uint8))
+    scales = torch.empty(n // bo, k // bi, dtype=torch.float16)
+    offsets = torch.empty_like(scales, dtype=torch.float32 if offsets_f32 else torch.float16)
+    err, ref = torch.empty_like(scales, dtype=torch.float32), torch.empty_like(
+        scales, dtype=torch.float32)
+    rc = _library("cpu_quantize").qahira_cpu_quantize(
+        w.data_ptr(), cpu_lib.DTYPE_CODES[w.dtype], n, k, bo, bi, bits, r.data_ptr(), len(r),
+        bool(offsets_f32), n_threads or torch.get_num_threads(), q.data_ptr(), scales.data_ptr(),
+        offsets.data_ptr(), err.data_ptr(), ref.data_ptr())
+    if rc == 2:
+        raise NotStorableError(f"cpu_quantize: w {tuple(w.shape)} is not storable")
+    _check_rc(rc, "cpu_quantize")
+    return q, scales, offsets, err, ref
+
+
+def cpu_all_finite(x: torch.Tensor, n_threads: int | None = None) -> bool:
+    """torch.isfinite(x).all() for an fp32/bf16/fp16 CPU tensor, at memory speed. ValueError for
+    another dtype or device, RuntimeError without the library."""
+    if x.dtype not in cpu_lib.DTYPE_CODES or x.device.type != "cpu":
+        raise ValueError(f"cpu_all_finite: x must be an fp32/bf16/fp16 CPU tensor, got "
+                         f"{x.dtype} on {x.device}")
+    x = x.contiguous()
+    return bool(_library("cpu_all_finite").qahira_cpu_all_finite(
+        x.data_ptr(), cpu_lib.DTYPE_CODES[x.dtype], x.numel(),
+        n_threads or torch.get_num_threads()))
+
+
 _lib.define("cpu_blockwise(Tensor x, Tensor qweight, Tensor scales, Tensor offsets, int bits, "
             "int bo, int bi) -> Tensor")
 _lib.impl("cpu_blockwise", cpu_blockwise, "CPU")
@@ -242,4 +306,4 @@ def _cpu_blockwise_fake(x, qweight, scales, offsets, bits, bo, bi):
 
 __all__ = ["C_FUNCTIONS", "check_cpu_blockwise_stored", "cpu_int4", "cpu_blockwise",
            "cpu_blockwise_dequant", "cpu_blockwise_prechecked", "cpu_blockwise_stored_ok",
-           "cpu_int8", "triton_blockwise"]
+           "cpu_int8", "cpu_quantize", "cpu_all_finite", "NotStorableError", "triton_blockwise"]

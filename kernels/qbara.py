@@ -27,11 +27,21 @@ Tokens are grouped by slot first (`segment_tokens`: a stable sort, no host sync)
 program multiplies a tile of tokens that share one adapter with tl.dot. The grid has one
 z-plane per slot; programs beyond a slot's token count exit at once. Only entries inside
 [:rank, :in/p] of A and [:out/q, :rank] of B are read: padding may hold anything.
+
+QA-HiRA slots (`qahira_apply`, one launch): y += s * R_qo(M P_pi(x)), M [out/qo, in/pi] fp32,
+every slot's M concatenated row-major in one flat buffer:
+
+    m_flat   fp32 [n]          m_offset int64 [slots]: where slot s's M starts
+    pool, repeat, on: int32 [slots] (pi, qo, 1 = slot s is a QA-HiRA); scaling fp32 [slots] (s)
+
+Each program computes a tile of tokens of one slot times a tile of M's rows: pooling fused as
+in the shrink (input column k meets M's column k // pi), the repeat by storing each result qo
+times, so the work is T x out/qo x in.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -204,6 +214,57 @@ def _qbara_expand_kernel(
     tl.store(y_ptrs, (y + scaling * acc).to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _qahira_kernel(
+    y_ptr, x_ptr, m_ptr, m_offset_ptr, order_ptr, start_ptr, count_ptr, pool_ptr, repeat_ptr,
+    on_ptr, scaling_ptr, K, N, stride_xt, stride_yt,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    X_FP32: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_n = tl.program_id(1)   # tile of M's rows (pooled outputs)
+    slot = tl.program_id(2)
+    if pid_t * BLOCK_T >= tl.load(count_ptr + slot):
+        return
+    if tl.load(on_ptr + slot) == 0:
+        return
+    pool = tl.load(pool_ptr + slot)
+    repeat = tl.load(repeat_ptr + slot)
+    k_pooled = K // pool
+    n_rep = N // repeat
+    if pid_n * BLOCK_N >= n_rep:
+        return
+    tok, t_mask = _segment_tokens(order_ptr, start_ptr, count_ptr, slot, pid_t, BLOCK_T)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < n_rep
+    m_base = (m_ptr + tl.load(m_offset_ptr + slot).to(tl.int64)
+              + offs_n.to(tl.int64)[None, :] * k_pooled)
+
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        x = tl.load(x_ptr + tok[:, None] * stride_xt + offs_k[None, :],
+                    mask=t_mask[:, None] & k_mask[None, :], other=0.0)
+        # Fused pooling: input column k meets column k // pool of M (M^T tile [K, N]).
+        m = tl.load(m_base + (offs_k // pool)[:, None], mask=k_mask[:, None] & n_mask[None, :],
+                    other=0.0)
+        if X_FP32:
+            acc += tl.dot(x, m, input_precision="ieee")
+        elif UPCAST_DOT:
+            acc += tl.dot(x.to(tl.float32), m.to(x.dtype).to(tl.float32))
+        else:
+            acc += tl.dot(x, m.to(x.dtype))   # M rounded to x's dtype, as the shrink rounds A
+    acc = acc * (tl.load(scaling_ptr + slot).to(tl.float32) / pool.to(tl.float32))
+
+    # Fused repeat: pooled output o goes to columns o * repeat + u.
+    mask = t_mask[:, None] & n_mask[None, :]
+    for u in range(0, repeat):
+        y_ptrs = y_ptr + tok[:, None] * stride_yt + (offs_n * repeat + u)[None, :]
+        y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptrs, (y + acc).to(y_ptr.dtype.element_ty), mask=mask)
+
+
 # ----------------------------------------------------------------------------- Python API
 
 def _check_slot_params(buffer: torch.Tensor, **per_slot: torch.Tensor) -> int:
@@ -317,5 +378,73 @@ def qbara_apply(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tens
                         config=config)
 
 
-__all__ = ["QbaraConfig", "TokenSegments", "choose_config", "qbara_apply", "qbara_expand",
-           "qbara_shrink", "segment_tokens"]
+QAHIRA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def qahira_config(num_tokens: int, in_features: int, num_slots: int, x_dtype: torch.dtype,
+                  num_sms: int = 132) -> QbaraConfig:
+    """qahira_apply's tiles: choose_config's token, K and output tiles; K tile 64 for fp32 x
+    (fp32 tiles take twice the shared memory: 128 would exceed sm_86/89's 99 KB at T=4096)."""
+    cfg = choose_config(num_tokens, in_features, 16, num_slots, num_sms)
+    if x_dtype == torch.float32:
+        cfg = replace(cfg, block_k=min(cfg.block_k, 64))
+    return cfg
+
+
+def qahira_apply(y: torch.Tensor, x: torch.Tensor, m_flat: torch.Tensor, m_offset: torch.Tensor,
+                 pool: torch.Tensor, repeat: torch.Tensor, on: torch.Tensor,
+                 scaling: torch.Tensor, slot_idx: torch.Tensor, *,
+                 segments: TokenSegments | None = None,
+                 config: QbaraConfig | None = None) -> torch.Tensor:
+    """In place y[t, o] += scaling[s] / pool[s] * sum_j M_s[o // qo, j] * sum_{u < pi}
+    x[t, j*pi + u] for every token t whose slot s = slot_idx[t] has on[s] = 1; returns y.
+
+    y [T, out], x [T, in]: fp16/bf16/fp32 (each its own; y may be a column slice of a wider
+    output, columns contiguous). M_s = m_flat[m_offset[s]:][:out/qo * in/pi] as [out/qo, in/pi]
+    row-major, m_flat fp32 1-D (layouts.pack_qahira_slots); m_offset int64 [slots]; pool (pi),
+    repeat (qo), on: int32 [slots]; scaling fp32 [slots] (s); slot_idx int32/int64 [T], -1 =
+    none. Slots with on = 0 (Q-BaRA/LoRA or empty ones) and tokens of slot -1 are untouched.
+    Precision: x fp16/bf16: M rounded to x's dtype for the dot, fp32 accumulation; x fp32:
+    fp32 dot (no TF32). Not checked on the host (it would sync), for slots with on = 1: pi, qo
+    >= 1 dividing in, out, and M inside m_flat. Raises ValueError for dtypes, shapes, devices.
+    """
+    for name, t in (("x", x), ("y", y)):
+        if t.dtype not in QAHIRA_DTYPES:
+            raise ValueError(f"qahira_apply: {name} is {t.dtype}: fp16, bf16 or fp32 expected")
+    if y.dim() != 2 or y.stride(1) != 1:
+        raise ValueError("qahira_apply: y must be 2-D [T, out] with contiguous columns "
+                         "(written in place)")
+    x = _rows_contiguous(x, "x")
+    if m_flat.dim() != 1 or m_flat.dtype != torch.float32:
+        raise ValueError(f"qahira_apply: m_flat must be fp32 1-D (every slot's M, flat), got "
+                         f"{m_flat.dtype} {list(m_flat.shape)}")
+    m_flat = m_flat.contiguous()
+    if m_offset.dim() != 1 or m_offset.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"qahira_apply: m_offset must be int64 [slots], got {m_offset.dtype} "
+                         f"{list(m_offset.shape)}")
+    num_slots = _check_slot_params(m_offset, pool=pool, repeat=repeat, on=on, scaling=scaling)
+    if m_flat.device != m_offset.device:
+        raise ValueError(f"qahira_apply: m_flat is on {m_flat.device}, m_offset on "
+                         f"{m_offset.device}")
+    t_count, k = x.shape
+    if y.shape[0] != t_count or slot_idx.shape != (t_count,):
+        raise ValueError(f"qahira_apply: y {list(y.shape)}, x {list(x.shape)} and slot_idx "
+                         f"{list(slot_idx.shape)} disagree on the token count")
+    if t_count == 0 or num_slots == 0 or m_flat.numel() == 0:
+        return y   # no token, or no QA-HiRA slot can be on
+    segments = segments or segment_tokens(slot_idx, num_slots)
+    config = config or qahira_config(t_count, k, num_slots, x.dtype, sm_count(x.device))
+    config.validate()
+    n = y.shape[1]
+    grid = (triton.cdiv(t_count, config.block_t), triton.cdiv(n, config.block_n), num_slots)
+    _qahira_kernel[grid](
+        y, x, m_flat, m_offset, segments.order, segments.start, segments.count, pool, repeat,
+        on, scaling, k, n, x.stride(0), y.stride(0),
+        BLOCK_T=config.block_t, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        X_FP32=x.dtype == torch.float32,
+        UPCAST_DOT=upcast_dot_operands(_qahira_kernel, x.dtype), num_warps=config.num_warps)
+    return y
+
+
+__all__ = ["QbaraConfig", "TokenSegments", "choose_config", "qahira_apply", "qahira_config",
+           "qbara_apply", "qbara_expand", "qbara_shrink", "segment_tokens"]

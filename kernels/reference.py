@@ -1,4 +1,5 @@
-"""fp32 torch references for the Q-BaRA kernels of this package (tests and benchmark checks).
+"""fp32 torch references for the Q-BaRA and QA-HiRA kernels of this package (tests and
+benchmark checks).
 
 Written for clarity, not speed: they follow the paper's formula literally (pool, project,
 expand, repeat). The block-wise GEMM's reference is the format's one dequantization
@@ -79,3 +80,29 @@ def lora_bgmv_ref(y: torch.Tensor, x: torch.Tensor, A_exp: torch.Tensor, B_exp: 
     delta = torch.einsum("tr,tor->to", h, B_exp[s].to(torch.float32))
     delta = delta * scaling.to(torch.float32)[s][:, None] * active[:, None]
     return y.to(torch.float32) + delta
+
+
+# ----------------------------------------------------------------------------- QA-HiRA
+# Flat buffers (the kernels' interface): m_flat fp32 [n], every slot's M [out/qo, in/pi]
+# row-major from m_offset[s]; pool (pi), repeat (qo), on: int [slots]; scaling (s) [slots].
+
+
+def qahira_apply_ref(y: torch.Tensor, x: torch.Tensor, m_flat: torch.Tensor,
+                     m_offset: torch.Tensor, pool: torch.Tensor, repeat: torch.Tensor,
+                     on: torch.Tensor, scaling: torch.Tensor,
+                     slot_idx: torch.Tensor) -> torch.Tensor:
+    """fp32 y + s * R_qo(M P_pi(x)) per token whose slot has on = 1 (returns a new tensor)."""
+    out = y.to(torch.float32).clone()
+    t_count, in_f = x.shape
+    out_f = y.shape[1]
+    slots = slot_idx.tolist()
+    for s in sorted(set(slots) - {-1}):
+        if not int(on[s]):
+            continue
+        pi, qo, off = int(pool[s]), int(repeat[s]), int(m_offset[s])
+        m = m_flat[off:off + (out_f // qo) * (in_f // pi)].to(torch.float32)
+        m = m.reshape(out_f // qo, in_f // pi)
+        tok = torch.tensor([t for t, v in enumerate(slots) if v == s], device=x.device)
+        pooled = x[tok].to(torch.float32).reshape(len(tok), in_f // pi, pi).mean(dim=-1)
+        out[tok] += float(scaling[s]) * (pooled @ m.t()).repeat_interleave(qo, dim=1)
+    return out

@@ -48,3 +48,17 @@ def _require_triton_interpreter():
         pytest.fail("triton was imported before TRITON_INTERPRET=1 was set, so its kernels "
                     "cannot run on CPU: run pytest with TRITON_INTERPRET=1 in the environment",
                     pytrace=False)
+
+
+@pytest.fixture(params=("avx2", "avx512"))
+def variant(request):
+    """Each build of the width-built C sources (cpu_intdot.c, cpu_qbara.c) this CPU runs
+    (cpu_lib.intdot_variants() = qbara_variants()); the build is in the test id, and one this
+    CPU cannot run is reported as skipped with the reason."""
+    from qahira_kernels import cpu_lib
+
+    runs = cpu_lib.intdot_variants()
+    if request.param not in runs:
+        pytest.skip(f"{request.param} build not run: this CPU runs only {runs} "
+                    f"(built: {cpu_lib.intdot_built_variants()})")
+    return request.param

@@ -34,6 +34,6 @@ def test_kernels_compile_for_sm90():
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("sm_90")]
     compiled = " ".join(lines)
     for name in ("fused_gemm 4b", "fused_gemm 8b", "dequant 4b", "dequant 8b", "splitk_reduce",
-                 "qbara_shrink", "qbara_expand"):
+                 "qbara_shrink", "qbara_expand", "qahira_apply"):
         assert name in compiled, f"{name} was not compiled:\n{proc.stdout}"
     assert "OVER LIMIT" not in compiled

@@ -6,8 +6,8 @@ kernel's own error bound, computed per output from the data (linear_reference.ch
 This machine class (x86-64 with AVX2 and gcc) is what CI runs on, so the kernel must build here:
 a test fails, rather than skips, if it does not.
 
-The C source is built twice (AVX2; AVX-512 + VNNI). Tests taking the `variant` fixture run once
-per build, with the build in the test id ([avx2] / [avx512]); a build this CPU cannot run is
+The C source is built twice (AVX2; AVX-512 + VNNI). Tests taking the `variant` fixture
+(conftest.py) run once per build, with the build in the test id ([avx2] / [avx512]); a build this CPU cannot run is
 reported as skipped with the reason (not coverage: test_avx512_build_compiles_and_links checks
 that the AVX-512 object is built and linked on every machine, and the AVX2 build is the same
 source).
@@ -23,19 +23,6 @@ import torch
 from support.linear_reference import int4_layer, check_int4
 from qahira_kernels import cpu_lib, ops
 from qahira_kernels.layouts import pack_cpu_int4, pack_cpu_int8
-
-VARIANTS = ("avx2", "avx512")
-
-
-@pytest.fixture(params=VARIANTS)
-def variant(request):
-    """Each build of the integer-dot source this CPU runs (cpu_lib.intdot_variants())."""
-    runs = cpu_lib.intdot_variants()
-    if request.param not in runs:
-        pytest.skip(f"{request.param} build not run: this CPU runs only {runs} "
-                    f"(built: {cpu_lib.intdot_built_variants()})")
-    return request.param
-
 
 def test_library_builds_here():
     assert cpu_lib.load_library() is not None, cpu_lib.library_error()

@@ -1,4 +1,5 @@
-"""Multi-adapter Q-BaRA kernels (qahira_kernels.qbara) against the fp32 torch reference.
+"""Multi-adapter Q-BaRA and QA-HiRA kernels (qahira_kernels.qbara) against the fp32 torch
+references.
 
 Runs in Triton's interpreter on CPU (TRITON_INTERPRET=1, see conftest.py), with small tiles.
 
@@ -19,8 +20,9 @@ import torch
 
 from qahira_kernels import qbara as qb
 from qahira_kernels._triton_utils import is_interpreted
-from qahira_kernels.reference import (expand_to_lora, lora_bgmv_ref, qbara_expand_ref, qbara_ref,
-                                      qbara_shrink_ref)
+from qahira_kernels.layouts import pack_qahira_slots
+from qahira_kernels.reference import (expand_to_lora, lora_bgmv_ref, qahira_apply_ref,
+                                      qbara_expand_ref, qbara_ref, qbara_shrink_ref)
 
 TOL = {torch.float16: 2e-3, torch.bfloat16: 2e-2}
 SHRINK_TOL = 1e-4
@@ -248,3 +250,136 @@ def test_precomputed_segments_match_python_api():
     qb.qbara_apply(y_api, x, A, B, pool, repeat, rank, scaling, slot)
     assert torch.equal(y_seg, y_api)
     assert rel_err(y_api, qbara_ref(y0, x, A, B, pool, repeat, rank, scaling, slot)) < TOL[dtype]
+
+# ----------------------------------------------------------------------------- QA-HiRA
+# qahira_apply vs qahira_apply_ref (fp32 torch, pool-mean / matmul / repeat_interleave), the
+# reference itself vs the dense dW of docs/FORMAT.md in float64. Bounds, max|y - ref| / max|ref|:
+# fp32 x/y 1e-5 (fp32 dot, only the summation order differs), fp16 2e-3 and bf16 2e-2 as above
+# (M rounded to x's dtype for the dot, one rounding into y; the interpreter truncates bf16).
+QAHIRA_TOL = {torch.float32: 1e-5, **TOL}
+QAHIRA_DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                                        ids=["fp32", "fp16", "bf16"])
+# slot -> (pi, qo) of a QA-HiRA, None = not one (a Q-BaRA / LoRA slot or an empty one). pi, qo
+# differ per slot, 3 and 5 are not powers of two; slot 4 (1, 1) is the full-width matrix.
+QAHIRA_SLOTS = [None, (2, 2), (3, 5), None, (1, 1), (4, 4)]
+
+
+def make_qahira(slots, in_f, out_f, gap=0, seed=3):
+    """Flat buffers (layouts.pack_qahira_slots); gap > 0: `gap` NaNs before every M instead."""
+    g = torch.Generator().manual_seed(seed)
+    ms = [None if geo is None else 0.3 * torch.randn(out_f // geo[1], in_f // geo[0], generator=g)
+          for geo in slots]
+    m_flat, m_offset = pack_qahira_slots(ms)
+    if gap:
+        parts, offsets, at = [], [], 0
+        for m in ms:
+            parts += [torch.full((gap,), float("nan"))] + ([m.flatten()] if m is not None else [])
+            offsets.append(at + gap if m is not None else 0)
+            at += gap + (m.numel() if m is not None else 0)
+        m_flat, m_offset = torch.cat(parts), torch.tensor(offsets, dtype=torch.int64)
+    pool = torch.tensor([geo[0] if geo else 1 for geo in slots], dtype=torch.int32)
+    repeat = torch.tensor([geo[1] if geo else 1 for geo in slots], dtype=torch.int32)
+    on = torch.tensor([int(geo is not None) for geo in slots], dtype=torch.int32)
+    scaling = torch.tensor([0.5, 2.0, 0.25, 1.5, 1.0, 0.75][:len(slots)], dtype=torch.float32)
+    return ms, (m_flat, m_offset, pool, repeat, on, scaling)
+
+
+def test_qahira_reference_equals_dense_delta():
+    """qahira_apply_ref == x @ dW^T with dW[o, i] = s * M[o // qo, i // pi] / pi (float64)."""
+    ms, bufs = make_qahira(QAHIRA_SLOTS, IN_F, OUT_F)
+    x, y0, slot = make_tokens(37, IN_F, OUT_F, torch.float32, SLOT_PATTERNS["T37"])
+    want = y0.double().clone()
+    for t, s in enumerate(slot.tolist()):
+        if s >= 0 and QAHIRA_SLOTS[s] is not None:
+            pi, qo = QAHIRA_SLOTS[s]
+            o, i = torch.arange(OUT_F)[:, None], torch.arange(IN_F)[None, :]
+            dw = float(bufs[5][s]) * ms[s].double()[o // qo, i // pi] / pi
+            want[t] += dw @ x[t].double()
+    torch.testing.assert_close(qahira_apply_ref(y0, x, *bufs, slot).double(), want,
+                               rtol=1e-5, atol=1e-5)
+
+
+@QAHIRA_DTYPES
+@pytest.mark.parametrize("pattern", list(SLOT_PATTERNS))
+@pytest.mark.parametrize("config", [Q(16, 16, 32, 16), Q(32, 16, 16, 32), None],
+                         ids=["small", "wide-n", "auto"])
+def test_qahira_apply_matches_reference(config, pattern, dtype):
+    _, bufs = make_qahira(QAHIRA_SLOTS, IN_F, OUT_F)
+    x, y0, slot = make_tokens(len(SLOT_PATTERNS[pattern]), IN_F, OUT_F, dtype,
+                              SLOT_PATTERNS[pattern])
+    y = y0.clone()
+    assert qb.qahira_apply(y, x, *bufs, slot, config=config) is y
+    off = torch.tensor([s < 0 or QAHIRA_SLOTS[s] is None for s in slot.tolist()])
+    assert torch.equal(y[off], y0[off])   # no adapter / not a QA-HiRA slot: bitwise untouched
+    if not off.all():
+        ref = qahira_apply_ref(y0, x, *bufs, slot)
+        assert rel_err(y[~off], ref[~off]) < QAHIRA_TOL[dtype]
+        assert (ref - y0.float())[~off].abs().max() > 0.5 * ref[~off].abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_qahira_and_qbara_slots_mixed_in_one_layer(dtype):
+    """What the LoRA layer does per slice: qbara_apply (Q-BaRA and LoRA slots) then qahira_apply
+    (QA-HiRA slots) on one y, three slices as column blocks of a wider output, each with its own
+    buffers; slot 3 is empty, QA-HiRA slot 2 leaves slice 1 alone."""
+    qbara_slots = [(2, 2, 16), (1, 1, 8), (1, 1, 0), (1, 1, 0), (1, 1, 0)]   # rank 0 = not Q-BaRA
+    qahira_slots = [None, None, (2, 4), None, (3, 1)]
+    pattern = [((7 * i) % 6) - 1 for i in range(37)]
+    x, _, slot = make_tokens(37, IN_F, OUT_F, dtype, pattern)
+    widths = (OUT_F, 40, OUT_F)
+    wide0 = (0.1 * torch.randn(37, 8 + sum(widths), generator=torch.Generator().manual_seed(5)))
+    wide0 = wide0.to(dtype)
+    wide, col = wide0.clone(), 8
+    for c, width in enumerate(widths):
+        A, B, pool, repeat, rank, scaling = make_adapters(qbara_slots, IN_F, width, dtype, seed=c)
+        geo = [None if c == 1 and s == 2 else g for s, g in enumerate(qahira_slots)]
+        _, bufs = make_qahira(geo, IN_F, width, seed=10 + c)
+        y = wide[:, col:col + width]
+        qb.qbara_apply(y, x, A, B, pool, repeat, rank, scaling, slot, config=Q(16, 16, 32, 32))
+        qb.qahira_apply(y, x, *bufs, slot, config=Q(16, 16, 32, 32))
+        base = wide0[:, col:col + width]
+        ref = qahira_apply_ref(qbara_ref(base, x, A, B, pool, repeat, rank, scaling, slot), x,
+                               *bufs, slot)
+        assert rel_err(y, ref) < TOL[dtype], f"slice {c}"
+        untouched = (slot < 0) | (slot == 3) | ((slot == 2) & (c == 1))
+        assert torch.equal(y[untouched], base[untouched]), f"slice {c}"
+        col += width
+    assert torch.equal(wide[:, :8], wide0[:, :8])
+
+
+def test_qahira_reads_only_each_slots_m():
+    """NaN between the slots' M in m_flat (offsets not packed): the same bits as packed."""
+    x, y0, slot = make_tokens(37, IN_F, OUT_F, torch.float16, SLOT_PATTERNS["T37"])
+    results = []
+    for gap in (0, 7):
+        _, bufs = make_qahira(QAHIRA_SLOTS, IN_F, OUT_F, gap=gap)
+        results.append(qb.qahira_apply(y0.clone(), x, *bufs, slot, config=Q(16, 16, 32, 32)))
+    assert torch.isfinite(results[1]).all() and torch.equal(results[0], results[1])
+
+
+def test_qahira_no_slot_on_or_no_token_is_a_no_op():
+    x, y0, slot = make_tokens(7, IN_F, OUT_F, torch.bfloat16, SLOT_PATTERNS["T7"])
+    _, bufs = make_qahira([None] * 4, IN_F, OUT_F)
+    assert bufs[0].numel() == 0
+    y = y0.clone()
+    qb.qahira_apply(y, x, *bufs, slot)
+    assert torch.equal(y, y0)
+    _, bufs = make_qahira(QAHIRA_SLOTS, IN_F, OUT_F)
+    qb.qahira_apply(y[:0], x[:0], *bufs, slot[:0])
+
+
+def test_qahira_rejects_bad_inputs():
+    _, (m_flat, m_offset, pool, repeat, on, scaling) = make_qahira(QAHIRA_SLOTS, IN_F, OUT_F)
+    x, y, slot = make_tokens(7, IN_F, OUT_F, torch.float16, SLOT_PATTERNS["T7"])
+    with pytest.raises(ValueError, match="x is torch.float64: fp16, bf16 or fp32"):
+        qb.qahira_apply(y, x.double(), m_flat, m_offset, pool, repeat, on, scaling, slot)
+    with pytest.raises(ValueError, match="m_flat must be fp32 1-D"):
+        qb.qahira_apply(y, x, m_flat.half(), m_offset, pool, repeat, on, scaling, slot)
+    with pytest.raises(ValueError, match="m_offset must be int64"):
+        qb.qahira_apply(y, x, m_flat, m_offset.float(), pool, repeat, on, scaling, slot)
+    with pytest.raises(ValueError, match=r"on is \[2\], expected \[6\]"):
+        qb.qahira_apply(y, x, m_flat, m_offset, pool, repeat, on[:2], scaling, slot)
+    with pytest.raises(ValueError, match="contiguous columns"):
+        qb.qahira_apply(y.t(), x, m_flat, m_offset, pool, repeat, on, scaling, slot)
+    with pytest.raises(ValueError, match="token count"):
+        qb.qahira_apply(y, x, m_flat, m_offset, pool, repeat, on, scaling, slot[:3])

@@ -120,21 +120,47 @@ def check_quantizable(w: torch.Tensor, cfg: QahiraQuantConfig, name: str) -> Non
             f"{cfg.offset_dtype} offset: quantize with --offset-dtype float32")
 
 
-def quantize(w: torch.Tensor, cfg: QahiraQuantConfig, clip_search: bool = True,
-             clip_ratios: tuple[float, ...] = DEFAULT_CLIP_RATIOS):
-    """Asymmetric block-wise quantization of W [out, in].
+# The block error's summation order, part of the definition so that every implementation
+# (this one on CPU or CUDA, the compiled kernels/cpu_quantize.c) picks the same ratio bit for
+# bit: SQ_ERR_LANES partial sums, lane j adding values j, j+16, j+32, ... of the block in turn
+# (zeros past its end), then halved pairwise (first half + second half) down to one.
+SQ_ERR_LANES = 16
 
-    Returns (q uint8 [out, in], scales fp16 [out/bo, in/bi], offsets offset_dtype [out/bo, in/bi]).
-    q is rounded against the *stored* (already rounded) scale and offset, so dequantizing the
-    stored tensors gives the nearest grid point of the block's stored grid.
-    With clip_search, each block's range [min, max] is shrunk about its centre by the ratio (from clip_ratios)
-    that minimises that block's squared error after rounding.
+
+def block_sq_err(d2: torch.Tensor) -> torch.Tensor:
+    """[..., n] fp32 squared errors -> [...] their sums in the fixed order above (SQ_ERR_LANES)."""
+    n = d2.shape[-1]
+    pad = -n % SQ_ERR_LANES
+    if pad:
+        d2 = torch.nn.functional.pad(d2, (0, pad))
+    parts = d2.unflatten(-1, (-1, SQ_ERR_LANES))
+    acc = parts[..., 0, :].clone()
+    for t in range(1, parts.shape[-2]):
+        acc += parts[..., t, :]
+    while acc.shape[-1] > 1:
+        h = acc.shape[-1] // 2
+        acc = acc[..., :h] + acc[..., h:]
+    return acc[..., 0]
+
+
+def fp32_ratios(clip_ratios) -> tuple[float, ...]:
+    """The ratios as the fp32 values every implementation multiplies by (torch rounds a Python
+    float to the tensor's fp32 when it scales one), so that `r == 1.0` means the same to all."""
+    return tuple(torch.tensor(tuple(clip_ratios), dtype=torch.float32).tolist())
+
+
+def quantize_with_error(w: torch.Tensor, cfg: QahiraQuantConfig, clip_search: bool = True,
+                        clip_ratios: tuple[float, ...] = DEFAULT_CLIP_RATIOS):
+    """quantize(), plus each block's squared error: (q, scales, offsets, err fp32 [out/bo, in/bi]).
+
+    err[b] = sum over block b of (stored-grid value - w)^2, summed in the order of
+    block_sq_err. Runs on w's device (CPU or CUDA: the same operations, the same bits).
     """
     w32 = w.detach().to(torch.float32)
     blocks = _to_blocks(w32, cfg.block_size)
     lo, hi = blocks.amin(dim=-1), blocks.amax(dim=-1)
     qmax, odt = cfg.qmax, cfg.offset_torch_dtype
-    ratios = clip_ratios if clip_search else (1.0,)
+    ratios = fp32_ratios(clip_ratios if clip_search else (1.0,))
 
     best_err = best_scale = best_offset = None
     mid, half = (lo + hi) / 2, (hi - lo) / 2
@@ -144,7 +170,7 @@ def quantize(w: torch.Tensor, cfg: QahiraQuantConfig, clip_search: bool = True,
         scale, offset = _params_for_range(r_lo, r_hi, qmax, odt)
         q = _round_to_grid(blocks, scale, offset, qmax)
         deq = q * scale.to(torch.float32).unsqueeze(-1) + offset.to(torch.float32).unsqueeze(-1)
-        err = (deq - blocks).square().sum(dim=-1)
+        err = block_sq_err((deq - blocks).square())
         if best_err is None:
             best_err, best_scale, best_offset = err, scale, offset
         else:
@@ -158,7 +184,23 @@ def quantize(w: torch.Tensor, cfg: QahiraQuantConfig, clip_search: bool = True,
     out_f, in_f = w.shape
     q = (q.reshape(out_f // bo, in_f // bi, bo, bi).permute(0, 2, 1, 3)
          .reshape(out_f, in_f).to(torch.uint8))
-    return q, best_scale, best_offset
+    return q, best_scale, best_offset, best_err
+
+
+def quantize(w: torch.Tensor, cfg: QahiraQuantConfig, clip_search: bool = True,
+             clip_ratios: tuple[float, ...] = DEFAULT_CLIP_RATIOS):
+    """Asymmetric block-wise quantization of W [out, in] (any float dtype, CPU or CUDA).
+
+    Returns (q uint8 [out, in], scales fp16 [out/bo, in/bi], offsets offset_dtype [out/bo, in/bi]).
+    q is rounded against the *stored* (already rounded) scale and offset, so dequantizing the
+    stored tensors gives the nearest grid point of the block's stored grid (round half to even,
+    as torch.round; the index is (w - offset) / scale by true fp32 division).
+    With clip_search, each block's range [min, max] is shrunk about its centre by the ratio (from
+    clip_ratios) that minimises that block's squared error after rounding (summed in the fixed
+    order of block_sq_err; the first of equal errors wins). This is the one definition:
+    kernels/cpu_quantize.c (quantize_layer's CPU path) computes the same bits.
+    """
+    return quantize_with_error(w, cfg, clip_search, clip_ratios)[:3]
 
 
 _NIBBLE_SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -14,7 +15,11 @@ from . import __version__
 from .checkpoint import iter_tensors, read_headers, resolve_model_dir, write_checkpoint
 from .format import QahiraFormatError, QahiraQuantConfig, check_divides
 from .fused_layers import packed_modules_mapping, widen_to_fused_groups
-from .quant_math import check_quantizable, dequantize, pack_qweight, quantize
+from .quant_math import (DEFAULT_CLIP_RATIOS, check_quantizable, fp32_ratios, pack_qweight,
+                         quantize_with_error)
+
+logger = logging.getLogger(__name__)
+_fallback_said = False
 
 
 def linear_module_names(model_dir: Path) -> list[str]:
@@ -88,34 +93,92 @@ def plan_conversion(linear_names: list[str], weight_shapes: dict[str, tuple[int,
     return convert, unconvertible, widened
 
 
+def quantizer_backend(device: torch.device) -> str:
+    """What quantize_layer runs on `device`: "cpu-kernel" (kernels/cpu_quantize.c, OpenMP over
+    torch.get_num_threads() threads), "torch-cpu" (the definition; said once in the log when
+    the compiled library is unavailable) or "torch-cuda"."""
+    global _fallback_said
+    if device.type == "cuda":
+        return "torch-cuda"
+    from qahira_kernels import cpu_lib
+
+    if cpu_lib.load_library() is not None:
+        return "cpu-kernel"
+    if not _fallback_said:
+        _fallback_said = True
+        logger.warning("qahira quantize: the compiled CPU quantizer is unavailable (%s); "
+                       "using the torch definition, which is slower", cpu_lib.library_error())
+    return "torch-cpu"
+
+
+def quantize_layer(t: torch.Tensor, cfg: QahiraQuantConfig, clip_search: bool, name: str,
+                   device: torch.device = torch.device("cpu"),
+                   clip_ratios: tuple[float, ...] = DEFAULT_CLIP_RATIOS):
+    """One layer's stored tensors and error statistics, on CPU.
+
+    t: W [out, in], any float dtype. Returns (qweight, scales, offsets, sq_err, sq_ref): the
+    stored tensors of quant_math.quantize (bit for bit, whichever backend runs: see
+    quantizer_backend), the sum of the blocks' squared errors (from the search itself, no
+    second dequantization) and sum(W^2), both float (fp64 sums of fp32 per-block sums).
+    Raises QahiraFormatError (quant_math.check_quantizable) naming `name` for weights the format
+    cannot store.
+    """
+    ratios = fp32_ratios(clip_ratios if clip_search else (1.0,))
+    backend = quantizer_backend(device)
+    if backend == "cpu-kernel":
+        from qahira_kernels import ops
+
+        bo, bi = cfg.block_size
+        # fp64 (rare): the definition quantizes fp32(w) too
+        w = t if t.dtype in (torch.float32, torch.bfloat16, torch.float16) else t.float()
+        try:
+            qweight, scales, offsets, err, ref = ops.cpu_quantize(
+                w, cfg.bits, bo, bi, ratios, cfg.offset_dtype == "float32")
+        except ops.NotStorableError:
+            check_quantizable(t, cfg, name)  # raises, naming the block
+            raise
+        return (qweight, scales, offsets, err.double().sum().item(),
+                ref.double().sum().item())
+    w = t.to(device)
+    check_quantizable(w, cfg, name)
+    q, scales, offsets, err = quantize_with_error(w, cfg, True, ratios)
+    sq_ref = w.float().square().sum(dtype=torch.float64).item()
+    return (pack_qweight(q, cfg.bits).cpu(), scales.cpu(), offsets.cpu(),
+            err.double().sum().item(), sq_ref)
+
+
+def _all_finite(t: torch.Tensor, backend: str) -> bool:
+    if backend == "cpu-kernel" and t.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        from qahira_kernels import ops
+
+        return ops.cpu_all_finite(t)  # torch.isfinite on bf16: ~1 s per 65M values here
+    return bool(torch.isfinite(t).all())
+
+
 def quantize_state_dict(tensors, targets: set[str], cfg: QahiraQuantConfig, clip_search: bool,
-                        progress: bool = True):
+                        progress: bool = True, device: torch.device = torch.device("cpu")):
     """The quantized checkpoint's tensors: {name: tensor} and error statistics.
 
     Every float tensor is checked finite (QahiraFormatError naming tensor and index); each
     layer in `targets` is checked storable (quant_math.check_quantizable) and replaced by its
-    qweight / scales / offsets; everything else passes through unchanged.
+    qweight / scales / offsets (quantize_layer, on `device`); everything else passes through
+    unchanged.
     """
     out: dict[str, torch.Tensor] = {}
-    stats = {"layers": 0, "sq_err": 0.0, "sq_ref": 0.0}
+    stats = {"layers": 0, "sq_err": 0.0, "sq_ref": 0.0, "backend": quantizer_backend(device)}
     bar = tqdm(total=len(targets), desc="quantizing", unit="layer", disable=not progress)
     try:
         for name, t in tensors:
             layer = name[: -len(".weight")] if name.endswith(".weight") else None
             if layer is None or layer not in targets:
-                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                if t.is_floating_point() and not _all_finite(t, stats["backend"]):
                     check_quantizable(t, cfg, name)  # raises, naming the first bad index
                 out[name] = t
                 continue
-            check_quantizable(t, cfg, name)
-            q, scales, offsets = quantize(t, cfg, clip_search=clip_search)
-            out[f"{layer}.qweight"] = pack_qweight(q, cfg.bits)
-            out[f"{layer}.scales"] = scales
-            out[f"{layer}.offsets"] = offsets
-            w = t.float()
-            deq = dequantize(out[f"{layer}.qweight"], scales, offsets, cfg)
-            stats["sq_err"] += (deq - w).square().sum().item()
-            stats["sq_ref"] += w.square().sum().item()
+            (out[f"{layer}.qweight"], out[f"{layer}.scales"], out[f"{layer}.offsets"],
+             sq_err, sq_ref) = quantize_layer(t, cfg, clip_search, name, device)
+            stats["sq_err"] += sq_err
+            stats["sq_ref"] += sq_ref
             stats["layers"] += 1
             bar.update(1)
     finally:
@@ -130,15 +193,22 @@ def quantize_model(model: str | os.PathLike, out_dir: str | os.PathLike, bits: i
                    block_size: tuple[int, int] = (1, 64), offset_dtype: str = "float16",
                    clip_search: bool = True, keep_unconvertible: bool = False,
                    skip: tuple[str, ...] = (), overwrite: bool = False,
-                   progress: bool = True, lm_head: bool = False) -> dict:
+                   progress: bool = True, lm_head: bool = False, device: str = "auto") -> dict:
     """Quantize `model` (folder or hub id) into `out_dir`, written atomically. Returns a summary.
 
     lm_head=True converts the output projection too (as GPTQ's `lm_head` option does): it
     shrinks the largest single matrix of small models and the last weight read of every decode
     step, at some cost in fidelity (measure it). A tied model is then stored untied: the input
     embedding stays in float, lm_head gets its own quantized copy, and config.json says
-    tie_word_embeddings false."""
+    tie_word_embeddings false.
+
+    device: auto (CUDA when available) | cpu | cuda | cuda:N, where the clip search runs (CPU:
+    the compiled kernel on torch.get_num_threads() threads; CUDA: the torch definition); the
+    output is the same bits on every device. ValueError for an unusable device."""
+    from .training.trainer import resolve_device
+
     t0 = time.time()
+    dev = resolve_device(device)
     if Path(out_dir).exists() and not overwrite:  # fail before quantizing, not after
         raise FileExistsError(f"output folder {Path(out_dir).resolve()} already exists "
                               "(pass --overwrite to replace)")
@@ -171,7 +241,7 @@ def quantize_model(model: str | os.PathLike, out_dir: str | os.PathLike, bits: i
     notes = [f"kept {', '.join(members)} in float too: vLLM serves them as one layer "
              f"({fused}) with another member that is not converted"
              for fused, members in sorted(widened.items())]
-    state, stats = quantize_state_dict(tensors, convert, cfg0, clip_search, progress)
+    state, stats = quantize_state_dict(tensors, convert, cfg0, clip_search, progress, dev)
     widened_members = sorted(m for members in widened.values() for m in members)
     cfg = QahiraQuantConfig(
         bits=bits, block_size=tuple(block_size), offset_dtype=offset_dtype,
@@ -186,4 +256,5 @@ def quantize_model(model: str | os.PathLike, out_dir: str | os.PathLike, bits: i
     rel_err = (stats["sq_err"] / max(stats["sq_ref"], 1e-30)) ** 0.5
     return {"out_dir": str(Path(out_dir).resolve()), "layers_converted": stats["layers"],
             "modules_not_converted": list(cfg.modules_not_converted), "notes": notes,
-            "relative_weight_error": rel_err, "seconds": round(time.time() - t0, 2)}
+            "relative_weight_error": rel_err, "device": str(dev),
+            "quantizer_backend": stats["backend"], "seconds": round(time.time() - t0, 2)}

@@ -80,7 +80,7 @@ def test_quantize_help_lists_options():
     r = _cli("quantize", "--help")
     assert r.returncode == 0
     for opt in ("--bits", "--block", "--offset-dtype", "--quantizer", "--keep-unconvertible",
-                "--skip", "--overwrite"):
+                "--skip", "--overwrite", "--device"):
         assert opt in r.stdout
 
 

@@ -4,6 +4,7 @@ references computed independently (python bit arithmetic, explicit index arithme
 from __future__ import annotations
 
 
+import numpy as np
 import pytest
 import torch
 
@@ -275,3 +276,78 @@ def test_quantize_accepts_bf16_and_fp16_input():
     got = qm.quantize(w.to(torch.bfloat16), cfg)
     for a, b in zip(ref, got):
         assert torch.equal(a, b)
+
+
+# ---- the clip search's definition, against a scalar numpy float32 reference ----------------
+
+def _sq_err_in_order_np(d2: np.ndarray) -> np.float32:
+    """The documented order, one float32 operation at a time: 16 lanes, lane j adds values
+    j, j+16, ... in turn, then halves pairwise (first half + second half) down to one."""
+    lanes = [np.float32(0.0)] * qm.SQ_ERR_LANES
+    for i, v in enumerate(d2):
+        lanes[i % qm.SQ_ERR_LANES] = np.float32(lanes[i % qm.SQ_ERR_LANES] + v)
+    while len(lanes) > 1:
+        h = len(lanes) // 2
+        lanes = [np.float32(a + b) for a, b in zip(lanes[:h], lanes[h:])]
+    return lanes[0]
+
+
+@pytest.mark.parametrize("n", [4, 18, 32, 64, 100, 1024])
+def test_block_sq_err_follows_the_documented_order(n):
+    d2 = torch.randn(5, n, generator=_gen(30 + n)).square() * 1e3
+    got = qm.block_sq_err(d2)
+    for b in range(5):
+        ref = _sq_err_in_order_np(d2[b].numpy())
+        assert got[b].item() == float(ref), (b, got[b].item(), float(ref))
+    # and the order matters: a plain left-to-right float32 sum differs somewhere
+    seq = [np.float32(0.0)] * 5
+    for b in range(5):
+        for v in d2[b].numpy():
+            seq[b] = np.float32(seq[b] + v)
+    if n >= 64:
+        assert any(float(seq[b]) != got[b].item() for b in range(5))
+
+
+def _quantize_block_np(x: np.ndarray, bits: int, offset_dtype, ratios):
+    """One block (flat float32 values, block order), scalar by scalar: the best (err, s, z, q)."""
+    f = np.float32
+    qmax = f(2 ** bits - 1)
+    lo, hi = f(x.min()), f(x.max())
+    mid, half = f(f(lo + hi) / f(2)), f(f(hi - lo) / f(2))
+    best = None
+    for r in ratios:
+        r = f(r)
+        r_lo, r_hi = (lo, hi) if r == f(1.0) else (f(mid - f(r * half)), f(mid + f(r * half)))
+        s = f(f(r_hi - r_lo) / qmax)
+        s = s if s > 0 else f(1.0)
+        s = f(np.float16(min(max(s, f(2.0 ** -24)), f(65504.0))))
+        z = f(offset_dtype(r_lo))
+        q = np.clip(np.rint(((x - z) / s).astype(np.float32)), 0, qmax).astype(np.float32)
+        d = ((q * s).astype(np.float32) + z).astype(np.float32) - x
+        err = _sq_err_in_order_np((d * d).astype(np.float32))
+        if best is None or err < best[0]:
+            best = (err, s, z, q)
+    return best
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("block,offset_dtype", [((1, 32), "float16"), ((8, 4), "float32"),
+                                                ((2, 9), "float16")])
+def test_quantize_is_the_scalar_definition(bits, block, offset_dtype):
+    bo, bi = block
+    out_f, in_f = 4 * bo, 3 * bi
+    w = torch.randn(out_f, in_f, generator=_gen(40)) * 0.02
+    # a heavy-tailed row (normal / uniform: rare values 10-20x the typical one)
+    w[0] = (torch.randn(in_f, generator=_gen(41)) * 0.02
+            / torch.rand(in_f, generator=_gen(42)).clamp_min(0.05))
+    cfg = QahiraQuantConfig(bits=bits, block_size=block, offset_dtype=offset_dtype)
+    q, scales, offsets, err = qm.quantize_with_error(w, cfg)
+    odt = np.float16 if offset_dtype == "float16" else np.float32
+    for i in range(out_f // bo):
+        for j in range(in_f // bi):
+            x = w[i * bo:(i + 1) * bo, j * bi:(j + 1) * bi].reshape(-1).numpy()
+            e, s, z, qb = _quantize_block_np(x, bits, odt, qm.DEFAULT_CLIP_RATIOS)
+            assert err[i, j].item() == float(e)
+            assert scales[i, j].item() == float(s) and offsets[i, j].item() == float(z)
+            assert np.array_equal(q[i * bo:(i + 1) * bo, j * bi:(j + 1) * bi].reshape(-1)
+                                  .numpy(), qb.astype(np.uint8))

@@ -16,7 +16,8 @@ import torch
 from support import tiny as tm  # noqa: E402
 from qahira_vllm.checkpoint import (dequantized_state_dict, load_reference_model,  # noqa: E402
                                     validate_checkpoint, read_quant_config)
-from qahira_vllm.format import QahiraFormatError  # noqa: E402
+from qahira_vllm import quant_math as qm  # noqa: E402
+from qahira_vllm.format import QahiraFormatError, QahiraQuantConfig  # noqa: E402
 from qahira_vllm.quantize import quantize_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -502,3 +503,59 @@ def test_scale_overflowing_float16_is_refused(src, tmp_path):
     with pytest.raises(QahiraFormatError) as ei:
         quantize_model(bad, tmp_path / "out", offset_dtype="float32", progress=False)
     assert DOWN in str(ei.value) and "exceeds float16" in str(ei.value), str(ei.value)
+
+
+# ---- backends: the compiled CPU kernel, the torch definition (fallback, CUDA): the same bits ----
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_checkpoint_is_the_definition_bit_for_bit(src, tmp_path, device):
+    summary = quantize_model(src["qwen2"], tmp_path / "o", bits=4, block_size=(2, 16),
+                             device=device, progress=False)
+    assert summary["quantizer_backend"] == ("cpu-kernel" if device == "cpu" else "torch-cuda")
+    source, got = tm.load_safetensors_dir(src["qwen2"]), tm.load_safetensors_dir(tmp_path / "o")
+    cfg = QahiraQuantConfig(bits=4, block_size=(2, 16))
+    sq_err = sq_ref = 0.0
+    for layer in tm.linear_layer_names():
+        w = source[f"{layer}.weight"]
+        q, scales, offsets = qm.quantize(w, cfg)  # the definition, torch on CPU
+        assert torch.equal(got[f"{layer}.qweight"], qm.pack_qweight(q, 4)), layer
+        assert torch.equal(got[f"{layer}.scales"], scales), layer
+        assert torch.equal(got[f"{layer}.offsets"], offsets), layer
+        deq = qm.dequantize(got[f"{layer}.qweight"], scales, offsets, cfg).double()
+        sq_err += (deq - w.double()).square().sum().item()
+        sq_ref += w.double().square().sum().item()
+    # the error statistics come from the search itself: the same within fp32 rounding
+    assert summary["relative_weight_error"] == pytest.approx((sq_err / sq_ref) ** 0.5, rel=1e-5)
+
+
+def test_without_the_compiled_library_the_torch_definition_gives_the_same_bits(
+        src, quantized, tmp_path):
+    """No usable compiler (CC=/bin/false, an empty kernel cache): the CLI says so once and falls
+    back to the torch definition, whose checkpoint equals the compiled kernel's bit for bit."""
+    ref_dir, ref_summary = quantized("llama", 4, (1, 64))
+    env = dict(os.environ, CC="/bin/false", QAHIRA_KERNEL_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, "-m", "qahira_vllm.cli", "quantize", str(src["llama"]),
+                           str(tmp_path / "o"), "--device", "cpu"],
+                          capture_output=True, text=True, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("compiled CPU quantizer is unavailable") == 1, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["quantizer_backend"] == "torch-cpu" and summary["device"] == "cpu"
+    assert summary["relative_weight_error"] == pytest.approx(
+        ref_summary["relative_weight_error"], rel=1e-6)
+    ref, got = tm.load_safetensors_dir(ref_dir), tm.load_safetensors_dir(tmp_path / "o")
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+
+
+def test_unknown_or_unusable_device_is_refused_before_work(src, tmp_path):
+    with pytest.raises(ValueError, match="expected auto, cpu, cuda or cuda:N"):
+        quantize_model(src["llama"], tmp_path / "o", device="tpu", progress=False)
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(ValueError, match="CUDA|does not exist"):
+        quantize_model(src["llama"], tmp_path / "o", device=f"cuda:{n}", progress=False)
+    assert not (tmp_path / "o").exists()

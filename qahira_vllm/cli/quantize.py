@@ -34,6 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lm-head", action="store_true",
                    help="convert lm_head too (default: kept in float); a tied model is stored "
                         "untied, the input embedding staying in float")
+    p.add_argument("--device", default="auto",
+                   help="where the clip search runs: auto (CUDA when available) | cpu | cuda | "
+                        "cuda:N; the same output on every device (CPU: compiled, all of torch's "
+                        "threads)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--push-to-hub", metavar="REPO", help="upload the result to this hub repo")
 
@@ -45,7 +49,8 @@ def run(args) -> int:
                              offset_dtype=args.offset_dtype,
                              clip_search=args.quantizer == "mse_clip",
                              keep_unconvertible=args.keep_unconvertible, skip=tuple(args.skip),
-                             overwrite=args.overwrite, lm_head=args.lm_head)
+                             overwrite=args.overwrite, lm_head=args.lm_head,
+                             device=args.device)
     if args.push_to_hub:
         from huggingface_hub import HfApi
 

@@ -18,7 +18,8 @@ once if it is already imported), so that plugin registration itself imports noth
                                                lm_head weights), and accepts an lm_head
                                                converted by `quantize --lm-head`
     WorkerLoRAManager.create_lora_manager      remember the served model folder
-    WorkerLoRAManager._load_adapter            our checks (lora/loader.py) run first
+    WorkerLoRAManager._load_adapter            our checks (lora/loader.py) run first; QA-HiRA
+                                               adapters are built by loader.qahira_lora_model
   vllm.entrypoints.openai.models.serving.OpenAIServingModels.load_lora_adapter
                                                a rejected adapter is answered 400, not 500
 
@@ -31,6 +32,7 @@ stock `_get_logits` only switches the lm_head skip off; a changed serving method
 
 from __future__ import annotations
 
+import functools
 import importlib.abc
 import importlib.machinery
 import os
@@ -67,6 +69,7 @@ def _patch_logits_processor(utils, logits_cls) -> None:
     by name: patch it there too if it is already imported."""
     original = utils.from_layer_logits_processor
 
+    @functools.wraps(original)  # vllm_api's source pin reads the original through it
     def from_layer_logits_processor(layer, lm_head, max_loras, lora_config, model_config=None):
         if hasattr(lm_head, "weight"):
             dtype, device = lm_head.weight.dtype, lm_head.weight.device
@@ -138,10 +141,13 @@ def _patch_worker_manager(worker_manager) -> None:
     cls = worker_manager.WorkerLoRAManager
     original_load = cls._load_adapter
 
+    @functools.wraps(original_load)  # vllm_api's source pin reads the original through it
     def _load_adapter(self, lora_request):
-        from .loader import validate_lora_request
+        from .loader import qahira_lora_model, validate_lora_request
 
-        validate_lora_request(self, lora_request)
+        adapter = validate_lora_request(self, lora_request)
+        if adapter is not None and adapter.config.adapter_type == "qahira":
+            return qahira_lora_model(self, lora_request, adapter)
         return original_load(self, lora_request)
 
     cls._load_adapter = _load_adapter

@@ -7,9 +7,14 @@ all-reduce stay vLLM's) and replaces the adapter storage and math:
     lora_b_stacked[i]  [slots, out_local_i, R_max]   slot s, slice i: B[:out_local_i/q, :rank]
     geometry[i][s]     SlotGeometry(pool, repeat, rank) or None (slot empty for this slice)
 
+    qahira_slots[i][s] QahiraSlot(M shard, pool, repeat, scaling) or None: a QA-HiRA adapter
+
 Slices: 1 (column / row parallel), 2 (gate_up), 3 (q, k, v). Geometry is read from the compact
 tensor shapes at set_lora (p = in / A.cols, q = out / B.rows), so a plain LoRA is p = q = 1 and
-vLLM's adapter pipeline carries Q-BaRA tensors unchanged. vLLM folds the scaling into B once
+vLLM's adapter pipeline carries Q-BaRA tensors unchanged. A QA-HiRA adapter (no rank: one
+pooled matrix M [out/q, in/p]) reaches set_lora as lora_a = M and lora_b = a one-element tensor
+holding its scaling (lora/loader.py builds that LoRAModel; vLLM folds the scaling into it as it
+does into a LoRA's B), and is held apart from the rank-r slots, in its own size. vLLM folds the scaling into B once
 (LoRALayerWeights.optimize), per layer as its PEFTHelper resolves it (PEFT's rank_pattern /
 alpha_pattern / rsLoRA; loader.check_vllm_scaling checks it equals PEFT's), so the per-slot
 scaling is 1 and a slice's rank comes from its own tensors.
@@ -33,13 +38,14 @@ from vllm.model_executor.layers.linear import (ColumnParallelLinear,
                                                RowParallelLinear)
 
 from qahira_kernels import cpu_lib
+from qahira_kernels.layouts import pack_qahira_slots
 from qahira_kernels.cpu_qbara import MAX_RANK as CPU_KERNEL_MAX_RANK
 from qahira_kernels.cpu_qbara import CpuQbaraLayer
 
 from ..adapter_format import AdapterError
 from ..linear_kernels import disabled_kernels
 from .batch import slot_batch
-from .ops import SlotGeometry, add_qbara_segments
+from .ops import QahiraSlot, SlotGeometry, add_qahira_segments, add_qbara_segments
 
 CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -94,6 +100,9 @@ class QbaraSlotsMixin:
             [None] * max_loras for _ in self.slice_full]
         self._device_geometry = None  # int32/fp32 per-slot tensors for the CUDA kernels
         self._packed = [{} for _ in self.slice_full]  # ops.pack_slots cache, per slice
+        self.qahira_slots: list[list[QahiraSlot | None]] = [
+            [None] * max_loras for _ in self.slice_full]
+        self._qahira_tables = None  # the kernels' view of qahira_slots, rebuilt after changes
         self._cpu_kernel = None
         if (torch.device(self.device).type == "cpu" and r_max <= CPU_KERNEL_MAX_RANK
                 and "cpu_qbara" not in disabled_kernels()
@@ -114,12 +123,14 @@ class QbaraSlotsMixin:
             self.lora_a_stacked[i][index] = 0
             self.lora_b_stacked[i][index] = 0
             self.geometry[i][index] = None
+            self.qahira_slots[i][index] = None
             self._packed[i].clear()
             if self._cpu_kernel is not None:
                 self._bt_stacked[i][index] = 0
                 self._geo[i][index] = 0
                 self._coef[i][index] = 0
         self._device_geometry = None
+        self._qahira_tables = None
 
     def check_geometry(self, i: int, pool: int, repeat: int, rank: int,
                        where: str = "") -> None:
@@ -165,6 +176,29 @@ class QbaraSlotsMixin:
         self.check_geometry(i, g.pool, g.repeat, g.rank, where)
         return g
 
+    def qahira_geometry(self, i: int, m: torch.Tensor, where: str = "") -> tuple[int, int]:
+        """(pool, repeat) of a QA-HiRA M [out_i/q, in/p] (full, unsharded) for slice i; raises
+        AdapterError unless it tiles the layer and this rank's shard."""
+        where = where or f"layer {self.base_layer.prefix!r} slice {i}"
+        if m.dim() != 2 or 0 in m.shape or self.slice_full[i] % m.shape[0] \
+                or self.in_full % m.shape[1]:
+            raise AdapterError(f"{where}: qahira_M {list(m.shape)} does not tile the layer "
+                               f"[out={self.slice_full[i]}, in={self.in_full}]")
+        pool, repeat = self.in_full // m.shape[1], self.slice_full[i] // m.shape[0]
+        self.check_geometry(i, pool, repeat, 0, where)
+        return pool, repeat
+
+    def _set_qahira(self, i: int, index: int, m: torch.Tensor, scale: torch.Tensor) -> None:
+        pool, repeat = self.qahira_geometry(i, m)
+        (start, size), (in_start, in_size) = self.slice_shard[i], self.in_shard
+        shard = m[start // repeat:(start + size) // repeat,
+                  in_start // pool:(in_start + in_size) // pool]
+        dtype = self.lora_a_stacked[i].dtype
+        self.qahira_slots[i][index] = QahiraSlot(
+            shard.to(device=self.device, dtype=dtype).contiguous(), pool, repeat,
+            float(scale.reshape(()).item()))
+        self._qahira_tables = None
+
     def set_lora(self, index: int, lora_a, lora_b) -> None:
         self.reset_lora(index)
         if isinstance(lora_a, torch.Tensor):
@@ -175,6 +209,9 @@ class QbaraSlotsMixin:
         in_start, in_size = self.in_shard
         for i, (a, b) in enumerate(zip(lora_a, lora_b)):
             if a is None or b is None:
+                continue
+            if b.dim() == 1:  # QA-HiRA: a is M, b its scaling (see the module docstring)
+                self._set_qahira(i, index, a, b)
                 continue
             g = self.slice_geometry(i, a, b)
             start, size = self.slice_shard[i]
@@ -212,6 +249,7 @@ class QbaraSlotsMixin:
                 and x2.dtype in CPU_KERNEL_DTYPES and out2.stride(-1) == 1:
             rows, slots = batch.token_slots(x2.shape[0])
             if rows.numel():
+                self._sync_cpu_kernel_qahira()
                 self._cpu_kernel.apply(out2, x2, rows, slots)
         else:
             segments = batch.segments(x2.shape[0])
@@ -223,10 +261,59 @@ class QbaraSlotsMixin:
                                        self.lora_a_stacked[i], self.lora_b_stacked[i],
                                        self.geometry[i], cache, pooled, self._packed[i])
                     offset += size
+                self._add_qahira(out2, x2, batch, pooled)
         return out
 
+    def _qahira_kernel_tables(self):
+        """Per slice, the QA-HiRA slots as the kernels read them (qahira_kernels.layouts.
+        pack_qahira_slots): (m_flat fp32, m_offset int64 [slots], pool, repeat, on int32
+        [slots], scaling fp32 [slots]) on the layer's device, or None for a slice without any;
+        cached until a slot changes."""
+        if self._qahira_tables is None:
+            tables = []
+            for row in self.qahira_slots:
+                if not any(row):
+                    tables.append(None)
+                    continue
+                m_flat, m_offset = pack_qahira_slots([a.m if a else None for a in row])
+                geo = torch.tensor([(a.pool, a.repeat, 1) if a else (1, 1, 0) for a in row],
+                                   dtype=torch.int32)
+                scaling = torch.tensor([a.scaling if a else 0.0 for a in row],
+                                       dtype=torch.float32)
+                tables.append((m_flat, m_offset, *(t.to(m_flat.device) for t in (
+                    geo[:, 0].contiguous(), geo[:, 1].contiguous(), geo[:, 2].contiguous(),
+                    scaling))))
+            self._qahira_tables = tables
+        return self._qahira_tables
+
+    def _sync_cpu_kernel_qahira(self) -> None:
+        """Point the compiled CPU kernel at the current QA-HiRA tables (after any change)."""
+        if self._qahira_tables is not None:
+            return
+        for c, table in enumerate(self._qahira_kernel_tables()):
+            if table is None:
+                self._cpu_kernel.set_qahira(c, None)
+                continue
+            m_flat, m_offset, pool, repeat, on, scaling = table
+            self._cpu_kernel.set_qahira(c, m_flat, m_offset,
+                                        torch.stack([pool, repeat, on], 1).contiguous(),
+                                        scaling / pool.to(torch.float32))
+
+    def _add_qahira(self, out2: torch.Tensor, x2: torch.Tensor, batch,
+                    pooled: dict | None = None) -> None:
+        """The QA-HiRA slots' deltas on the torch path (the rank-r paths leave those slots
+        alone)."""
+        if not any(any(row) for row in self.qahira_slots):
+            return
+        segments, pooled = batch.segments(x2.shape[0]), {} if pooled is None else pooled
+        offset = 0
+        for i, (_, size) in enumerate(self.slice_shard):
+            add_qahira_segments(out2[:, offset:offset + size], x2, segments,
+                                self.qahira_slots[i], pooled)
+            offset += size
+
     def _apply_cuda(self, out2: torch.Tensor, x2: torch.Tensor, batch) -> None:
-        from qahira_kernels.qbara import qbara_apply  # Triton: CUDA only, imported lazily
+        from qahira_kernels.qbara import qahira_apply, qbara_apply  # Triton: CUDA only
 
         slot_idx, segments = batch.kernel_segments(x2.shape[0], self.lora_a_stacked[0].shape[0])
         if self._device_geometry is None:
@@ -237,6 +324,10 @@ class QbaraSlotsMixin:
             qbara_apply(out2[:, offset:offset + size], x2, self.lora_a_stacked[i],
                         self.lora_b_stacked[i], pool, repeat, rank, scaling, slot_idx,
                         segments=segments)
+            table = self._qahira_kernel_tables()[i]
+            if table is not None:
+                qahira_apply(out2[:, offset:offset + size], x2, *table, slot_idx,
+                             segments=segments)
             offset += size
 
     def _geometry_tensors(self, device):

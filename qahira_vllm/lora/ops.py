@@ -6,7 +6,8 @@ For a token t served by slot s (geometry pool p, repeat q, rank r):
     y[t] += s_scale * R_q(B[s, :out/q, :r] @ A[s, :r, :in/p] @ P_p(x[t]))
 
 P_p: mean of p adjacent inputs; R_q: each output repeated q times (repeat_interleave), as
-defined in qahira_vllm.adapter_math (pool_sum comes from there). Slot -1
+defined in qahira_vllm.adapter_math (pool_sum comes from there). A slot holding a QA-HiRA
+(M [out/q, in/p], no rank) adds s * R_q(M P_p(x)) instead (add_qahira_segments). Slot -1
 is "no adapter": its tokens are never touched. Stacked buffers are zero-padded
 (A [slots, R_max, in], B [slots, out, R_max]); only the [:r, :in/p] and [:out/q, :r] corners of
 a slot are read, so the adapter is never expanded to full width. No vLLM import here.
@@ -147,12 +148,50 @@ def add_qbara_segments(y: torch.Tensor, x: torch.Tensor, segments: Sequence[Segm
 
 def _add_segment(y, xp, seg: Segment, a_stacked, b_stacked, g: SlotGeometry) -> None:
     """xp: pool_sum(x, g.pool) of every token."""
-    d = qbara_delta(xp[seg.rows], a_stacked[seg.slot], b_stacked[seg.slot], g,
-                    y.shape[-1]).to(y.dtype)
+    d = qbara_delta(xp[seg.rows], a_stacked[seg.slot], b_stacked[seg.slot], g, y.shape[-1])
+    _add_rows(y, seg, d.to(y.dtype), g.repeat)
+
+
+def _add_rows(y: torch.Tensor, seg: Segment, d: torch.Tensor, repeat: int) -> None:
+    """y[seg.rows] += R_q(d), d [tokens of seg, out/q] in y's dtype."""
     if seg.contiguous:
-        repeat_add_(y[seg.rows], d, g.repeat)
+        repeat_add_(y[seg.rows], d, repeat)
     else:
-        y.index_add_(0, seg.rows, d.repeat_interleave(g.repeat, dim=-1) if g.repeat > 1 else d)
+        y.index_add_(0, seg.rows, d.repeat_interleave(repeat, dim=-1) if repeat > 1 else d)
+
+
+@dataclass(frozen=True)
+class QahiraSlot:
+    """One slot's QA-HiRA on one layer slice: delta(x) = scaling * R_q(M P_p(x)).
+
+    m: [out_local/repeat, in_local/pool], contiguous, in the slot buffers' dtype (this rank's
+    tensor-parallel shard of the adapter's M)."""
+
+    m: torch.Tensor
+    pool: int
+    repeat: int
+    scaling: float
+
+
+def add_qahira_segments(y: torch.Tensor, x: torch.Tensor, segments: Sequence[Segment],
+                        slots: Sequence[QahiraSlot | None],
+                        pooled: dict | None = None) -> torch.Tensor:
+    """In place: y[rows] += scaling * R_q(M P_p(x[rows])) for every segment whose slot holds a
+    QA-HiRA on this slice (the others are left alone). Returns y.
+
+    y: [T, out_local] (may be a column slice of a wider output); x: [T, in_local]. The math
+    runs in M's dtype: pool_sum, one GEMM with M^T, then scaling / pool on the [T, out/q]
+    result. `pooled`: as in add_qbara_segments (pool -> pool_sum(x) in that dtype)."""
+    pooled = {} if pooled is None else pooled
+    for seg in segments:
+        a = slots[seg.slot]
+        if a is None:
+            continue
+        if a.pool not in pooled:
+            pooled[a.pool] = pool_sum(x.to(a.m.dtype), a.pool)
+        d = pooled[a.pool][seg.rows] @ a.m.t()
+        _add_rows(y, seg, (d * (a.scaling / a.pool)).to(y.dtype), a.repeat)
+    return y
 
 
 def _segment_rows(segs: Sequence[Segment]) -> torch.Tensor:

@@ -255,9 +255,32 @@ SYMBOLS: tuple[Symbol, ...] = (
     Symbol(_WM, "LRUCacheWorkerLoRAManager.create_lora_manager", "method", LORA,
            "self, model, vllm_config", patched="wrapped: remember the served model folder"),
     Symbol(_WM, "WorkerLoRAManager._load_adapter", "method", LORA, "self, lora_request",
-           patched="wrapped: lora/loader.py's checks run first"),
+           patched="wrapped: lora/loader.py's checks run first; for QA-HiRA adapters "
+                   "loader.qahira_lora_model re-states its steps",
+           sha256="e05648e184ddc4f7653516d774688af9e5864a851ea6ec34c49a93a39a942126"),
     Symbol(_WM, "WorkerLoRAManager._adapter_manager", "instance attribute", LORA),
     Symbol(_WM, "WorkerLoRAManager.lora_config", "instance attribute", LORA),
+    # ---- QA-HiRA adapters: lora/loader.qahira_lora_model
+    *(Symbol(_WM, f"WorkerLoRAManager.{attr}", "instance attribute", LORA)
+      for attr in ("max_position_embeddings", "vocab_size", "_lora_model_cls")),
+    Symbol("vllm.lora.peft_helper", "PEFTHelper.from_local_dir", "classmethod", LORA,
+           "lora_path, max_position_embeddings"),
+    Symbol("vllm.lora.peft_helper", "PEFTHelper.validate_legal", "method", LORA,
+           "self, lora_config"),
+    Symbol("vllm.lora.lora_model", "LoRAModel.from_lora_tensors", "classmethod", LORA,
+           "lora_model_id, tensors, peft_helper, device=, dtype=, model_vocab_size=, "
+           "weights_mapper=, skip_prefixes="),
+    Symbol("vllm.lora.lora_weights", "LoRALayerWeights.optimize", "method", LORA, "self",
+           note="folds the scaling into lora_b by multiplication: a QA-HiRA's one-element "
+                "lora_b becomes its scaling",
+           sha256="a472946da5ea6777641c996bbe4f7e817863e9a69c4465d365217513b0225390"),
+    Symbol("vllm.lora.model_manager", "LoRAModelManager.model", "instance attribute", LORA),
+    *(Symbol("vllm.lora.model_manager", f"LoRAModelManager.{name}", "method", LORA,
+             "self, lora_model")
+      for name in ("_validate_moe_lora_format", "_validate_modules_to_save",
+                   "_validate_token_classification_lora")),
+    Symbol("vllm.lora.request", "LoRARequest.lora_int_id", "field", LORA),
+    Symbol("vllm.lora.request", "LoRARequest.is_3d_lora_weight", "field", LORA),
     Symbol("vllm.config", "VllmConfig.model_config", "field", LORA),
     Symbol("vllm.config", "ModelConfig.model", "field", LORA),
 

@@ -162,3 +162,88 @@ def test_reset_clears_a_slot(math_path):
     layer.set_mapping(_Punica([0, 0]))
     x = torch.randn(2, IN)
     assert torch.equal(layer.apply(x), x @ layer.base_layer.w.t())
+
+
+# ----------------------------------------------------------------------------- QA-HiRA slots
+
+def _qahira_dense(m: torch.Tensor, pool: int, repeat: int, scaling: float) -> torch.Tensor:
+    """dW[o, i] = s * M[o // q, i // p] / p (docs/FORMAT.md section 2), by explicit indexing."""
+    out, inp = m.shape[0] * repeat, m.shape[1] * pool
+    o = torch.arange(out)[:, None] // repeat
+    i = torch.arange(inp)[None, :] // pool
+    return scaling * m.double()[o, i] / pool
+
+
+def _m(out, pool, repeat, seed):
+    return torch.randn(out // repeat, IN // pool, generator=torch.Generator().manual_seed(seed))
+
+
+# slot 0: Q-BaRA; slots 1 and 2: QA-HiRA of two geometries (pool, repeat, scaling)
+QAHIRA_GEOS = {1: (4, 2, 2.0), 2: (8, 4, 0.75)}
+
+
+def _set_mixed_slots(layer, sizes):
+    """Slot 0 gets a Q-BaRA, slots 1 and 2 a QA-HiRA each (as vLLM hands them over: lora_a = M,
+    lora_b = [scaling]); returns the full dense dW per slot and slice."""
+    dense = {}
+    pairs = [_pair(GEOS[0], size, i) for i, size in enumerate(sizes)]
+    layer.set_lora(0, [a for a, _ in pairs], [b for _, b in pairs])
+    dense[0] = [(b.double().repeat_interleave(GEOS[0].repeat, 0)
+                 @ a.double().repeat_interleave(GEOS[0].pool, 1) / GEOS[0].pool)
+                for a, b in pairs]
+    for slot, (pool, repeat, scaling) in QAHIRA_GEOS.items():
+        ms = [_m(size, pool, repeat, 10 * slot + i) for i, size in enumerate(sizes)]
+        layer.set_lora(slot, ms, [torch.tensor([scaling], dtype=torch.float64)] * len(ms))
+        assert all(layer.qahira_slots[i][slot].pool == pool for i in range(len(sizes)))
+        assert all(layer.geometry[i][slot] is None for i in range(len(sizes)))
+        dense[slot] = [_qahira_dense(m, pool, repeat, scaling) for m in ms]
+    return dense
+
+
+def _expected(x, dense, slice_index):
+    y = torch.zeros(x.shape[0], dense[0][slice_index].shape[0], dtype=torch.float64)
+    for t, s in enumerate(SLOTS):
+        if s >= 0:
+            y[t] = x[t].double() @ dense[s][slice_index].t()
+    return y
+
+
+@pytest.mark.parametrize("tp_size", [1, 2])
+def test_qahira_slots_next_to_qbara_on_qkv_shards(tp_size, math_path):
+    x = torch.randn(len(SLOTS), IN)
+    for tp_rank in range(tp_size):
+        layer, sizes = _qkv(tp_rank, tp_size, math_path)
+        dense = _set_mixed_slots(layer, sizes)
+        layer.set_mapping(_Punica(SLOTS))
+        y = layer.apply(x)
+        parts = [_expected(x, dense, i).chunk(tp_size, dim=1)[tp_rank] for i in range(3)]
+        torch.testing.assert_close(y.double(), torch.cat(parts, dim=1), rtol=1e-5, atol=1e-5)
+        assert torch.equal(y[torch.tensor(SLOTS) < 0], torch.zeros(2, y.shape[1]))
+
+
+@pytest.mark.parametrize("tp_size", [1, 2])
+def test_qahira_row_parallel_partial_deltas_sum_to_the_full_delta(tp_size, math_path):
+    x = torch.randn(len(SLOTS), IN)
+    total = 0
+    for tp_rank in range(tp_size):
+        layer = _row(tp_rank, tp_size, math_path)
+        dense = _set_mixed_slots(layer, [48])
+        layer.set_mapping(_Punica(SLOTS))
+        total = total + layer.apply(x.chunk(tp_size, dim=1)[tp_rank])
+    torch.testing.assert_close(total.double(), _expected(x, dense, 0), rtol=1e-5, atol=1e-5)
+
+
+def test_qahira_misaligned_shards_and_reset(math_path):
+    layer, sizes = _qkv(1, 2, math_path)  # k, v: 16 outputs, 8 per rank
+    with pytest.raises(AdapterError, match="not aligned to repeat=16"):
+        layer.qahira_geometry(1, torch.zeros(1, IN // 4))
+    with pytest.raises(AdapterError, match="does not tile"):
+        layer.qahira_geometry(0, torch.zeros(5, IN // 4))
+    row = _row(1, 2, math_path)  # 32 input columns per rank
+    with pytest.raises(AdapterError, match="not aligned to pool=64"):
+        row.qahira_geometry(0, torch.zeros(48, 1))
+    row.set_lora(0, _m(48, 4, 2, 0), torch.tensor([2.0], dtype=torch.float64))
+    row.reset_lora(0)
+    row.set_mapping(_Punica([0, 0]))
+    x = torch.randn(2, IN // 2)
+    assert torch.equal(row.apply(x), x @ row.base_layer.w.t())

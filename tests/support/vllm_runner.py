@@ -7,10 +7,12 @@ its own environment (tensor parallel needs its own OpenMP binding) and is torn d
 
 SPEC: {"model": path, "llm_kwargs": {...}, "prompts": [str | [token ids]], "max_tokens": 16,
        "logprobs": 5, "lora": [{"name", "id", "path"} | null per prompt] (optional),
-       "dump_qahira": path.safetensors (optional; TP=1 in-process engine only)}
+       "dump_qahira": path.safetensors (optional; TP=1 in-process engine only),
+       "solo": true (optional: every request again, alone)}
 OUT:  {"outputs": [{"token_ids": [...], "text": str,
                     "first_logprobs": {token_id: logprob}}], "seconds_startup": float,
-       "qahira_kernels": {vLLM module name: kernel name} (with dump_qahira)}
+       "qahira_kernels": {vLLM module name: kernel name} (with dump_qahira),
+       "solo_outputs": [...] (with solo, as "outputs")}
 
 dump_qahira writes the qweight / scales / offsets of every module served by a qahira kernel,
 as "<vLLM module name>.<tensor>", for kernels that keep them as stored (cpu_blockwise,
@@ -41,15 +43,21 @@ def main(spec_path: str, out_path: str) -> None:
     # Prompts given as token id lists reach the model exactly as the reference sees them.
     prompts = [{"prompt_token_ids": p} if isinstance(p, list) else p for p in spec["prompts"]]
     outs = llm.generate(prompts, params, lora_request=lora_requests, use_tqdm=False)
-    result = {"seconds_startup": startup, "outputs": []}
-    for o in outs:
-        c = o.outputs[0]
-        first = {str(k): v.logprob for k, v in c.logprobs[0].items()} if c.logprobs else {}
-        result["outputs"].append({"token_ids": list(c.token_ids), "text": c.text,
-                                  "first_logprobs": first})
+    result = {"seconds_startup": startup, "outputs": [_dump(o) for o in outs]}
+    if spec.get("solo"):  # the same requests again, one generate call each
+        result["solo_outputs"] = [
+            _dump(llm.generate([p], params, use_tqdm=False,
+                               lora_request=lora_requests[i] if lora_requests else None)[0])
+            for i, p in enumerate(prompts)]
     if spec.get("dump_qahira"):
         result["qahira_kernels"] = _dump_qahira(llm, spec["dump_qahira"])
     json.dump(result, open(out_path, "w"))
+
+
+def _dump(out) -> dict:
+    c = out.outputs[0]
+    first = {str(k): v.logprob for k, v in c.logprobs[0].items()} if c.logprobs else {}
+    return {"token_ids": list(c.token_ids), "text": c.text, "first_logprobs": first}
 
 
 def _dump_qahira(llm, path: str) -> dict:

@@ -25,6 +25,7 @@ BF16_BASE_LOGPROB_TOL = 0.3  # bf16 vs fp32 engine, no adapter (measured max 0.1
 BF16_BATCH_LOGPROB_TOL = 0.05  # bf16 batched vs solo, first step (measured identical)
 MAX_RANK = 16
 ADAPTER_STD = 0.12  # random A and B: large enough that every adapter changes greedy tokens
+QAHIRA_STD = 2.0  # random M (its delta is averaged over pool inputs: a larger std for the same)
 # = tests/engine.CPU_ENGINE (engine is not importable at module level when this file runs as
 # the engine script) + fp32 and LoRA.
 CPU_LLM = {"kv_cache_memory_bytes": 256 << 20, "max_model_len": 512, "enforce_eager": True,
@@ -185,14 +186,22 @@ def test_native_equals_stock_vllm_on_exported_lora(smol, native_mixed, tmp_path)
     """Stock vLLM LoRA (our layers switched off) serving each adapter's PEFT export gives the
     native path's tokens. No base-only request here: the stock CPU path gives those the last
     adapter (the known vLLM bug), which is not what is compared."""
+    from support import tiny
+
     qckpt, _, exports, prompts = smol
     ids = {n: i + 1 for i, n in enumerate(ADAPTERS)}
     adapter_reqs = [(i, n) for i, n in enumerate(MIXED) if n is not None]
+    # A QA-HiRA adapter needs our layers: refused by name on stock LoRA layers.
+    qahira_dir = tiny.random_adapter(qckpt, tmp_path / "qahira", "qahira", pool=32, repeat=8,
+                                     rank=None, std=QAHIRA_STD, seed=8)
     spec = {"model": str(qckpt), "max_tokens": MAX_TOKENS,
             "llm_kwargs": {**CPU_LLM, "max_loras": len(ADAPTERS)},
+            "bad_loras": [{"name": "qahira", "id": 99, "path": str(qahira_dir)}],
             "requests": [{"prompt": prompts[i], "lora": _lora_ref(n, exports, ids)}
                          for i, n in adapter_reqs]}
     stock = run_spec(spec, tmp_path, env={"QAHIRA_NATIVE_LORA": "0"})
+    err = stock["bad_lora_errors"]["qahira"]
+    assert err and "qahira: adapter rejected" in err and "stock LoRA layers" in err, err
     for (i, n), served in zip(adapter_reqs, stock["batched"]):
         native = native_mixed["batched"][i]
         assert served["token_ids"] == native["token_ids"], f"request {i} ({n})"
@@ -275,14 +284,19 @@ def tiny_tp(tiny_llama_tp, tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-tp-adapters")
     qckpt = root / "ckpt"
     quantize_model(tiny_llama_tp, qckpt, bits=4, block_size=(1, 32), progress=False)
-    good = {"p2q2": dict(adapter_type="qbara", pool=2, repeat=2, rank=16, seed=1),
-            "p4q4": dict(adapter_type="qbara", pool=4, repeat=4, rank=8, seed=2),
-            "lora": dict(adapter_type="lora", rank=8, seed=3)}
-    dirs = {n: tiny.random_adapter(qckpt, root / n, std=0.1, scaling=2.0, **kw)
+    good = {"p2q2": dict(adapter_type="qbara", pool=2, repeat=2, rank=16, seed=1, std=0.1),
+            "p4q4": dict(adapter_type="qbara", pool=4, repeat=4, rank=8, seed=2, std=0.1),
+            "lora": dict(adapter_type="lora", rank=8, seed=3, std=0.1),
+            # M sharded by output rows (column parallel) and input columns (row parallel)
+            "qahira": dict(adapter_type="qahira", pool=32, repeat=8, seed=5, std=2.0)}
+    dirs = {n: tiny.random_adapter(qckpt, root / n, scaling=2.0, **kw)
             for n, kw in good.items()}
     # k/v_proj have 128 outputs, 64 per rank at TP=2: repeat 128 straddles the shard boundary.
-    misaligned = tiny.random_adapter(qckpt, root / "misaligned", "qbara", pool=2,
-                                             repeat=128, rank=8, std=0.1, seed=4)
+    misaligned = {
+        "misaligned": tiny.random_adapter(qckpt, root / "misaligned", "qbara", pool=2,
+                                          repeat=128, rank=8, std=0.1, seed=4),
+        "misaligned-qahira": tiny.random_adapter(qckpt, root / "misaligned-qahira", "qahira",
+                                                 pool=32, repeat=128, std=2.0, seed=6)}
     return qckpt, dirs, misaligned
 
 
@@ -290,11 +304,12 @@ def _tp_spec(qckpt, dirs, misaligned, tp):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(qckpt)
-    names = [None, "p2q2", "p4q4", "lora", None, "p2q2"]
+    names = [None, "p2q2", "p4q4", "lora", "qahira", "p2q2"]
     ids = {n: i + 1 for i, n in enumerate(dirs)}
     return {"model": str(qckpt), "max_tokens": MAX_TOKENS,
-            "llm_kwargs": {**CPU_LLM, "max_loras": 3, "tensor_parallel_size": tp},
-            "bad_loras": [{"name": "misaligned", "id": 99, "path": str(misaligned)}],
+            "llm_kwargs": {**CPU_LLM, "max_loras": 4, "tensor_parallel_size": tp},
+            "bad_loras": [{"name": name, "id": 99 + i, "path": str(path)}
+                          for i, (name, path) in enumerate(misaligned.items())],
             "requests": [{"prompt": tok(TEXTS[i]).input_ids, "lora": _lora_ref(n, dirs, ids)}
                          for i, n in enumerate(names)]}
 
@@ -307,10 +322,11 @@ def test_tensor_parallel_2_equals_1(tiny_tp, tmp_path):
     (tmp_path / "tp2").mkdir()
     tp1 = run_spec(_tp_spec(qckpt, dirs, misaligned, 1), tmp_path / "tp1")
     tp2 = run_spec(_tp_spec(qckpt, dirs, misaligned, 2), tmp_path / "tp2", env=TP2_ENV)
-    # The misaligned adapter is fine unsharded and refused, with the reason, at TP=2.
-    assert tp1["bad_lora_errors"]["misaligned"] is None
-    err = tp2["bad_lora_errors"]["misaligned"]
-    assert err and "qahira: adapter rejected" in err and "repeat=128" in err, err
+    # The misaligned adapters are fine unsharded and refused, with the reason, at TP=2.
+    for name in misaligned:
+        assert tp1["bad_lora_errors"][name] is None
+        err = tp2["bad_lora_errors"][name]
+        assert err and "qahira: adapter rejected" in err and "repeat=128" in err, err
     for i, (a, b) in enumerate(zip(tp1["batched"], tp2["batched"])):
         assert a["token_ids"] == b["token_ids"], f"request {i}"
         for tok, lp in a["first_logprobs"].items():
@@ -438,9 +454,11 @@ def server16(smol, tmp_path_factory):
     for k in range(16):
         pool, repeat, rank = geoms[k % 4]
         kind = "lora" if pool == 1 else "qbara"
-        many[f"a{k}"] = tiny.random_adapter(qckpt, root / f"a{k}", kind, pool=pool,
-                                                    repeat=repeat, rank=rank, std=ADAPTER_STD,
-                                                    seed=100 + k)
+        if k % 8 == 6:  # two QA-HiRA adapters (M [out/8, in/32]) among the 16
+            kind, pool, repeat, rank = "qahira", 32, 8, None
+        many[f"a{k}"] = tiny.random_adapter(
+            qckpt, root / f"a{k}", kind, pool=pool, repeat=repeat, rank=rank,
+            std=QAHIRA_STD if kind == "qahira" else ADAPTER_STD, seed=100 + k)
     args = [str(qckpt), "--served-model-name", "base", "--quantization", "qahira",
             "--dtype", "float32", "--kv-cache-memory-bytes", str(KV_CACHE_BYTES),
             "--max-model-len", "512",
@@ -492,6 +510,22 @@ def test_runtime_load_unload_and_invalid_adapters(server16, smol):
     assert status == 200, body
     status, _ = _post(url, "/v1/unload_lora_adapter", {"lora_name": "runtime"})
     assert status == 404
+    # A QA-HiRA adapter loaded at runtime answers as the trainer's forward of base + adapter.
+    from support import tiny
+    from support.hf_reference import greedy_reference
+
+    from qahira_vllm.training.model import load_model_with_adapter
+
+    qahira_dir = tiny.random_adapter(qckpt, root / "runtime-qahira", "qahira", pool=64,
+                                     repeat=4, rank=None, std=QAHIRA_STD, seed=7)
+    status, body = _post(url, "/v1/load_lora_adapter",
+                         {"lora_name": "runtime-qahira", "lora_path": str(qahira_dir)})
+    assert status == 200, body
+    expected = greedy_reference(load_model_with_adapter(qckpt, qahira_dir), prompts[0],
+                                MAX_TOKENS)[0]
+    assert _complete(url, "runtime-qahira", prompts[0]) == expected
+    status, body = _post(url, "/v1/unload_lora_adapter", {"lora_name": "runtime-qahira"})
+    assert status == 200, body
     # Each broken adapter: a clear 4xx, while a request to another adapter completes.
     broken = _broken_adapters(qckpt, Path(dirs["qb-p2q2-r16"]), root)
     solo = _complete(url, "a1", prompts[1])

@@ -1,4 +1,5 @@
-"""Start `qahira serve` as a child process on 127.0.0.1 and wait until it answers /health."""
+"""Start `qahira serve` (or `vllm serve`) as a child process on 127.0.0.1 and wait until it
+answers /health."""
 
 from __future__ import annotations
 
@@ -19,17 +20,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def qahira_executable() -> str:
-    exe = Path(sys.executable).parent / "qahira"  # the console script of this environment
-    return str(exe) if exe.exists() else "qahira"
+def console_script(name: str) -> str:
+    exe = Path(sys.executable).parent / name  # the console script of this environment
+    return str(exe) if exe.exists() else name
 
 
 @contextlib.contextmanager
 def running_server(args: list[str], log_path: Path, env: dict | None = None,
-                   startup_timeout: float = 900, port: int | None = None):
-    """Yield the base URL of `qahira serve ARGS`; the server and its workers stop afterwards."""
+                   startup_timeout: float = 900, port: int | None = None,
+                   program: str = "qahira"):
+    """Yield the base URL of `PROGRAM serve ARGS` (program: "qahira", or "vllm", whose console
+    script works on CPU installs once the `vllm` metadata alias is installed: scripts/setup.sh);
+    the server and its workers stop afterwards. Raises RuntimeError (with the log's tail) when
+    the server exits during startup, TimeoutError when it does not answer in startup_timeout s."""
     port = port or free_port()
-    cmd = [qahira_executable(), "serve", *args, "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [console_script(program), "serve", *args, "--host", "127.0.0.1", "--port", str(port)]
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, **(env or {})}, start_new_session=True)

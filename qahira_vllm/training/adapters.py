@@ -20,8 +20,52 @@ import torch
 from torch import nn
 
 from ..adapter_format import LORA_A, LORA_B, QAHIRA_M
-from ..adapter_math import (pool_inputs, qahira_delta_weight, qbara_delta_weight,
+from ..adapter_math import (pool_inputs, pool_sum, qahira_delta_weight, qbara_delta_weight,
                             repeat_outputs)
+from .qlinear import QuantLinear, _MergedQAHiRALinear, qahira_merges_into_offsets
+
+
+class _PairMean(torch.autograd.Function):
+    """P_2: the mean of each adjacent pair of the last dim by one strided add (torch's mean over
+    a size-2 last dim is a slow reduction on CPU: ~10% of a Q-BaRA training step). Bit-identical
+    to pool_inputs(x, 2) and its gradient: (a + b) rounds once, / 2 is exact, and backward
+    gives g / 2 to both inputs, as mean's backward does."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return pool_sum(x, 2).div_(2)
+
+    @staticmethod
+    def backward(ctx, g):
+        return repeat_outputs(g / 2, 2)
+
+
+class _PairRepeatScaled(torch.autograd.Function):
+    """R_2(y) * s without a separate full-width multiply, and a backward that sums each output
+    pair by one strided add instead of repeat_interleave's reduction. Bit-identical to
+    repeat_outputs(y, 2) * s and its gradient ((g_0 * s) + (g_1 * s), as autograd computes it:
+    the mul's backward first, then the sum over the pair)."""
+
+    @staticmethod
+    def forward(ctx, y, scaling: float):
+        ctx.scaling = scaling
+        return repeat_outputs(y * scaling, 2)
+
+    @staticmethod
+    def backward(ctx, g):
+        return pool_sum(g * ctx.scaling, 2), None
+
+
+def _pool(x: torch.Tensor, pool: int) -> torch.Tensor:
+    """pool_inputs(x, pool), through _PairMean for pool 2 (the same bits, faster)."""
+    return _PairMean.apply(x) if pool == 2 else pool_inputs(x, pool)
+
+
+def _repeat_scaled(y: torch.Tensor, repeat: int, scaling: float) -> torch.Tensor:
+    """repeat_outputs(y, repeat) * scaling, through _PairRepeatScaled for repeat 2."""
+    if repeat == 2:
+        return _PairRepeatScaled.apply(y, scaling)
+    return repeat_outputs(y, repeat) * scaling
 
 
 def kaiming_uniform_like_peft(t: torch.Tensor) -> None:
@@ -40,6 +84,7 @@ class _Adapter(nn.Module):
                              f"repeat={repeat} must divide out={out_features}")
         self.in_features, self.out_features = in_features, out_features
         self.pool, self.repeat, self.scaling = pool, repeat, float(scaling)
+        self.dropout_p = float(dropout)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -54,6 +99,10 @@ class _Adapter(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def add_delta(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """y + self(x) in y's dtype: the base output y [..., out] plus this adapter's delta."""
+        return y + self(x).to(y.dtype)
+
 
 class QBaRA(_Adapter):
     kind = "qbara"
@@ -66,10 +115,34 @@ class QBaRA(_Adapter):
         self.lora_B = nn.Parameter(torch.zeros(out_features // repeat, rank))
         kaiming_uniform_like_peft(self.lora_A)
 
+    # R_q and s go into B' = R_q(B) * s [out, R] (built per step: small), so no [T, out/q]
+    # intermediate is repeated to [T, out] (a full-width copy, and a strided reduction in
+    # backward), and add_delta folds the add into the GEMM (addmm). P_p stays on x: the expanded
+    # A' = R_p(A^T)^T / p [R, in] (a GEMM on full-width x) measured slower. Forward + backward +
+    # the add, 1 thread, T = 512, R = 38, p = q = 2, the shapes of benchmarks/train_throughput.py,
+    # median CPU ms, old form (P_p, R_q) | expanded A' and B' | P_p, B' and addmm (this form):
+    #   in -> out       fp32                  bf16 autocast
+    #   1024 -> 2816    17.4 | 11.0 | 8.9     11.8 | 8.1 | 5.7
+    #   2816 -> 1024     8.7 |  7.7 | 6.1      9.4 | 7.0 | 5.9
+    #   1024 -> 1024     7.2 |  5.1 | 4.2      5.7 | 4.0 | 3.2
+    # torch.profiler (1024 -> 2816, self CPU per step): fp32 13.2 -> 6.2 ms, bf16 7.5 -> 3.8 ms;
+    # the old form spent it in copy_ (repeat), add and mul over [T, out]. The rounding differs
+    # from s * R_q((h A^T) B^T) (s scales B before the GEMM, not its result): bounded in
+    # tests/training/test_adapters.py.
+    def _hidden(self, x: torch.Tensor) -> torch.Tensor:
+        return _pool(self.dropout(x), self.pool).to(self.lora_A.dtype) @ self.lora_A.t()
+
+    def _expanded_b(self) -> torch.Tensor:
+        return self.lora_B.repeat_interleave(self.repeat, dim=0) * self.scaling
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = pool_inputs(self.dropout(x), self.pool).to(self.lora_A.dtype)
-        y = (h @ self.lora_A.t()) @ self.lora_B.t()
-        return repeat_outputs(y, self.repeat) * self.scaling
+        return self._hidden(x) @ self._expanded_b().t()
+
+    def add_delta(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        h = self._hidden(x).to(y.dtype)
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]),
+                          self._expanded_b().t().to(y.dtype))
+        return out.view(y.shape)
 
     def tensors(self):
         return {LORA_A: self.lora_A, LORA_B: self.lora_B}
@@ -91,8 +164,8 @@ class QAHiRA(_Adapter):
             raise ValueError(f"QA-HiRA init={init!r}: expected 'zeros' or 'kaiming'")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = pool_inputs(self.dropout(x), self.pool).to(self.qahira_M.dtype)
-        return repeat_outputs(h @ self.qahira_M.t(), self.repeat) * self.scaling
+        h = _pool(self.dropout(x), self.pool).to(self.qahira_M.dtype)
+        return _repeat_scaled(h @ self.qahira_M.t(), self.repeat, self.scaling)
 
     def tensors(self):
         return {QAHIRA_M: self.qahira_M}
@@ -124,12 +197,27 @@ class LoRA(_Adapter):
 
 
 class AdaptedLinear(nn.Module):
-    """base(x) + adapter(x); the base stays frozen."""
+    """base(x) + adapter(x); the base stays frozen.
+
+    A QA-HiRA on a QuantLinear whose tiles hold whole quantization blocks, without active
+    dropout (merges_into_offsets), runs as its merged layer: one GEMM with the offsets shifted
+    by the adapter's per-block delta (qlinear._MergedQAHiRALinear, the model `qahira merge`
+    writes). Everything else: base(x) then adapter.add_delta."""
 
     def __init__(self, base: nn.Module, adapter: _Adapter):
         super().__init__()
         self.base, self.adapter = base, adapter
 
+    @property
+    def merges_into_offsets(self) -> bool:
+        a, b = self.adapter, self.base
+        return (isinstance(a, QAHiRA) and isinstance(b, QuantLinear)
+                and qahira_merges_into_offsets(b.cfg, a.pool, a.repeat,
+                                               a.dropout_p if a.training else 0.0))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        return y + self.adapter(x).to(y.dtype)
+        if self.merges_into_offsets:
+            a, b = self.adapter, self.base
+            return _MergedQAHiRALinear.apply(x, a.qahira_M, b.qweight, b.scales, b.offsets,
+                                             b.bias, b.cfg, a.pool, a.repeat, a.scaling)
+        return self.adapter.add_delta(self.base(x), x)

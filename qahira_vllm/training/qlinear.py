@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..adapter_math import qahira_delta_blocks
 from ..format import QahiraQuantConfig, validate_layer_tensors
 from ..quant_math import dequantize
 
@@ -108,6 +109,75 @@ class _DequantLinear(torch.autograd.Function):
         w = _dequantize(qweight, scales, offsets, ctx.cfg, ctx.dtype)
         grad_x = (grad_y.to(ctx.dtype) @ w).to(ctx.x_dtype)
         return grad_x, None, None, None, None, None
+
+
+def qahira_merges_into_offsets(cfg: QahiraQuantConfig, pool: int, repeat: int,
+                               dropout: float) -> bool:
+    """Whether a QA-HiRA (pi = pool, qo = repeat) on a layer quantized with cfg can run as its
+    merged layer (_MergedQAHiRALinear): its qo x pi tiles hold whole blocks (the exact-merge
+    condition) and it has no dropout (which makes the delta depend on x)."""
+    bo, bi = cfg.block_size
+    return dropout == 0 and repeat % bo == 0 and pool % bi == 0
+
+
+def _group_sums(t: torch.Tensor, n: int) -> torch.Tensor:
+    """fp32 [..., d/n]: the sum of each n adjacent entries of t's last dim (adapter_math.pool_sum's
+    values, another summation order), by one reduction over a contiguous size-n dim: for n = 32
+    on [512, 1024] / [512, 2816] CPU tensors 0.13 / 0.39 ms against pool_sum's n strided adds'
+    2.0 / 9.2 ms (1 thread), and no fp32 copy of a bf16 t."""
+    if n == 1:
+        return t.to(torch.float32)
+    return t.unflatten(-1, (t.shape[-1] // n, n)).sum(-1, dtype=torch.float32)
+
+
+class _MergedQAHiRALinear(torch.autograd.Function):
+    """base(x) + QA-HiRA(x) as ONE GEMM with the merged weight, W rebuilt from the packed tensors.
+
+    When the adapter's tiles hold whole quantization blocks (qahira_merges_into_offsets), its
+    dW = s * M[tile] / pi is constant on each block, so base + adapter is the layer
+        W_eff = scales * q + (offsets + delta_blocks(M)),   delta_blocks = s * M[tile] / pi
+    with fp32 offsets (adapter_math.qahira_delta_blocks). This is literally training the merged
+    model that `qahira merge` writes and vLLM serves; the only difference is that merge rounds
+    the shifted offsets to the stored offset dtype (fp16 by default), here they stay fp32.
+
+    Forward: y = x W_eff^T (+ bias), no adapter GEMMs. Backward: grad_x = grad_y W_eff (rebuilt,
+    not saved: only M is kept, and pool_sum(x, pi) [T, in/pi] fp32 when M needs a gradient) and
+        grad_M = (s / pi) * pool_sum(grad_y, qo)^T @ pool_sum(x, pi)          (fp32)
+    the sum over each tile of grad_y[t, o] * x[t, i] (the group sums by _group_sums). x [..., in]
+    fp32/bf16/fp16 (matmuls in the autocast dtype when autocast is on, as _DequantLinear);
+    M [out/qo, in/pi] fp32. Rounding against base(x) + adapter(x) computed separately: in fp32
+    the dW is added to the offsets before the GEMM instead of to y after it (<= ~3e-7 of the
+    terms' magnitude); under bf16 autocast W_eff is rounded to bf16 once and the adapter's own
+    bf16 GEMM disappears (<= ~5e-3): tests/training/test_merged_qahira.py.
+    """
+
+    @staticmethod
+    def forward(ctx, x, m, qweight, scales, offsets, bias, cfg: QahiraQuantConfig,
+                pool: int, repeat: int, scaling: float):
+        dtype = _compute_dtype(x)
+        shifted = offsets.float() + qahira_delta_blocks(m.detach(), scaling, pool, repeat,
+                                                         cfg.block_size)
+        w = _dequantize(qweight, scales, shifted, cfg, dtype)
+        x_pooled = _group_sums(x.detach(), pool) if ctx.needs_input_grad[1] else None
+        ctx.save_for_backward(m, qweight, scales, offsets, x_pooled)
+        ctx.cfg, ctx.dtype, ctx.x_dtype = cfg, dtype, x.dtype
+        ctx.geometry = (pool, repeat, scaling)
+        return F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype))
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        m, qweight, scales, offsets, x_pooled = ctx.saved_tensors
+        pool, repeat, scaling = ctx.geometry
+        grad_x = grad_m = None
+        if ctx.needs_input_grad[0]:
+            shifted = offsets.float() + qahira_delta_blocks(m, scaling, pool, repeat,
+                                                             ctx.cfg.block_size)
+            w = _dequantize(qweight, scales, shifted, ctx.cfg, ctx.dtype)
+            grad_x = (grad_y.to(ctx.dtype) @ w).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            g = _group_sums(grad_y, repeat).flatten(0, -2)
+            grad_m = (g.t() @ x_pooled.flatten(0, -2)).mul_(scaling / pool).to(m.dtype)
+        return grad_x, grad_m, None, None, None, None, None, None, None, None
 
 
 class QuantLinear(nn.Module):

@@ -86,6 +86,98 @@ def test_init_like_peft():
         QAHiRA(IN, OUT, 4, 8, init="gaussian")
 
 
+@pytest.mark.parametrize("dtype,autocast", [(torch.float32, False), (torch.float32, True),
+                                           (torch.bfloat16, False)])
+@pytest.mark.parametrize("kind", ["qahira"])
+def test_pair_pool_and_repeat_are_bit_identical(kind, dtype, autocast):
+    # p = q = 2 runs through strided adds (adapters._PairMean, _PairRepeatScaled); output and
+    # every gradient must keep the bits of the plain adapter_math expression, so training with
+    # them gives the same adapter. (Q-BaRA multiplies B' = R_q(B) s instead of repeating its
+    # output, which rounds differently: test_qbara_expanded_b_within_rounding_tolerance.)
+    from qahira_vllm.adapter_math import pool_inputs, repeat_outputs
+
+    torch.manual_seed(5)
+    m = (QBaRA(96, 80, 6, pool=2, repeat=2, scaling=1.7) if kind == "qbara"
+         else QAHiRA(96, 80, pool=2, repeat=2, scaling=1.7))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_()
+    m = m.to(dtype)
+    params = list(m.parameters())
+    # inputs over 30 decades, so that roundings differ wherever the order of operations would
+    x = (torch.randn(3, 5, 96) * torch.logspace(-30, 3, 96)).to(dtype).requires_grad_()
+    grad_out = torch.randn(3, 5, 80)
+
+    def reference(x):
+        h = pool_inputs(x, 2).to(params[0].dtype)
+        y = (h @ m.lora_A.t()) @ m.lora_B.t() if kind == "qbara" else h @ m.qahira_M.t()
+        return repeat_outputs(y, 2) * m.scaling
+
+    results = []
+    for f in (m, reference):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = f(x)
+        results.append((y, *torch.autograd.grad(y, (x, *params), grad_out.to(y.dtype))))
+    for got, want in zip(*results):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def _qbara_reference(x, a, b, g, y, p, q, s):
+    """s R_q((P_p(x) A^T) B^T) (+ y) and its gradients wrt x, A, B: the adapter_math expression
+    the module computed before its B' = R_q(B) s form."""
+    from qahira_vllm.adapter_math import pool_inputs, repeat_outputs
+
+    leaves = [t.detach().requires_grad_() for t in (x, a, b)]
+    h = pool_inputs(leaves[0], p).to(leaves[1].dtype)
+    d = repeat_outputs((h @ leaves[1].t()) @ leaves[2].t(), q) * s
+    out = d if y is None else y + d.to(y.dtype)
+    return (out, *torch.autograd.grad(out, leaves, g.to(out.dtype)))
+
+
+@pytest.mark.parametrize("dtype,autocast", [(torch.float32, False), (torch.float32, True),
+                                           (torch.bfloat16, False)])
+@pytest.mark.parametrize("pq", [(2, 2), (3, 4), (1, 1)])
+@pytest.mark.parametrize("entry", ["forward", "add_delta"])
+def test_qbara_expanded_b_within_rounding_tolerance(entry, pq, dtype, autocast):
+    # QBaRA computes (P_p(x) A^T) (R_q(B) s)^T, and add_delta folds "+ y" into one addmm: the same
+    # sums in another order. Each result is compared, relative to the sum of the absolute values
+    # of its terms (the same expression in float64 on |x|, |A|, |B|, |g|, |y|), with the exact
+    # float64 value: fp32 within 1e-6 (measured <= 8.7e-8, old expression <= 6.7e-8), bf16
+    # (autocast or bf16 weights) within 2^-7 (measured <= 1.7e-3, old <= 1.9e-3); the old
+    # expression is held to the same bound.
+    p, q = pq
+    torch.manual_seed(6)
+    m = QBaRA(96, 80, 6, pool=p, repeat=q, scaling=1.7)
+    with torch.no_grad():
+        for t in m.parameters():
+            t.normal_()
+    m = m.to(dtype)
+    x = torch.randn(3, 5, 96).to(dtype)
+    g = torch.randn(3, 5, 80)
+    y = torch.randn(3, 5, 80).to(torch.bfloat16 if autocast else dtype) if entry == "add_delta" \
+        else None
+    xl, yl = x.clone().requires_grad_(), None if y is None else y.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = m(xl) if y is None else m.add_delta(yl, xl)
+        old = _qbara_reference(x, m.lora_A, m.lora_B, g, y, p, q, m.scaling)
+    leaves = [xl, m.lora_A, m.lora_B] + ([] if y is None else [yl])
+    got = (out, *torch.autograd.grad(out, leaves, g.to(out.dtype)))
+    assert got[0].dtype == old[0].dtype
+
+    def exact(*ts):
+        return _qbara_reference(*(t.double() for t in ts[:4]), None, p, q, m.scaling)
+
+    ex, mag = exact(x, m.lora_A, m.lora_B, g), exact(x.abs(), m.lora_A.abs(), m.lora_B.abs(),
+                                                     g.abs())
+    if y is not None:   # y passes through: + y in the output, and grad_y = g exactly
+        ex, mag = (ex[0] + y.double(), *ex[1:]), (mag[0] + y.double().abs(), *mag[1:])
+        assert torch.equal(got[4], g.to(got[4].dtype))
+    tol = 1e-6 if dtype == torch.float32 and not autocast else 2 ** -7
+    for name, a, b, e, mg in zip(("out", "grad_x", "grad_A", "grad_B"), got, old, ex, mag):
+        assert ((a.double() - e).abs() / mg).max() <= tol, name
+        assert ((b.double() - e).abs() / mg).max() <= tol, name   # the bound is not loose
+
+
 def test_geometry_must_divide():
     with pytest.raises(ValueError, match="pool=5"):
         QBaRA(IN, OUT, 4, pool=5, repeat=2)

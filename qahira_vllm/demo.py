@@ -35,7 +35,9 @@ def main() -> None:
                   "--gpu-memory-utilization", "0.3", "--max-model-len", "2048"]
     with running_server(serve_args, log, port=args.port) as url:
         client = OpenAI(base_url=url + "/v1", api_key="unused")
-        for question in ("What is the capital of France?",
+        # Greedy bf16 decoding of a 135M model: "What is the capital of France?" starts on a
+        # near-tie ("The" vs "L'", equal logprobs in compiled mode); this wording does not.
+        for question in ("Name the capital city of France.",
                          "Give me three tips for staying focused while studying."):
             r = client.chat.completions.create(
                 model="smollm2-int4", temperature=0, max_tokens=96,

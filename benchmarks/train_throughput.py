@@ -1,7 +1,7 @@
 """Training throughput and peak memory: `qahira train` (Q-BaRA, QA-HiRA on the packed INT4 base)
 vs PEFT's LoRA on the same model dequantized to float (CPU).
 
-    .venv/bin/python benchmarks/train_throughput.py [--profile]  # 19 min (--profile, 2 busy cores)
+    .venv/bin/python benchmarks/train_throughput.py [--profile]  # ~12 min (2 rounds), +10 with --profile
     .venv/bin/python benchmarks/train_throughput.py --smoke      # tiny model, one process, < 1 min
 
 Model: a randomly initialised Llama (default hidden 1024, 12 layers, intermediate 2816, 16 heads /
@@ -22,8 +22,10 @@ r = round(QA-HiRA count / sum(in + out)); the counts are recorded.
 Every (method, dtype) runs in its own child process (so peak RSS is its own), one after the
 other, with the same torch thread count (`--threads`, default 1), packed sequences of
 `--seq-len` tokens, batch `--batch-size`, `--warmup` steps excluded from timing and `--steps`
-timed. tokens/s = target tokens of the timed steps / their time, from the median step time
-(this VM's speed drifts; the mean is recorded too). Trainer step times come from its own
+timed, and `--rounds` (default 2) runs of each method, the methods alternated, their step
+times pooled (this VM's speed drifts over minutes, by up to 1.5x: one run per method would
+compare different speeds). tokens/s = target tokens of the timed steps / their time, from the
+median step time (the mean is recorded too). Trainer step times come from its own
 log.jsonl (`elapsed_s` per step). tokens per CPU second = the same tokens / the process's CPU
 time over the timed steps (time.process_time; for the trainer read by a thread that polls
 its log every 50 ms, so meaningless for --smoke's millisecond steps): with one torch thread,
@@ -375,12 +377,27 @@ def run_child(spec: dict, method: str, work: Path) -> dict:
     return json.loads(out.read_text())
 
 
+def merge_rounds(acc: dict | None, r: dict) -> dict:
+    """One method's runs pooled over rounds: step times, tokens and CPU seconds together, the
+    highest peak RSS, the last loss; each round's own median step kept in `round_median_step_s`."""
+    import statistics
+
+    med = statistics.median(r["step_s"])
+    if acc is None:
+        return {**r, "rounds": 1, "round_median_step_s": [med]}
+    merged = {**acc, "step_s": acc["step_s"] + r["step_s"], "tokens": acc["tokens"] + r["tokens"],
+              "cpu_s": acc["cpu_s"] + r["cpu_s"], "final_loss": r["final_loss"],
+              "peak_rss_mb": max(acc["peak_rss_mb"], r["peak_rss_mb"]), "rounds": acc["rounds"] + 1,
+              "round_median_step_s": acc["round_median_step_s"] + [med]}
+    return merged
+
+
 # ----------------------------------------------------------------------------- dequant profile
 
 def dequant_profile(qckpt: Path, threads: int, repeats: int = 3) -> dict:
     """Seconds to rebuild every adapted layer's W once (QuantLinear's _dequantize, the C kernel
-    on CPU), in fp32 and in bf16 (fp32 then rounded); best of `repeats`. A training step
-    rebuilds each W twice (forward and backward)."""
+    on CPU, writing fp32 or bf16 directly into the trainer's reused buffers); best of `repeats`.
+    A training step rebuilds each W twice (forward and backward)."""
     import torch
 
     from qahira_vllm.training.model import load_quantized_model
@@ -396,7 +413,7 @@ def dequant_profile(qckpt: Path, threads: int, repeats: int = 3) -> dict:
         for _ in range(repeats):
             t = time.perf_counter()
             for m in layers:
-                _dequantize(m.qweight, m.scales, m.offsets, cfg, dtype)
+                _dequantize(m.qweight, m.scales, m.offsets, cfg, dtype, reuse=True)
             best = min(best, time.perf_counter() - t)
         out[name] = best
     out["weights"] = sum(m.in_features * m.out_features for m in layers)
@@ -469,6 +486,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads in every run (default 1: on a shared 2-core machine)")
     ap.add_argument("--steps", type=int, help="timed steps per run (default 8; smoke 2)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="runs of every method, alternated, step times pooled (default 2; "
+                         "smoke 1): this VM's speed drifts over minutes")
     ap.add_argument("--warmup", type=int, help="untimed first steps (default 2; smoke 1)")
     ap.add_argument("--batch-size", type=int, help="sequences per step (default 4; smoke 2)")
     ap.add_argument("--seq-len", type=int, help="tokens per sequence (default 128; smoke 32)")
@@ -498,6 +518,9 @@ def main(argv=None) -> int:
     shape = SMOKE_SHAPE if smoke else FULL_SHAPE
     steps = args.steps or (2 if smoke else 8)
     warmup = args.warmup if args.warmup is not None else (1 if smoke else 2)
+    rounds = args.rounds if args.rounds is not None else (1 if smoke else 2)
+    if rounds < 1:
+        ap.error(f"--rounds {rounds}: expected at least 1")
     batch = args.batch_size or (2 if smoke else 4)
     seq = args.seq_len or (32 if smoke else 128)
     dtypes = (args.dtypes or ("fp32" if smoke else "fp32,bf16")).split(",")
@@ -530,7 +553,7 @@ def main(argv=None) -> int:
                      "float_baseline": "the INT4 checkpoint's dequantized weights, fp32"},
            "peak_rss_per_method": not args.in_process, "batch_size": batch, "seq_len": seq,
            "warmup_steps_excluded": warmup,
-           "timed_steps": steps, "lora_alpha": LORA_ALPHA, "targets": list(TARGETS),
+           "timed_steps": steps, "rounds": rounds, "lora_alpha": LORA_ALPHA, "targets": list(TARGETS),
            "plan": plan, "runs": {}}
     with tempfile.TemporaryDirectory(prefix="train-tp-", dir=work) as tmp:
         for dtype in dtypes:
@@ -539,12 +562,14 @@ def main(argv=None) -> int:
                     "warmup": warmup, "steps": steps, "threads": args.threads, "dtype": dtype,
                     "plan": plan}
             res["runs"][dtype] = {}
-            for method in METHODS:
-                r = run_method(spec, method, Path(tmp), in_process=args.in_process)
-                res["runs"][dtype][method] = r
-                print(f"{dtype} {method}: {r['trainable_params']} trainable, median step "
-                      f"{sorted(r['step_s'])[len(r['step_s']) // 2]:.3f} s, peak RSS "
-                      f"{r['peak_rss_mb']:.0f} MiB", flush=True)
+            for round_ in range(rounds):   # methods alternate: the VM's drift hits each alike
+                for method in METHODS:
+                    r = run_method(spec, method, Path(tmp), in_process=args.in_process)
+                    res["runs"][dtype][method] = merge_rounds(res["runs"][dtype].get(method), r)
+                    print(f"{dtype} {method} round {round_ + 1}/{rounds}: "
+                          f"{r['trainable_params']} trainable, median step "
+                          f"{sorted(r['step_s'])[len(r['step_s']) // 2]:.3f} s, peak RSS "
+                          f"{r['peak_rss_mb']:.0f} MiB", flush=True)
         if args.profile:
             res["profile"] = {d: {m: profile_method({**spec, "dtype": d}, m) for m in METHODS}
                               for d in dtypes}

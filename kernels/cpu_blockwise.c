@@ -15,7 +15,8 @@
  * byte j holds column 2j in its low nibble, 2j+1 in its high one); 8-bit uint8 [N, K].
  * Scales fp16 [N/bo, K/bi]; offsets fp16 or fp32 [N/bo, K/bi].
  *
- * qahira_cpu_blockwise_dequant writes the whole fp32 weight (same bits), for the trainer. Serving
+ * qahira_cpu_blockwise_dequant writes the whole weight (same bits; bf16 / fp16 rounded once from
+ * them, to nearest even as torch's conversions), for the trainer. Serving
  * uses qahira_cpu_blockwise at every M: a dense GEMM above some M would be faster for long
  * prefills but sums in another order, so a request's logits would depend on its batch.
  */
@@ -54,26 +55,54 @@ static void expand_block_row(const uint16_t *srow, const void *orow, int o_f32, 
   }
 }
 
-/* w[k] = fp32(s) * q + fp32(o) (one rounding). sexp/oexp: from expand_block_row, used only
- * when bi % 8 != 0. */
-static void dequant_row(const uint8_t *qrow, int bits, const uint16_t *srow,
-                                    const void *orow, int o_f32, int K, int bi,
-                                    const float *sexp, const float *oexp, float *w) {
+/* v rounded to bf16, to nearest even (store_elem's rule, NaN -> 0x7fc0), 8 lanes. */
+ALWAYS_INLINE __m128i bf16_round8(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);
+  /* packus works per 128-bit lane: pack, then take qwords 0 and 2 */
+  const __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+  return _mm256_castsi256_si128(p);
+}
+
+ALWAYS_INLINE void store8(void *w, int dt, int k, __m256 v) {
+  if (dt == DT_F32)
+    _mm256_storeu_ps((float *)w + k, v);
+  else
+    _mm_storeu_si128((__m128i *)((uint16_t *)w + k),
+                     dt == DT_BF16 ? bf16_round8(v) : _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+
+/* w[k] = fp32(s) * q + fp32(o) (one rounding), stored as dt: fp32, or bf16 / fp16 rounded
+ * once more (nearest even). sexp/oexp: from expand_block_row, used only when bi % 8 != 0. */
+ALWAYS_INLINE void dequant_row_as(const int dt, const uint8_t *qrow, int bits,
+                                  const uint16_t *srow, const void *orow, int o_f32, int K,
+                                  int bi, const float *sexp, const float *oexp, void *w) {
   const int k8 = K & ~7;
   if (bi % 8 == 0) {
     for (int b = 0; b < K / bi; b++) {
       const float s = _cvtsh_ss(srow[b]), o = load_o(orow, o_f32, b);
       const __m256 S = _mm256_set1_ps(s), O = _mm256_set1_ps(o);
       for (int k = b * bi; k < (b + 1) * bi; k += 8)
-        _mm256_storeu_ps(w + k, _mm256_fmadd_ps(load_q8(qrow, bits, k), S, O));
+        store8(w, dt, k, _mm256_fmadd_ps(load_q8(qrow, bits, k), S, O));
     }
     return;
   }
   for (int k = 0; k < k8; k += 8)
-    _mm256_storeu_ps(w + k, _mm256_fmadd_ps(load_q8(qrow, bits, k), _mm256_loadu_ps(sexp + k),
-                                            _mm256_loadu_ps(oexp + k)));
-  for (int k = k8; k < K; k++) {
-    w[k] = sexp[k] * (float)load_q(qrow, bits, k) + oexp[k];
+    store8(w, dt, k, _mm256_fmadd_ps(load_q8(qrow, bits, k), _mm256_loadu_ps(sexp + k),
+                                     _mm256_loadu_ps(oexp + k)));
+  for (int k = k8; k < K; k++) store_elem(w, dt, k, sexp[k] * (float)load_q(qrow, bits, k) + oexp[k]);
+}
+
+static void dequant_row(const uint8_t *qrow, int bits, const uint16_t *srow, const void *orow,
+                        int o_f32, int K, int bi, const float *sexp, const float *oexp, void *w,
+                        int dt) {
+  switch (dt) {
+    case DT_BF16: dequant_row_as(DT_BF16, qrow, bits, srow, orow, o_f32, K, bi, sexp, oexp, w); break;
+    case DT_F16: dequant_row_as(DT_F16, qrow, bits, srow, orow, o_f32, K, bi, sexp, oexp, w); break;
+    default: dequant_row_as(DT_F32, qrow, bits, srow, orow, o_f32, K, bi, sexp, oexp, w); break;
   }
 }
 
@@ -133,8 +162,8 @@ static int reserve_scratch(size_t need) {
  * are re-expanded only when n / bo changes. Returns nonzero if a thread had no scratch (OpenMP
  * does not promise that this team's threads are the ones reserve_scratch ran on). */
 static int for_each_row(const void *qw, int bits, const uint16_t *s, const void *o, int o_f32,
-                         int N, int K, int bo, int bi, float *w_out, const float *xf, int M,
-                         void *y, int y_dt) {
+                         int N, int K, int bo, int bi, void *w_out, int w_dt, const float *xf,
+                         int M, void *y, int y_dt) {
   const int nb = K / bi;
   int failed = 0;
 #pragma omp parallel reduction(| : failed)
@@ -153,9 +182,15 @@ static int for_each_row(const void *qw, int bits, const uint16_t *s, const void 
         expand_block_row(srow, orow, o_f32, K, bi, sexp, oexp);
         have = br;
       }
-      float *wrow = xf ? buf : w_out + (long)n * K;
-      dequant_row(qrow_of(qw, bits, n, K), bits, srow, orow, o_f32, K, bi, sexp, oexp, wrow);
-      if (!xf) continue;
+      if (!xf) {
+        const long row = (long)n * K * (w_dt == DT_F32 ? 4 : 2);
+        dequant_row(qrow_of(qw, bits, n, K), bits, srow, orow, o_f32, K, bi, sexp, oexp,
+                    (char *)w_out + row, w_dt);
+        continue;
+      }
+      float *wrow = buf;
+      dequant_row(qrow_of(qw, bits, n, K), bits, srow, orow, o_f32, K, bi, sexp, oexp, wrow,
+                  DT_F32);
       float dots[4];
       for (int m0 = 0; m0 < M; m0 += 4) {
         const int mt = M - m0 < 4 ? M - m0 : 4;
@@ -173,12 +208,13 @@ static int for_each_row(const void *qw, int bits, const uint16_t *s, const void 
   return failed;
 }
 
-/* w [N, K] fp32 = the dequantized weight. Returns 0, or -2 if out of memory (w then possibly
- * partly written). */
+/* w [N, K] of dtype w_dt = the dequantized weight (fp32 math, then rounded once to w_dt).
+ * Returns 0, or -2 if out of memory (w then possibly partly written). */
 int qahira_cpu_blockwise_dequant(const void *qw, int bits, const uint16_t *s, const void *o,
-                                 int o_f32, int N, int K, int bo, int bi, float *w) {
+                                 int o_f32, int N, int K, int bo, int bi, void *w, int w_dt) {
   if (reserve_scratch(3 * (size_t)K)) return -2;
-  return for_each_row(qw, bits, s, o, o_f32, N, K, bo, bi, w, NULL, 0, NULL, DT_F32) ? -2 : 0;
+  return for_each_row(qw, bits, s, o, o_f32, N, K, bo, bi, w, w_dt, NULL, 0, NULL, DT_F32) ? -2
+                                                                                         : 0;
 }
 
 /* y [M, N] = x [M, K] @ W^T, x and y of dtype x_dt. Returns 0, or -2 if out of memory. */
@@ -201,5 +237,5 @@ int qahira_cpu_blockwise(const void *x, int x_dt, int M, int K, const void *qw, 
     xf = xbuf;
   }
   if (reserve_scratch(3 * (size_t)K)) return -2;
-  return for_each_row(qw, bits, s, o, o_f32, N, K, bo, bi, NULL, xf, M, y, x_dt) ? -2 : 0;
+  return for_each_row(qw, bits, s, o, o_f32, N, K, bo, bi, NULL, DT_F32, xf, M, y, x_dt) ? -2 : 0;
 }

@@ -57,8 +57,8 @@ C_FUNCTIONS: dict[str, list] = {
     "qahira_cpu_avx512_ok": [],
     # x, x_dtype, M, K, qweight, bits, scales, offsets, offsets_f32, N, bo, bi, y
     "qahira_cpu_blockwise": [_p, _i, _i, _i, _p, _i, _p, _p, _i, _i, _i, _i, _p],
-    # qweight, bits, scales, offsets, offsets_f32, N, K, bo, bi, w
-    "qahira_cpu_blockwise_dequant": [_p, _i, _p, _p, _i, _i, _i, _i, _i, _p],
+    # qweight, bits, scales, offsets, offsets_f32, N, K, bo, bi, w, w_dtype
+    "qahira_cpu_blockwise_dequant": [_p, _i, _p, _p, _i, _i, _i, _i, _i, _p, _i],
     # layer struct, x, x_dtype, x_stride, n_rows, n, rows, slots, y, y_dtype, y_stride
     "qahira_qbara_layer_avx2": [_p, _p, _i, _l, _l, _i, _p, _p, _p, _i, _l],
     "qahira_qbara_layer_avx512": [_p, _p, _i, _l, _l, _i, _p, _p, _p, _i, _l],
@@ -227,17 +227,30 @@ def cpu_blockwise(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 
 
 def cpu_blockwise_dequant(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
-                          bits: int, bo: int, bi: int, in_features: int) -> torch.Tensor:
-    """The fp32 weight [out, in] of a stored layer, bit-identical to
-    the format's dequantization, fp32 scales * q + offsets (checked like cpu_blockwise)."""
+                          bits: int, bo: int, bi: int, in_features: int,
+                          dtype: torch.dtype = torch.float32,
+                          out: torch.Tensor | None = None) -> torch.Tensor:
+    """The weight [out, in] of a stored layer in `dtype` (fp32, bf16 or fp16): the format's
+    dequantization, fp32 scales * q + offsets, bit for bit, rounded once to dtype (nearest
+    even, as torch's .to(dtype)). Stored tensors checked like cpu_blockwise. `out`: a
+    contiguous CPU tensor of that shape and dtype to write into (a reused buffer) instead of a
+    new one. Raises ValueError for a bad dtype or `out`."""
+    if dtype not in cpu_lib.DTYPE_CODES:
+        raise ValueError(f"cpu_blockwise_dequant: dtype {dtype}: expected one of "
+                         f"{', '.join(map(str, cpu_lib.DTYPE_CODES))}")
     qweight, scales, offsets = _stored(qweight, scales, offsets, bits)
     n = qweight.shape[0]
-    w = torch.empty(n, in_features, dtype=torch.float32)
+    if out is None:
+        out = torch.empty(n, in_features, dtype=dtype)
+    elif (out.shape != (n, in_features) or out.dtype != dtype or out.device.type != "cpu"
+          or not out.is_contiguous()):
+        raise ValueError(f"cpu_blockwise_dequant: out is {out.dtype} {list(out.shape)} on "
+                         f"{out.device}: expected a contiguous CPU {dtype} [{n}, {in_features}]")
     _check_rc(_library("cpu_blockwise").qahira_cpu_blockwise_dequant(
         qweight.data_ptr(), bits, scales.data_ptr(), offsets.data_ptr(),
-        offsets.dtype == torch.float32, n, in_features, bo, bi, w.data_ptr()),
-        "cpu_blockwise_dequant")
-    return w
+        offsets.dtype == torch.float32, n, in_features, bo, bi, out.data_ptr(),
+        cpu_lib.DTYPE_CODES[dtype]), "cpu_blockwise_dequant")
+    return out
 
 
 class NotStorableError(ValueError):

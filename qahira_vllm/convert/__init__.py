@@ -1,6 +1,7 @@
 """`qahira convert`: bring an existing quantized checkpoint into the qahira format, exactly.
 
-Each source format has a reader module (today `gguf`) that decodes its blocks into the
+Each source format has a reader module (FORMATS: gguf, gptq, awq, compressed_tensors, mlx,
+hqq; what they share, the math included, is in `common`) that decodes its blocks into the
 format's math, W = scale * q + offset per block (docs/FORMAT.md, "From other formats"), and
 hands back `ConvertedLayer`s plus the float tensors; this module detects the source format,
 chooses the stored bits and offset dtype, writes the checkpoint through
@@ -24,7 +25,9 @@ from ..format import QahiraFormatError, QahiraQuantConfig
 from ..quant_math import dequantize, pack_qweight
 
 # source format -> reader module (qahira_vllm.convert.NAME), imported when used
-FORMATS = {"gguf": "gguf"}
+FORMATS = {"gguf": "gguf", "gptq": "gptq", "awq": "awq",
+           "compressed-tensors": "compressed_tensors", "mlx": "mlx",
+           "hqq": "hqq"}
 FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -62,8 +65,28 @@ class SourceModel:
     provenance: dict = field(default_factory=dict)
 
 
+def resolve_source(src: str | os.PathLike, revision: str | None = None) -> Path:
+    """The local path of `src`: an existing file or folder as is; otherwise a hub repo id,
+    fetched (or found in the cache) by huggingface_hub's snapshot_download, which honours
+    HF_HOME / HF_HUB_CACHE and HF_HUB_OFFLINE (checkpoint.resolve_model_dir). Raises
+    FileNotFoundError naming src when it is neither (a missing .gguf path is not looked up)."""
+    from ..checkpoint import resolve_model_dir
+
+    p = Path(src).expanduser()
+    if p.exists():
+        return p
+    if p.suffix == ".gguf" or str(src).startswith((".", "/", "~")) or str(src).count("/") > 1:
+        raise FileNotFoundError(f"{src} does not exist: pass a .gguf file, a model folder or "
+                                "a hub repo id (owner/name)")
+    return resolve_model_dir(str(src), revision=revision)
+
+
 def detect_format(src: str | os.PathLike) -> str:
-    """The source format of `src`: "gguf" for a .gguf file (or a folder holding exactly one).
+    """The source format of `src`: "gguf" for a .gguf file (or a folder holding exactly one);
+    "gptq" / "awq" for a folder whose quantization config says so (gptq.detect_quant_method);
+    "compressed-tensors" for a folder whose config.json quant_method says so;
+    "mlx" for a folder with mlx-lm's "quantization" dict (mlx.is_mlx_folder); "hqq" for an
+    HQQ folder (hqq.is_hqq_folder).
     Raises QahiraFormatError naming src when no supported format is recognised."""
     p = Path(src)
     if p.is_file() and p.suffix == ".gguf":
@@ -76,11 +99,27 @@ def detect_format(src: str | os.PathLike) -> str:
             raise QahiraFormatError(
                 f"{p} holds several GGUF files ({', '.join(g.name for g in ggufs[:4])}): pass "
                 "the one to convert as SRC")
+        from .gptq import detect_quant_method  # config.json quant_method "gptq" / "awq"
+
+        if (method := detect_quant_method(p)) is not None:
+            return method
+        from .compressed_tensors import is_compressed_tensors  # quant_method, as vLLM reads it
+
+        if is_compressed_tensors(p):
+            return "compressed-tensors"
+        from .mlx import is_mlx_folder  # config.json "quantization" {group_size, bits}
+
+        if is_mlx_folder(p):
+            return "mlx"
+        from .hqq import is_hqq_folder  # quant_method "hqq", or hqq's own W_q tensors
+
+        if is_hqq_folder(p):
+            return "hqq"
     if not p.exists():
         raise FileNotFoundError(f"{p} does not exist: pass a .gguf file or a model folder")
     raise QahiraFormatError(
-        f"{p}: no supported source format recognised (supported: {', '.join(FORMATS)}; GPTQ, "
-        "AWQ, compressed-tensors, MLX and HQQ are not converted yet)")
+        f"{p}: no supported source format recognised (supported: {', '.join(FORMATS)}); "
+        "pass --from FMT if the folder's config does not say which")
 
 
 def choose_offset_dtype(layers: dict[str, ConvertedLayer], requested: str | None
@@ -134,9 +173,11 @@ def verify_layers(out_dir: Path, layers: dict[str, ConvertedLayer]) -> dict[str,
 
 def convert(src: str | os.PathLike, out_dir: str | os.PathLike, from_format: str | None = None,
             verify: bool = False, offset_dtype: str | None = None, dtype: str = "float32",
-            overwrite: bool = False, progress: bool = True) -> dict:
+            overwrite: bool = False, progress: bool = True, revision: str | None = None) -> dict:
     """Convert `src` into a qahira checkpoint at `out_dir` (written atomically). Returns a summary.
 
+    src: a .gguf file, a model folder, or a hub repo id (resolve_source; revision: its branch,
+    tag or commit).
     from_format: forces the source format (default: detect_format). offset_dtype: None/"auto"
     (float16 only where every offset is exact in it), "float16" (the worst rounding is
     reported) or "float32". dtype: float dtype of the tensors that are not converted linear
@@ -151,6 +192,8 @@ def convert(src: str | os.PathLike, out_dir: str | os.PathLike, from_format: str
     if Path(out_dir).exists() and not overwrite:  # fail before reading, not after
         raise FileExistsError(f"output folder {Path(out_dir).resolve()} already exists "
                               "(pass --overwrite to replace)")
+    source_name = str(src)
+    src = resolve_source(src, revision)
     fmt = from_format or detect_format(src)
     if fmt not in FORMATS:
         raise ValueError(f"source format {fmt!r}: expected one of {', '.join(FORMATS)}")
@@ -169,7 +212,7 @@ def convert(src: str | os.PathLike, out_dir: str | os.PathLike, from_format: str
         cfg = QahiraQuantConfig(
             bits=bits, block_size=source.block_size, offset_dtype=off_dtype,
             modules_not_converted=tuple(sorted(source.modules_not_converted)),
-            extra={"source_format": fmt, "source_model": str(src), **source.provenance,
+            extra={"source_format": fmt, "source_model": source_name, **source.provenance,
                    "created_by": f"qahira-vllm {__version__}"})
         config = dict(source.config)
         config["quantization_config"] = cfg.to_dict()

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from ..format import QahiraFormatError
 from . import ConvertedLayer, SourceModel
+from . import common
 
 BLOCK = 32
 # GGUF general.architecture values converted (those transformers' loader un-permutes as
@@ -124,24 +125,17 @@ def to_format(q: np.ndarray, d: np.ndarray, m: np.ndarray | None, type_name: str
             blk = (~torch.isfinite(t)).nonzero()[0].tolist()
             raise QahiraFormatError(f"{where} ({type_name}): block {blk} has {label} = "
                                     f"{t[tuple(blk)].item()}: the file is damaged")
-    neg, zero_blk = d_t < 0, d_t == 0
+    neg = d_t < 0
     if kind == "affine" and bool(neg.any()):
         blk = neg.nonzero()[0].tolist()
         raise QahiraFormatError(
             f"{where} ({type_name}): block {blk} has d = {d_t[tuple(blk)].item()} < 0, which "
             "llama.cpp never writes; format v1 needs scale > 0 and the flipped offset "
             f"m - {qmax}|d| would round: not converted")
-    scales = torch.where(zero_blk, torch.ones_like(d_t), d_t.abs())
-    neg_w = neg.repeat_interleave(BLOCK, dim=1)
-    zero_w = zero_blk.repeat_interleave(BLOCK, dim=1)
-    q_out = torch.where(neg_w, qmax - q_t, q_t)
-    q_out = torch.where(zero_w, torch.zeros_like(q_out), q_out).to(torch.uint8)
+    bits = qmax.bit_length()  # the source's bits (Q5: 5), not the stored 8
     if kind == "signed":
-        offsets = torch.where(neg, -(qmax - zero) * d_t.abs(), -zero * d_t)
-        offsets = torch.where(zero_blk, torch.zeros_like(offsets), offsets)
-    else:
-        offsets = m_t.clone()
-    return q_out, scales.to(torch.float16), offsets
+        return common.zero_point_to_format(q_t, d_t, torch.full_like(d_t, zero), bits, BLOCK)
+    return common.to_format(q_t, d_t, m_t.clone(), bits, BLOCK)  # d >= 0 here: the offset is m
 
 
 def gguf_to_hf_names(model, gguf_arch: str) -> dict[str, str]:
@@ -196,9 +190,6 @@ def read_source(src, dtype: torch.dtype, progress: bool = True) -> Iterator[Sour
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS
 
-    from ..fused_layers import packed_modules_mapping, widen_to_fused_groups
-    from ..quantize import default_targets
-
     path = resolve_gguf(src)
     reader = open_reader(path)
     arch = _field_str(reader, "general.architecture")
@@ -212,8 +203,8 @@ def read_source(src, dtype: torch.dtype, progress: bool = True) -> Iterator[Sour
     cfg_dict = config.to_dict()
     processor = TENSOR_PROCESSORS[arch](config=cfg_dict)
     name_map = gguf_to_hf_names(model, arch)
-    linear = [n for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)]
-    targets = set(default_targets(linear))
+    skel = common.skeleton_of(model, cfg_dict)
+    targets = skel.targets
 
     # Plan from the tensor headers: refuse what cannot be converted before decoding anything.
     plan, notes, kept_float = {}, [], set()
@@ -242,15 +233,10 @@ def read_source(src, dtype: torch.dtype, progress: bool = True) -> Iterator[Sour
     missing = sorted(targets - {p[1] for p in plan.values()})
     if missing:
         raise QahiraFormatError(f"{path}: linear layers without a tensor: {missing[:5]}")
-    architectures = [type(model).__name__]
-    # vLLM's fused groups matter only when some linear layer stays float (importing vLLM's
-    # model class takes seconds).
-    fused_map = packed_modules_mapping(architectures) if kept_float else None
-    convert_set, widened = widen_to_fused_groups(targets - kept_float, linear, fused_map)
+    convert_set, _, plan_notes = common.plan_layers(
+        skel, {n: BLOCK for n in targets - kept_float}, "GGUF")
+    notes.extend(plan_notes)
     not_converted = sorted(targets - convert_set)
-    for fused, members in sorted(widened.items()):
-        notes.append(f"kept {', '.join(members)} in float too: vLLM serves them as one layer "
-                     f"({fused}) with a member stored in float in the GGUF")
 
     layers: dict[str, ConvertedLayer] = {}
     tensors: dict[str, torch.Tensor] = {}
@@ -287,7 +273,7 @@ def read_source(src, dtype: torch.dtype, progress: bool = True) -> Iterator[Sour
         out_config = json.loads(config.to_json_string())  # what save_pretrained writes
         for key in ("quantization_config", "_name_or_path"):
             out_config.pop(key, None)
-        out_config["architectures"] = architectures
+        out_config["architectures"] = [skel.arch]
         out_config["dtype"] = str(dtype).removeprefix("torch.")
         yield SourceModel(layers=layers, tensors=tensors, config=out_config,
                           files_dir=files_dir, block_size=(1, BLOCK),

@@ -9,13 +9,12 @@ qahira_vllm.quant_math) and compared bit for bit in fp32.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
 
 from support import tiny
+from support.convert_checks import stored_dequant
 from support.gguf_files import (flip_d, linear_shapes, smollm2_converted,
                                 transformers_gguf_tensors, write_tiny_gguf)
 
@@ -24,16 +23,6 @@ from qahira_vllm.convert.gguf import decode_blocks, to_format
 from qahira_vllm.format import QahiraFormatError
 
 TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
-
-
-def stored_dequant(ckpt) -> tuple[dict, dict[str, torch.Tensor], dict]:
-    """(quantization_config, {layer: fp32 W by the independent reference}, all tensors)."""
-    qc = json.loads((ckpt / "config.json").read_text())["quantization_config"]
-    sd = tiny.load_safetensors_dir(ckpt)
-    layers = {n[: -len(".qweight")]: tiny.dequant_packed_ref(
-        sd[n], sd[n.replace("qweight", "scales")], sd[n.replace("qweight", "offsets")],
-        qc["block_size"], qc["bits"]).float() for n in sd if n.endswith(".qweight")}
-    return qc, layers, sd
 
 
 def gguf_d(path, name, type_name) -> np.ndarray:

@@ -12,9 +12,9 @@ import json
 import pytest
 import torch
 
-from support.engine import CPU_ENGINE, run_engine
+from support.convert_checks import assert_served_like
 from support.gguf_files import smollm2_converted
-from support.hf_reference import PROMPTS, greedy_reference
+from support.hf_reference import PROMPTS
 
 pytestmark = pytest.mark.vllm
 
@@ -31,13 +31,4 @@ def test_vllm_serves_converted_smollm2_like_transformers_gguf(tmp_path):
                                                      dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     prompt_ids = [tok(p).input_ids for p in PROMPTS]
-    expected = [greedy_reference(reference, ids, MAX_TOKENS) for ids in prompt_ids]
-
-    result = run_engine({"model": str(ckpt), "prompts": prompt_ids, "max_tokens": MAX_TOKENS,
-                         "logprobs": 5, "llm_kwargs": {**CPU_ENGINE, "dtype": "float32"}},
-                        tmp_path)
-    assert "qahira: using kernel" in result["log"]  # served by the plugin, not dequantized
-    for (tokens, first_lp), served in zip(expected, result["outputs"]):
-        assert served["token_ids"] == tokens
-        for tok_id, lp in served["first_logprobs"].items():
-            assert abs(lp - first_lp[int(tok_id)].item()) < 1e-2
+    assert_served_like(ckpt, reference, tmp_path, prompt_ids, MAX_TOKENS)

@@ -17,9 +17,8 @@ from torch import nn
 from ..adapter_format import (Adapter, AdapterConfig, check_qahira_geometry,
                               checkpoint_fingerprint, default_qahira_geometry, load_adapter,
                               matches_targets, peft_compatible_scaling, validate_adapter)
-from ..checkpoint import load_quantized_state, resolve_model_dir
-from ..format import (QUANT_TENSOR_SUFFIXES, QWEIGHT, QahiraFormatError, QahiraQuantConfig,
-                      layer_dims)
+from ..checkpoint import read_quant_config, resolve_model_dir
+from ..format import QWEIGHT, QahiraFormatError, QahiraQuantConfig, layer_dims
 from .adapters import AdaptedLinear, LoRA, QAHiRA, QBaRA
 from .qlinear import QuantLinear
 
@@ -84,49 +83,28 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def load_quantized_model(qckpt: str | os.PathLike, dtype: torch.dtype = torch.float32):
-    """(model, cfg): HF causal LM with every converted linear a frozen QuantLinear."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """(model, cfg): HF causal LM with every converted linear a frozen QuantLinear.
 
+    Loaded through transformers' own `from_pretrained` with qahira's registered quantizer
+    (qahira_vllm.hf_quantizer: the one loading path, also what a plain transformers user gets);
+    every float tensor in `dtype`, the packed tensors in their stored dtypes. Raises
+    QahiraFormatError naming the file, tensor or layer for a checkpoint that does not fit the
+    format or the model (including tensors the model lacks or does not get)."""
+    from transformers import AutoModelForCausalLM
+
+    from ..hf_quantizer import register
+
+    register()  # no-op once `import qahira_vllm` has hooked it in
     qckpt = resolve_model_dir(qckpt)
-    cfg, quant, other = load_quantized_state(qckpt)
-    config = AutoConfig.from_pretrained(qckpt)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # transformers has no "qahira" quantizer: we build it
-    # Parameters on the meta device (no fp32 copy of the full model); buffers stay real.
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    for layer, tensors in sorted(quant.items()):
-        try:
-            old = model.get_submodule(layer)
-        except AttributeError:
-            raise QahiraFormatError(f"{qckpt}: quantized layer {layer!r} is not a module of "
-                                    f"{type(model).__name__}") from None
-        if not isinstance(old, nn.Linear):
-            raise QahiraFormatError(f"{qckpt}: {layer!r} is a {type(old).__name__}, expected "
-                                    "nn.Linear")
-        bias = other.pop(f"{layer}.bias", None)
-        if (bias is None) != (old.bias is None):
-            raise QahiraFormatError(f"{qckpt}: layer {layer!r} bias "
-                                    f"{'missing' if bias is None else 'unexpected'}")
-        _set_submodule(model, layer, QuantLinear(
-            tensors["qweight"], tensors["scales"], tensors["offsets"], cfg, old.in_features,
-            old.out_features, None if bias is None else bias.to(dtype), name=layer))
-    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in other.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    quant_buffers = {f"{layer}.{suffix}" for layer in quant
-                     for suffix in (*QUANT_TENSOR_SUFFIXES, "bias")}
-    missing = [m for m in missing if m not in quant_buffers
-               and not (tied and m == "lm_head.weight")]
-    if missing or unexpected:
+    cfg = read_quant_config(qckpt)  # config errors name config.json, before transformers runs
+    model, info = AutoModelForCausalLM.from_pretrained(qckpt, dtype=dtype,
+                                                       output_loading_info=True)
+    missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
+    mismatched = sorted(info["mismatched_keys"])
+    if missing or unexpected or mismatched:
         raise QahiraFormatError(f"{qckpt}: checkpoint does not match {type(model).__name__}: "
-                                f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if tied:
-        model.tie_weights()
-    on_meta = [n for n, p in model.named_parameters() if p.is_meta]
-    if on_meta:
-        raise QahiraFormatError(f"{qckpt}: parameters without stored values: {on_meta[:5]}")
+                                f"missing {missing[:5]}, unexpected {unexpected[:5]}, "
+                                f"mismatched {mismatched[:5]}")
     model.requires_grad_(False)
     return model.eval(), cfg
 

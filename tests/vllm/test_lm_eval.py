@@ -2,8 +2,8 @@
 `vllm` metadata alias it needs), on a small local task written here (no hub access).
 
 Reference: lm-eval's `hf` backend on the float reference model, i.e. the checkpoint's
-dequantized weights saved as a plain transformers folder (transformers cannot load a qahira
-folder yet). Both in fp32. Task: last-token loglikelihood of a continuation after a context
+dequantized weights saved as a plain transformers folder (a reference with no qahira code in
+it). Both in fp32. Task: last-token loglikelihood of a continuation after a context
 (lambada-style: metrics acc = greedy match, perplexity). Half the rows continue with the float
 model's own greedy next token (found with transformers, not lm-eval), so acc is 0.5 by
 construction, not 0 on a random model. Tolerance: per-row loglikelihood within LOGLIK_TOL
@@ -23,6 +23,7 @@ import pytest
 from qahira_vllm.server_process import console_script
 from support import tiny
 from support.engine import CPU_ENGINE, engine_lock, single_process
+from support.lm_eval_task import write_task
 
 pytestmark = pytest.mark.vllm
 
@@ -31,24 +32,6 @@ LOGLIK_TOL = 1e-4  # measured max 4.3e-6 (Xeon, avx512 + amx)
 WORD_ROWS = [("the cat sat on the", "mat"), ("water boils at one hundred", "degrees"),
              ("the capital of France is", "Paris")]
 N_GREEDY = 3
-TASK_YAML = """\
-task: {task}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: loglikelihood
-doc_to_text: "{{{{context}}}}"
-doc_to_target: "{{{{target}}}}"
-metric_list:
-  - metric: perplexity
-    aggregation: perplexity
-    higher_is_better: false
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
 
 
 def _rows(model, tok) -> list[dict]:
@@ -102,10 +85,7 @@ def test_lm_eval_vllm_backend_equals_hf_backend_on_float_reference(tmp_path):
     float_dir = tmp_path / "float-reference"
     ref.save_pretrained(float_dir)
     tok.save_pretrained(float_dir)
-    task_dir = tmp_path / "task"
-    task_dir.mkdir()
-    data = tiny.write_jsonl(task_dir / "data.jsonl", _rows(ref, tok))
-    (task_dir / f"{TASK}.yaml").write_text(TASK_YAML.format(task=TASK, data=data))
+    task_dir = write_task(tmp_path / "task", TASK, _rows(ref, tok))
 
     hf, hf_docs = _lm_eval("hf", {"pretrained": float_dir, "dtype": "float32"},
                            task_dir, tmp_path / "out-hf", {})

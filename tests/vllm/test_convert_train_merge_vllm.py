@@ -9,7 +9,10 @@ dW[o, i] = s * M[o // qo, i // pi] / pi. Served greedy tokens must equal the ref
 first-token logprobs agree within LOGPROB_TOL. The reference's tokens must also differ from the
 unadapted source's, so the test fails if training, merge or serving drop the adapter.
 
-Sources are converted with `--offset-dtype float32`: merge rounds the shifted offsets to the
+The GPTQ test is also the engine test of `qahira convert` from GPTQ (the older "gptq" layout,
+4-bit asymmetric, group 32, planted zero points 0 and 15, a zero and a negative scale): the
+merged checkpoint keeps the converted qweight and scales, and its weights are the converted
+ones plus the delta. Sources are converted with `--offset-dtype float32`: merge rounds the shifted offsets to the
 stored offset dtype, and float32 keeps the merged weights within one fp32 rounding of the
 reference (float16 offsets would move them by up to 2^-11 of an offset).
 """

@@ -175,7 +175,9 @@ def _train_config(spec: dict, method: str):
 
     plan = spec["plan"]
     common = dict(base=spec["qckpt"], data=spec["data"], eval_data=spec["eval_data"],
-                  out=str(Path(spec["work"]) / f"adapter-{method}-{spec['dtype']}"),
+                  # a fresh folder per round: the CPU-time watcher reads this run's log only
+                  out=str(Path(spec["work"]) / f"adapter-{method}-{spec['dtype']}"
+                                               f"-r{spec.get('round', 0)}"),
                   targets=TARGETS, lora_r=plan["lora_r"], lora_alpha=LORA_ALPHA,
                   max_length=spec["seq_len"], packing=True, batch_size=spec["batch_size"],
                   max_steps=spec["warmup"] + spec["steps"], bf16=spec["dtype"] == "bf16",
@@ -564,6 +566,7 @@ def main(argv=None) -> int:
             res["runs"][dtype] = {}
             for round_ in range(rounds):   # methods alternate: the VM's drift hits each alike
                 for method in METHODS:
+                    spec["round"] = round_
                     r = run_method(spec, method, Path(tmp), in_process=args.in_process)
                     res["runs"][dtype][method] = merge_rounds(res["runs"][dtype].get(method), r)
                     print(f"{dtype} {method} round {round_ + 1}/{rounds}: "

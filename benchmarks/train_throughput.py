@@ -387,11 +387,10 @@ def merge_rounds(acc: dict | None, r: dict) -> dict:
     med = statistics.median(r["step_s"])
     if acc is None:
         return {**r, "rounds": 1, "round_median_step_s": [med]}
-    merged = {**acc, "step_s": acc["step_s"] + r["step_s"], "tokens": acc["tokens"] + r["tokens"],
-              "cpu_s": acc["cpu_s"] + r["cpu_s"], "final_loss": r["final_loss"],
-              "peak_rss_mb": max(acc["peak_rss_mb"], r["peak_rss_mb"]), "rounds": acc["rounds"] + 1,
-              "round_median_step_s": acc["round_median_step_s"] + [med]}
-    return merged
+    return {**acc, "step_s": acc["step_s"] + r["step_s"], "tokens": acc["tokens"] + r["tokens"],
+            "cpu_s": acc["cpu_s"] + r["cpu_s"], "final_loss": r["final_loss"],
+            "peak_rss_mb": max(acc["peak_rss_mb"], r["peak_rss_mb"]), "rounds": acc["rounds"] + 1,
+            "round_median_step_s": acc["round_median_step_s"] + [med]}
 
 
 # ----------------------------------------------------------------------------- dequant profile

@@ -15,7 +15,7 @@ each also callable here as a plain function of the same name:
         CPU, cpu_blockwise.c; tensors as stored (docs/FORMAT.md), any bits/block
 
 y has x's dtype (fp32/bf16/fp16 on CPU, fp16/bf16 for Triton). Python-only entry points:
-`cpu_blockwise_dequant` (the fp32 weight, for the trainer), `cpu_quantize` and `cpu_all_finite`
+`cpu_blockwise_dequant` (the weight in fp32 / bf16 / fp16, for the trainer), `cpu_quantize` and `cpu_all_finite`
 (the quantizer's clip search and finiteness check, for `qahira quantize`) and
 `check_cpu_blockwise_stored` / `cpu_blockwise_stored_ok`.
 

@@ -6,14 +6,15 @@
  * The general path's job is to be exact and not slow. Each weight row is dequantized once per
  * call into a per-thread fp32 buffer, exactly as the format defines it, fp32(s) * q + fp32(o),
  * and dotted with up to four activation rows at a time in fp32. The bits equal torch's
- * reference dequantization: s (fp16, 11-bit significand) times q (at most 8 bits) is exact in
- * fp32, so only the add rounds, fused or not. The only difference from a dense fp32
+ * reference dequantization: the product s * q rounded to fp32, then the sum (with fp16 scales
+ * the product is exact, 11 + 8 significant bits, so one FMA does both). The only difference
+ * from a dense fp32
  * GEMM on the dequantized weight is the summation order. Row n's arithmetic is the same
  * whatever M is, so a request's output never depends on its batch.
  *
  * Weights as stored (docs/FORMAT.md): 4-bit int32 [N, K/8] read as bytes (little-endian:
  * byte j holds column 2j in its low nibble, 2j+1 in its high one); 8-bit uint8 [N, K].
- * Scales fp16 [N/bo, K/bi]; offsets fp16 or fp32 [N/bo, K/bi].
+ * Scales and offsets fp16 or fp32 [N/bo, K/bi] (fp32 scales: format 2, see affine8).
  *
  * qahira_cpu_blockwise_dequant writes the whole weight (same bits; bf16 / fp16 rounded once from
  * them, to nearest even as torch's conversions), for the trainer. Serving
@@ -46,11 +47,31 @@ static inline float load_o(const void *orow, int o_f32, int b) {
   return o_f32 ? ((const float *)orow)[b] : _cvtsh_ss(((const uint16_t *)orow)[b]);
 }
 
+/* Scales and offsets are both fp16 or fp32 per block: the same read. */
+#define load_s load_o
+
+/* s q + o in fp32. fp16 scales: s q is exact (11 + 8 significant bits), so one FMA rounds as
+ * the format's product-then-sum. fp32 scales (format 2): the product can round, so it is
+ * rounded first, as the format defines it; the empty asm keeps the compiler from contracting
+ * the pair back into an FMA. */
+ALWAYS_INLINE __m256 affine8(__m256 q, __m256 S, __m256 O, int s_f32) {
+  if (!s_f32) return _mm256_fmadd_ps(q, S, O);
+  __m256 p = _mm256_mul_ps(q, S);
+  __asm__("" : "+x"(p));
+  return _mm256_add_ps(p, O);
+}
+
+static inline float affine1(float q, float s, float o, int s_f32) {
+  float p = q * s;
+  if (s_f32) __asm__("" : "+x"(p));
+  return p + o;
+}
+
 /* Per-column scale and offset of one block row (for bi not a multiple of 8). */
-static void expand_block_row(const uint16_t *srow, const void *orow, int o_f32, int K, int bi,
-                             float *sexp, float *oexp) {
+static void expand_block_row(const void *srow, int s_f32, const void *orow, int o_f32, int K,
+                             int bi, float *sexp, float *oexp) {
   for (int k = 0; k < K; k++) {
-    sexp[k] = _cvtsh_ss(srow[k / bi]);
+    sexp[k] = load_s(srow, s_f32, k / bi);
     oexp[k] = load_o(orow, o_f32, k / bi);
   }
 }
@@ -67,42 +88,134 @@ ALWAYS_INLINE __m128i bf16_round8(__m256 v) {
   return _mm256_castsi256_si128(p);
 }
 
-ALWAYS_INLINE void store8(void *w, int dt, int k, __m256 v) {
-  if (dt == DT_F32)
-    _mm256_storeu_ps((float *)w + k, v);
-  else
-    _mm_storeu_si128((__m128i *)((uint16_t *)w + k),
-                     dt == DT_BF16 ? bf16_round8(v) : _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+/* 8 fp32 lanes stored at w + k (in elements) as fp32, bf16 or fp16, rounded to nearest even. */
+typedef void (*store8_fn)(void *w, int k, __m256 v);
+
+ALWAYS_INLINE void store8_f32(void *w, int k, __m256 v) { _mm256_storeu_ps((float *)w + k, v); }
+
+ALWAYS_INLINE void store8_bf16(void *w, int k, __m256 v) {
+  _mm_storeu_si128((__m128i *)((uint16_t *)w + k), bf16_round8(v));
 }
 
-/* w[k] = fp32(s) * q + fp32(o) (one rounding), stored as dt: fp32, or bf16 / fp16 rounded
- * once more (nearest even). sexp/oexp: from expand_block_row, used only when bi % 8 != 0. */
-ALWAYS_INLINE void dequant_row_as(const int dt, const uint8_t *qrow, int bits,
-                                  const uint16_t *srow, const void *orow, int o_f32, int K,
-                                  int bi, const float *sexp, const float *oexp, void *w) {
+ALWAYS_INLINE void store8_f16(void *w, int k, __m256 v) {
+  _mm_storeu_si128((__m128i *)((uint16_t *)w + k), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+
+/* AVX512-BF16's vcvtneps2bf16 rounds to nearest even in one instruction (bf16_round8 takes
+ * ten), but it flushes denormal inputs to zero and keeps a NaN's payload, where torch keeps
+ * denormals and writes 0x7fc0: a vector holding either (fpclass) takes bf16_round8, so the
+ * bits are the same. Built with a target attribute and chosen by CPUID at run time
+ * (qahira_cpu_bf16_ok), so one source serves both CPUs. */
+#if (defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && __GNUC__ >= 10)
+#define QAHIRA_BF16_HW 1
+#define TARGET_BF16 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bf16")))
+
+TARGET_BF16 ALWAYS_INLINE void store8_bf16_hw(void *w, int k, __m256 v) {
+  /* fpclass 0x01 | 0x80 | 0x20: quiet NaN, signalling NaN, denormal */
+  const __m128i r = _mm256_fpclass_ps_mask(v, 0xa1) ? bf16_round8(v)
+                                                     : (__m128i)_mm256_cvtneps_pbh(v);
+  _mm_storeu_si128((__m128i *)((uint16_t *)w + k), r);
+}
+#endif
+
+/* w[k] = fp32(s) * q + fp32(o) (one rounding), stored by store8 (dt names it, for the last
+ * K % 8 columns). sexp/oexp: from expand_block_row, used only when bi % 8 != 0. */
+ALWAYS_INLINE void dequant_row_as(const store8_fn store8, const int dt, const uint8_t *qrow,
+                                  int bits, const void *srow, int s_f32, const void *orow,
+                                  int o_f32, int K, int bi, const float *sexp, const float *oexp,
+                                  void *w) {
   const int k8 = K & ~7;
   if (bi % 8 == 0) {
     for (int b = 0; b < K / bi; b++) {
-      const float s = _cvtsh_ss(srow[b]), o = load_o(orow, o_f32, b);
+      const float s = load_s(srow, s_f32, b), o = load_o(orow, o_f32, b);
       const __m256 S = _mm256_set1_ps(s), O = _mm256_set1_ps(o);
       for (int k = b * bi; k < (b + 1) * bi; k += 8)
-        store8(w, dt, k, _mm256_fmadd_ps(load_q8(qrow, bits, k), S, O));
+        store8(w, k, affine8(load_q8(qrow, bits, k), S, O, s_f32));
     }
     return;
   }
   for (int k = 0; k < k8; k += 8)
-    store8(w, dt, k, _mm256_fmadd_ps(load_q8(qrow, bits, k), _mm256_loadu_ps(sexp + k),
-                                     _mm256_loadu_ps(oexp + k)));
-  for (int k = k8; k < K; k++) store_elem(w, dt, k, sexp[k] * (float)load_q(qrow, bits, k) + oexp[k]);
+    store8(w, k, affine8(load_q8(qrow, bits, k), _mm256_loadu_ps(sexp + k),
+                         _mm256_loadu_ps(oexp + k), s_f32));
+  for (int k = k8; k < K; k++)
+    store_elem(w, dt, k, affine1((float)load_q(qrow, bits, k), sexp[k], oexp[k], s_f32));
 }
 
-static void dequant_row(const uint8_t *qrow, int bits, const uint16_t *srow, const void *orow,
-                        int o_f32, int K, int bi, const float *sexp, const float *oexp, void *w,
-                        int dt) {
+#ifdef QAHIRA_BF16_HW
+/* Columns k..k+15 of a weight row as fp32 integers, 16 lanes: 4-bit bytes widened to 32-bit
+ * lanes holding (low nibble | high nibble << 16), i.e. 16 ordered 16-bit values. */
+TARGET_BF16 ALWAYS_INLINE __m512 load_q16(const uint8_t *qrow, int bits, int k) {
+  if (bits == 4) {
+    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qrow + k / 2)));
+    const __m256i pairs = _mm256_or_si256(_mm256_and_si256(b, _mm256_set1_epi32(15)),
+                                          _mm256_slli_epi32(_mm256_srli_epi32(b, 4), 16));
+    return _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(pairs));
+  }
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qrow + k))));
+}
+
+TARGET_BF16 ALWAYS_INLINE void store16_bf16_hw(void *w, int k, __m512 v) {
+  if (_mm512_fpclass_ps_mask(v, 0xa1)) { /* NaN or denormal: see store8_bf16_hw */
+    store8_bf16(w, k, _mm512_castps512_ps256(v));
+    store8_bf16(w, k + 8, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    return;
+  }
+  _mm256_storeu_si256((__m256i *)((uint16_t *)w + k), (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+/* dequant_row_as with bf16 rounded by vcvtneps2bf16, 16 columns at a time when bi allows. */
+TARGET_BF16 static void dequant_row_bf16_hw(const uint8_t *qrow, int bits, const void *srow,
+                                            int s_f32, const void *orow, int o_f32, int K,
+                                            int bi, const float *sexp, const float *oexp,
+                                            void *w) {
+  if (bi % 16 || s_f32) {
+    dequant_row_as(store8_bf16_hw, DT_BF16, qrow, bits, srow, s_f32, orow, o_f32, K, bi, sexp,
+                   oexp, w);
+    return;
+  }
+  for (int b = 0; b < K / bi; b++) {
+    const __m512 S = _mm512_set1_ps(load_s(srow, 0, b)), O = _mm512_set1_ps(load_o(orow, o_f32, b));
+    for (int k = b * bi; k < (b + 1) * bi; k += 16) /* fp16 scales: the FMA is exact (affine8) */
+      store16_bf16_hw(w, k, _mm512_fmadd_ps(load_q16(qrow, bits, k), S, O));
+  }
+}
+#endif
+
+/* Whether this CPU runs store8_bf16_hw (and this compiler built it). */
+int qahira_cpu_bf16_ok(void) {
+#ifdef QAHIRA_BF16_HW
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bf16");
+#else
+  return 0;
+#endif
+}
+
+/* dt: DT_F32 / DT_BF16 / DT_F16; bf16_hw: use store8_bf16_hw for DT_BF16 (caller checked
+ * qahira_cpu_bf16_ok). */
+static void dequant_row(const uint8_t *qrow, int bits, const void *srow, int s_f32,
+                        const void *orow, int o_f32, int K, int bi, const float *sexp,
+                        const float *oexp, void *w, int dt, int bf16_hw) {
   switch (dt) {
-    case DT_BF16: dequant_row_as(DT_BF16, qrow, bits, srow, orow, o_f32, K, bi, sexp, oexp, w); break;
-    case DT_F16: dequant_row_as(DT_F16, qrow, bits, srow, orow, o_f32, K, bi, sexp, oexp, w); break;
-    default: dequant_row_as(DT_F32, qrow, bits, srow, orow, o_f32, K, bi, sexp, oexp, w); break;
+    case DT_BF16:
+#ifdef QAHIRA_BF16_HW
+      if (bf16_hw) {
+        dequant_row_bf16_hw(qrow, bits, srow, s_f32, orow, o_f32, K, bi, sexp, oexp, w);
+        break;
+      }
+#endif
+      dequant_row_as(store8_bf16, DT_BF16, qrow, bits, srow, s_f32, orow, o_f32, K, bi, sexp,
+                     oexp, w);
+      break;
+    case DT_F16:
+      dequant_row_as(store8_f16, DT_F16, qrow, bits, srow, s_f32, orow, o_f32, K, bi, sexp, oexp,
+                     w);
+      break;
+    default:
+      dequant_row_as(store8_f32, DT_F32, qrow, bits, srow, s_f32, orow, o_f32, K, bi, sexp, oexp,
+                     w);
+      break;
   }
 }
 
@@ -161,9 +274,10 @@ static int reserve_scratch(size_t need) {
  * a per-thread row dotted with xf [M, K] into y. A block row's per-column params (bi % 8 != 0)
  * are re-expanded only when n / bo changes. Returns nonzero if a thread had no scratch (OpenMP
  * does not promise that this team's threads are the ones reserve_scratch ran on). */
-static int for_each_row(const void *qw, int bits, const uint16_t *s, const void *o, int o_f32,
-                         int N, int K, int bo, int bi, void *w_out, int w_dt, const float *xf,
-                         int M, void *y, int y_dt) {
+static int for_each_row(const void *qw, int bits, const void *s, int s_f32, const void *o,
+                        int o_f32,
+                         int N, int K, int bo, int bi, void *w_out, int w_dt, int bf16_hw,
+                         const float *xf, int M, void *y, int y_dt) {
   const int nb = K / bi;
   int failed = 0;
 #pragma omp parallel reduction(| : failed)
@@ -176,21 +290,21 @@ static int for_each_row(const void *qw, int bits, const uint16_t *s, const void 
     for (int n = 0; n < N; n++) {
       if (!buf) continue;
       const int br = n / bo;
-      const uint16_t *srow = s + (long)br * nb;
+      const char *srow = (const char *)s + (long)br * nb * (s_f32 ? 4 : 2);
       const char *orow = (const char *)o + (long)br * nb * (o_f32 ? 4 : 2);
       if (bi % 8 && br != have) {
-        expand_block_row(srow, orow, o_f32, K, bi, sexp, oexp);
+        expand_block_row(srow, s_f32, orow, o_f32, K, bi, sexp, oexp);
         have = br;
       }
       if (!xf) {
         const long row = (long)n * K * (w_dt == DT_F32 ? 4 : 2);
-        dequant_row(qrow_of(qw, bits, n, K), bits, srow, orow, o_f32, K, bi, sexp, oexp,
-                    (char *)w_out + row, w_dt);
+        dequant_row(qrow_of(qw, bits, n, K), bits, srow, s_f32, orow, o_f32, K, bi, sexp, oexp,
+                    (char *)w_out + row, w_dt, bf16_hw);
         continue;
       }
       float *wrow = buf;
-      dequant_row(qrow_of(qw, bits, n, K), bits, srow, orow, o_f32, K, bi, sexp, oexp, wrow,
-                  DT_F32);
+      dequant_row(qrow_of(qw, bits, n, K), bits, srow, s_f32, orow, o_f32, K, bi, sexp, oexp, wrow,
+                  DT_F32, 0);
       float dots[4];
       for (int m0 = 0; m0 < M; m0 += 4) {
         const int mt = M - m0 < 4 ? M - m0 : 4;
@@ -209,18 +323,22 @@ static int for_each_row(const void *qw, int bits, const uint16_t *s, const void 
 }
 
 /* w [N, K] of dtype w_dt = the dequantized weight (fp32 math, then rounded once to w_dt).
- * Returns 0, or -2 if out of memory (w then possibly partly written). */
-int qahira_cpu_blockwise_dequant(const void *qw, int bits, const uint16_t *s, const void *o,
-                                 int o_f32, int N, int K, int bo, int bi, void *w, int w_dt) {
+ * bf16_hw: round bf16 with AVX512-BF16 (same bits; only where qahira_cpu_bf16_ok()).
+ * Returns 0, -2 if out of memory (w then possibly partly written), -3 for bf16_hw on a CPU
+ * or build without it. */
+int qahira_cpu_blockwise_dequant(const void *qw, int bits, const void *s, int s_f32,
+                                 const void *o, int o_f32, int N, int K, int bo, int bi, void *w,
+                                 int w_dt, int bf16_hw) {
+  if (bf16_hw && !qahira_cpu_bf16_ok()) return -3;
   if (reserve_scratch(3 * (size_t)K)) return -2;
-  return for_each_row(qw, bits, s, o, o_f32, N, K, bo, bi, w, w_dt, NULL, 0, NULL, DT_F32) ? -2
-                                                                                         : 0;
+  return for_each_row(qw, bits, s, s_f32, o, o_f32, N, K, bo, bi, w, w_dt, bf16_hw, NULL, 0, NULL,
+                      DT_F32) ? -2 : 0;
 }
 
 /* y [M, N] = x [M, K] @ W^T, x and y of dtype x_dt. Returns 0, or -2 if out of memory. */
 int qahira_cpu_blockwise(const void *x, int x_dt, int M, int K, const void *qw, int bits,
-                         const uint16_t *s, const void *o, int o_f32, int N, int bo, int bi,
-                            void *y) {
+                         const void *s, int s_f32, const void *o, int o_f32, int N, int bo,
+                         int bi, void *y) {
   /* fp32 activations are read in place; others are converted once, on the caller's thread. */
   static __thread float *xbuf;
   static __thread size_t xbuf_floats;
@@ -237,5 +355,6 @@ int qahira_cpu_blockwise(const void *x, int x_dt, int M, int K, const void *qw, 
     xf = xbuf;
   }
   if (reserve_scratch(3 * (size_t)K)) return -2;
-  return for_each_row(qw, bits, s, o, o_f32, N, K, bo, bi, NULL, DT_F32, xf, M, y, x_dt) ? -2 : 0;
+  return for_each_row(qw, bits, s, s_f32, o, o_f32, N, K, bo, bi, NULL, DT_F32, 0, xf, M, y,
+                      x_dt) ? -2 : 0;
 }

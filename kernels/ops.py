@@ -43,6 +43,7 @@ MemoryError when the C code cannot allocate its buffers.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 
 import torch
@@ -55,10 +56,11 @@ C_FUNCTIONS: dict[str, list] = {
     "qahira_cpu_intdot_avx2": [_p, _i, _i, _i, _p, _i, _p, _p, _i, _i, _i, _i, _p],
     "qahira_cpu_intdot_avx512": [_p, _i, _i, _i, _p, _i, _p, _p, _i, _i, _i, _i, _p],
     "qahira_cpu_avx512_ok": [],
-    # x, x_dtype, M, K, qweight, bits, scales, offsets, offsets_f32, N, bo, bi, y
-    "qahira_cpu_blockwise": [_p, _i, _i, _i, _p, _i, _p, _p, _i, _i, _i, _i, _p],
+    # x, x_dtype, M, K, qweight, bits, scales, scales_f32, offsets, offsets_f32, N, bo, bi, y
+    "qahira_cpu_blockwise": [_p, _i, _i, _i, _p, _i, _p, _i, _p, _i, _i, _i, _i, _p],
     # qweight, bits, scales, offsets, offsets_f32, N, K, bo, bi, w, w_dtype
-    "qahira_cpu_blockwise_dequant": [_p, _i, _p, _p, _i, _i, _i, _i, _i, _p, _i],
+    "qahira_cpu_blockwise_dequant": [_p, _i, _p, _i, _p, _i, _i, _i, _i, _i, _p, _i, _i],
+    "qahira_cpu_bf16_ok": [],
     # layer struct, x, x_dtype, x_stride, n_rows, n, rows, slots, y, y_dtype, y_stride
     "qahira_qbara_layer_avx2": [_p, _p, _i, _l, _l, _i, _p, _p, _p, _i, _l],
     "qahira_qbara_layer_avx512": [_p, _p, _i, _l, _l, _i, _p, _p, _p, _i, _l],
@@ -169,8 +171,8 @@ def check_cpu_blockwise_stored(qweight: torch.Tensor, scales: torch.Tensor,
                 if t.device.type != "cpu"]
     if qweight.dtype != want_q:
         problems.append(f"qweight is {qweight.dtype}, expected {want_q} for {bits}-bit")
-    if scales.dtype != torch.float16:
-        problems.append(f"scales are {scales.dtype}, expected torch.float16")
+    if scales.dtype not in (torch.float16, torch.float32):
+        problems.append(f"scales are {scales.dtype}, expected torch.float16 or torch.float32")
     if offsets.dtype not in (torch.float16, torch.float32):
         problems.append(f"offsets are {offsets.dtype}, expected torch.float16 or torch.float32")
     if problems:
@@ -214,7 +216,8 @@ def cpu_blockwise_prechecked(x: torch.Tensor, qweight: torch.Tensor, scales: tor
     if m:
         _check_rc(_library("cpu_blockwise").qahira_cpu_blockwise(
             x.data_ptr(), cpu_lib.DTYPE_CODES[x.dtype], m, k, qweight.data_ptr(), bits,
-            scales.data_ptr(), offsets.data_ptr(), offsets.dtype == torch.float32, n, bo, bi,
+            scales.data_ptr(), scales.dtype == torch.float32, offsets.data_ptr(),
+            offsets.dtype == torch.float32, n, bo, bi,
             y.data_ptr()), "cpu_blockwise")
     return y
 
@@ -226,18 +229,39 @@ def cpu_blockwise(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     return cpu_blockwise_prechecked(x, *_stored(qweight, scales, offsets, bits), bits, bo, bi)
 
 
+DEQUANT_BF16_ROUNDINGS = ("avx2", "avx512_bf16")
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_bf16_rounding_available() -> tuple[str, ...]:
+    """The fp32 -> bf16 roundings cpu_blockwise_dequant can use here: "avx2" (integer
+    nearest-even, every AVX2 CPU) and "avx512_bf16" (the vcvtneps2bf16 instruction, where
+    CPUID reports AVX512-BF16 and the compiler built it). Both give the same bits."""
+    ok = _library("cpu_blockwise_dequant").qahira_cpu_bf16_ok()
+    return DEQUANT_BF16_ROUNDINGS if ok else DEQUANT_BF16_ROUNDINGS[:1]
+
+
 def cpu_blockwise_dequant(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
                           bits: int, bo: int, bi: int, in_features: int,
                           dtype: torch.dtype = torch.float32,
-                          out: torch.Tensor | None = None) -> torch.Tensor:
+                          out: torch.Tensor | None = None,
+                          bf16_rounding: str | None = None) -> torch.Tensor:
     """The weight [out, in] of a stored layer in `dtype` (fp32, bf16 or fp16): the format's
     dequantization, fp32 scales * q + offsets, bit for bit, rounded once to dtype (nearest
-    even, as torch's .to(dtype)). Stored tensors checked like cpu_blockwise. `out`: a
-    contiguous CPU tensor of that shape and dtype to write into (a reused buffer) instead of a
-    new one. Raises ValueError for a bad dtype or `out`."""
+    even, as torch's .to(dtype): denormals kept, NaN -> 0x7fc0 in bf16). Stored tensors
+    checked like cpu_blockwise. `out`: a contiguous CPU tensor of that shape and dtype to
+    write into (a reused buffer) instead of a new one. `bf16_rounding`: one of
+    cpu_bf16_rounding_available() (default: the last, the fastest; the tests run each).
+    Raises ValueError for a bad dtype, `out` or bf16_rounding."""
     if dtype not in cpu_lib.DTYPE_CODES:
         raise ValueError(f"cpu_blockwise_dequant: dtype {dtype}: expected one of "
                          f"{', '.join(map(str, cpu_lib.DTYPE_CODES))}")
+    available = cpu_bf16_rounding_available()
+    if bf16_rounding is None:
+        bf16_rounding = available[-1]
+    elif bf16_rounding not in available:
+        raise ValueError(f"cpu_blockwise_dequant: bf16_rounding={bf16_rounding!r}: this CPU "
+                         f"and build offer {list(available)}")
     qweight, scales, offsets = _stored(qweight, scales, offsets, bits)
     n = qweight.shape[0]
     if out is None:
@@ -247,10 +271,12 @@ def cpu_blockwise_dequant(qweight: torch.Tensor, scales: torch.Tensor, offsets: 
         raise ValueError(f"cpu_blockwise_dequant: out is {out.dtype} {list(out.shape)} on "
                          f"{out.device}: expected a contiguous CPU {dtype} [{n}, {in_features}]")
     _check_rc(_library("cpu_blockwise").qahira_cpu_blockwise_dequant(
-        qweight.data_ptr(), bits, scales.data_ptr(), offsets.data_ptr(),
-        offsets.dtype == torch.float32, n, in_features, bo, bi, out.data_ptr(),
-        cpu_lib.DTYPE_CODES[dtype]), "cpu_blockwise_dequant")
+        qweight.data_ptr(), bits, scales.data_ptr(), scales.dtype == torch.float32,
+        offsets.data_ptr(), offsets.dtype == torch.float32, n, in_features, bo, bi, out.data_ptr(),
+        cpu_lib.DTYPE_CODES[dtype], dtype == torch.bfloat16 and bf16_rounding == "avx512_bf16"),
+        "cpu_blockwise_dequant")
     return out
+
 
 
 class NotStorableError(ValueError):

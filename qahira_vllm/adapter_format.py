@@ -562,7 +562,8 @@ def checkpoint_fingerprint(model_dir: str | os.PathLike) -> str:
     """Identity of a qahira checkpoint's quantized weights, cheap and deterministic.
 
     sha256 over: a version tag; the canonical JSON of the format fields of quantization_config
-    (bits, block_size, offset_dtype, modules_not_converted: not provenance); then, in sorted
+    (bits, block_size, offset_dtype, modules_not_converted, and format 2's scale_dtype and
+    layers: not provenance); then, in sorted
     tensor-name order, each tensor's name, dtype and shape, plus the raw stored bytes of every
     qweight / scales / offsets tensor (other tensors: header only). Independent of sharding and
     of file names; reads ~bits/8 bytes per weight (about 75 MB for a 135M model at INT4).
@@ -574,6 +575,9 @@ def checkpoint_fingerprint(model_dir: str | os.PathLike) -> str:
     core = {"bits": cfg.bits, "block_size": list(cfg.block_size),
             "offset_dtype": cfg.offset_dtype,
             "modules_not_converted": sorted(cfg.modules_not_converted)}
+    if cfg.format_version == 2:  # only then: format-1 fingerprints stay as they were
+        v2 = cfg.to_dict()
+        core.update(scale_dtype=v2["scale_dtype"], layers=v2.get("layers", {}))
     h.update(json.dumps(core, sort_keys=True).encode())
     # The model's files and checked headers (safetensors_io): the same tensors vLLM serves.
     for name, e in sorted(model_tensors(model_dir).items()):

@@ -73,7 +73,9 @@ def quantized_layers(metas: dict[str, _Meta]) -> dict[str, dict[str, _Meta]]:
 
 
 def validate_checkpoint(model_dir: str | os.PathLike, cfg: QahiraQuantConfig) -> list[str]:
-    """Check every quantized layer's tensors (headers only). Returns the layer names, sorted."""
+    """Check every quantized layer's tensors (headers only), each against its own config
+    (`cfg.for_layer`). Returns the layer names, sorted. QahiraFormatError also when a `layers`
+    override names a module that is not stored quantized (a typo would silently do nothing)."""
     model_dir = resolve_model_dir(model_dir)
     metas = read_headers(model_dir)
     check_vllm_reads_same(model_dir)  # vLLM must load the very files validated here
@@ -89,6 +91,12 @@ def validate_checkpoint(model_dir: str | os.PathLike, cfg: QahiraQuantConfig) ->
         if f"{layer}.weight" in metas:
             raise QahiraFormatError(
                 f"layer {layer!r} has both a float 'weight' and quantized tensors in {model_dir}")
+    stray = sorted(set(cfg.layers) - set(layers))
+    if stray:
+        raise QahiraFormatError(
+            f"{model_dir}: quantization_config.layers names {stray[:5]}, which the checkpoint "
+            f"does not store quantized (no .{QWEIGHT}): expected exact module names of "
+            f"converted layers, e.g. {sorted(layers)[:2]}")
     return sorted(layers)
 
 
@@ -169,7 +177,8 @@ def dequantized_state_dict(model_dir: str | os.PathLike,
     cfg, quant, other = load_quantized_state(resolve_model_dir(model_dir))
     sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in other.items()}
     for layer, t in quant.items():
-        sd[f"{layer}.weight"] = dequantize(t["qweight"], t["scales"], t["offsets"], cfg, dtype)
+        sd[f"{layer}.weight"] = dequantize(t["qweight"], t["scales"], t["offsets"],
+                                           cfg.for_layer(layer), dtype)
     return sd
 
 

@@ -43,7 +43,8 @@ class QahiraConfig(QuantizationConfigMixin):
     Holds the dict's keys as attributes (so `to_dict()` writes back the same dict, provenance
     included); `qahira_config()` is the validated format object. Raises QahiraFormatError (a
     ValueError) for a config the format refuses (bits, block_size, offset_dtype,
-    format_version, quant_method)."""
+    format_version, quant_method; format 2's scale_dtype and layers, kept as attributes like
+    the provenance)."""
 
     def __init__(self, bits: int = 4, block_size=(1, 64), offset_dtype: str = "float16",
                  modules_not_converted=(), format_version: int = FORMAT_VERSION,
@@ -130,7 +131,7 @@ class QahiraHfQuantizer(HfQuantizer):
                                         f"model's layer is [{old.out_features}, {old.in_features}]")
             meta = {s: torch.empty(shape, dtype=dt, device="meta")
                     for s, (shape, dt) in expected_tensors(old.out_features, old.in_features,
-                                                           cfg).items()}
+                                                           cfg.for_layer(layer)).items()}
             bias = (torch.empty(old.out_features, dtype=old.bias.dtype, device="meta")
                     if old.bias is not None else None)
             model.set_submodule(layer, QuantLinear(

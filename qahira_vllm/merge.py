@@ -62,9 +62,12 @@ def merge_qahira(qckpt: str | os.PathLike, adapter_dir: str | os.PathLike,
     adapted = sorted(adapter.tensors)
     exact = ac.adapter_type == "qahira"
     if exact:
-        try:
-            check_qahira_geometry(ac.pool, ac.repeat, cfg.block_size,
-                                  {n: dims[n] for n in adapted}, source=str(adapter.path))
+        try:  # per block size: format 2 may give layers their own (cfg.for_layer)
+            for block in sorted({cfg.for_layer(n).block_size for n in adapted}):
+                check_qahira_geometry(ac.pool, ac.repeat, block,
+                                      {n: dims[n] for n in adapted
+                                       if cfg.for_layer(n).block_size == block},
+                                      source=str(adapter.path))
         except AdapterError as e:
             if not requantize:
                 raise AdapterError(f"{e}. This adapter cannot merge exactly into this base; "
@@ -89,7 +92,7 @@ def merge_qahira(qckpt: str | os.PathLike, adapter_dir: str | os.PathLike,
             offsets = t["offsets"]
             if layer in adapter.tensors:
                 delta = qahira_delta_blocks(adapter.tensors[layer][QAHIRA_M], ac.scaling,
-                                            ac.pool, ac.repeat, cfg.block_size)
+                                            ac.pool, ac.repeat, cfg.for_layer(layer).block_size)
                 exact_sum = offsets.to(torch.float32) + delta
                 offsets = exact_sum.to(cfg.offset_torch_dtype)
                 max_round = max(max_round, float((offsets.float() - exact_sum).abs().max()))
@@ -104,13 +107,14 @@ def merge_qahira(qckpt: str | os.PathLike, adapter_dir: str | os.PathLike,
                 for suffix in ("qweight", "scales", "offsets"):
                     new_tensors[f"{layer}.{suffix}"] = t[suffix]
                 continue
-            target = (dequantize(t["qweight"], t["scales"], t["offsets"], cfg)
+            lcfg = cfg.for_layer(layer)  # format 2: this layer's bits / block
+            target = (dequantize(t["qweight"], t["scales"], t["offsets"], lcfg)
                       + _delta_weight(adapter, layer))
-            q, scales, offsets = quantize(target, cfg, clip_search=clip_search)
-            new_tensors[f"{layer}.qweight"] = pack_qweight(q, cfg.bits)
+            q, scales, offsets = quantize(target, lcfg, clip_search=clip_search)
+            new_tensors[f"{layer}.qweight"] = pack_qweight(q, lcfg.bits)
             new_tensors[f"{layer}.scales"] = scales
             new_tensors[f"{layer}.offsets"] = offsets
-            err = dequantize(new_tensors[f"{layer}.qweight"], scales, offsets, cfg) - target
+            err = dequantize(new_tensors[f"{layer}.qweight"], scales, offsets, lcfg) - target
             sq_err += float(err.square().sum())
             sq_delta += float(_delta_weight(adapter, layer).square().sum())
             max_err = max(max_err, float(err.abs().max()))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .format import INT4_PER_WORD, SCALE_DTYPE, QahiraFormatError, QahiraQuantConfig
+from .format import INT4_PER_WORD, QahiraFormatError, QahiraQuantConfig
 
 # Clip ratios tried per block by the MSE search; 1.0 (plain min-max) is always a candidate,
 # so the search never has a larger block error than min-max.
@@ -60,12 +60,16 @@ def _to_blocks(w: torch.Tensor, block_size: tuple[int, int]) -> torch.Tensor:
             .reshape(out_f // bo, in_f // bi, bo * bi))
 
 
-def _params_for_range(lo: torch.Tensor, hi: torch.Tensor, qmax: int, offset_dtype: torch.dtype):
+def _params_for_range(lo: torch.Tensor, hi: torch.Tensor, qmax: int, offset_dtype: torch.dtype,
+                      scale_dtype: torch.dtype = torch.float16):
     """Stored (rounded) scale and offset for blocks spanning [lo, hi]."""
     scale = (hi - lo) / qmax
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # constant block: any scale
-    # Stay inside fp16's range: tiny scales would flush to zero, which divides badly.
-    scale = scale.clamp(min=2.0**-24, max=65504.0).to(SCALE_DTYPE)
+    if scale_dtype == torch.float16:
+        # Stay inside fp16's range: tiny scales would flush to zero, which divides badly.
+        scale = scale.clamp(min=2.0**-24, max=65504.0).to(scale_dtype)
+    else:  # fp32 scales: the fp32 quotient as is (only an fp32 underflow to 0 is lifted)
+        scale = scale.clamp(min=torch.finfo(torch.float32).tiny)
     offset = lo.to(offset_dtype)
     return scale, offset
 
@@ -92,8 +96,8 @@ def check_quantizable(w: torch.Tensor, cfg: QahiraQuantConfig, name: str) -> Non
 
     Raises QahiraFormatError naming tensor `name` and the first offending index or block when
     W holds NaN or +-inf; when a block's min-max scale (hi - lo) / (2**bits - 1) exceeds the
-    largest float16 (65504, the v1 scale dtype: it would be clamped, silently storing other
-    weights); or when a block's minimum, the min-max offset, rounds to +-inf in the offset
+    largest value of cfg's scale dtype (float16: 65504, it would be clamped, silently storing
+    other weights); or when a block's minimum, the min-max offset, rounds to +-inf in the offset
     dtype (with float16 offsets: |lo| >= 65520; the fix is float32 offsets). Clipped candidates
     of the MSE search lie inside [lo, hi], so they fit whenever min-max fits.
     """
@@ -104,14 +108,16 @@ def check_quantizable(w: torch.Tensor, cfg: QahiraQuantConfig, name: str) -> Non
     blocks = _to_blocks(w.detach().to(torch.float32), cfg.block_size)
     lo, hi = blocks.amin(dim=-1), blocks.amax(dim=-1)
     scale = (hi - lo) / cfg.qmax
-    fp16_max = torch.finfo(SCALE_DTYPE).max
-    if bool((scale > fp16_max).any()):
-        b = (scale > fp16_max).nonzero()[0].tolist()
+    s_max = torch.finfo(cfg.scale_torch_dtype).max
+    too_big = ~(scale <= s_max)  # also an fp32 overflow of hi - lo to inf
+    if bool(too_big.any()):
+        b = too_big.nonzero()[0].tolist()
         raise QahiraFormatError(
             f"tensor {name!r}: block {b} (block size {list(cfg.block_size)}) spans "
             f"[{lo[tuple(b)].item():g}, {hi[tuple(b)].item():g}], so its scale "
-            f"{scale[tuple(b)].item():g} exceeds float16's largest value {fp16_max:g}, the "
-            "scale dtype of this format: such weights cannot be stored (check the source)")
+            f"{scale[tuple(b)].item():g} exceeds {cfg.scale_dtype}'s largest value {s_max:g}, "
+            "the scale dtype: such weights cannot be stored (check the source"
+            + (", or use float32 scales)" if cfg.scale_dtype == "float16" else ")"))
     overflow = torch.isinf(lo.to(cfg.offset_torch_dtype))
     if bool(overflow.any()):
         b = overflow.nonzero()[0].tolist()
@@ -159,7 +165,7 @@ def quantize_with_error(w: torch.Tensor, cfg: QahiraQuantConfig, clip_search: bo
     w32 = w.detach().to(torch.float32)
     blocks = _to_blocks(w32, cfg.block_size)
     lo, hi = blocks.amin(dim=-1), blocks.amax(dim=-1)
-    qmax, odt = cfg.qmax, cfg.offset_torch_dtype
+    qmax, odt, sdt = cfg.qmax, cfg.offset_torch_dtype, cfg.scale_torch_dtype
     ratios = fp32_ratios(clip_ratios if clip_search else (1.0,))
 
     best_err = best_scale = best_offset = None
@@ -167,7 +173,7 @@ def quantize_with_error(w: torch.Tensor, cfg: QahiraQuantConfig, clip_search: bo
     for r in ratios:
         # r == 1 is min-max itself: use lo/hi as is (mid -/+ half can miss them by an fp32 ulp)
         r_lo, r_hi = (lo, hi) if r == 1.0 else (mid - r * half, mid + r * half)
-        scale, offset = _params_for_range(r_lo, r_hi, qmax, odt)
+        scale, offset = _params_for_range(r_lo, r_hi, qmax, odt, sdt)
         q = _round_to_grid(blocks, scale, offset, qmax)
         deq = q * scale.to(torch.float32).unsqueeze(-1) + offset.to(torch.float32).unsqueeze(-1)
         err = block_sq_err((deq - blocks).square())
@@ -191,7 +197,9 @@ def quantize(w: torch.Tensor, cfg: QahiraQuantConfig, clip_search: bool = True,
              clip_ratios: tuple[float, ...] = DEFAULT_CLIP_RATIOS):
     """Asymmetric block-wise quantization of W [out, in] (any float dtype, CPU or CUDA).
 
-    Returns (q uint8 [out, in], scales fp16 [out/bo, in/bi], offsets offset_dtype [out/bo, in/bi]).
+    cfg: the layer's config (QahiraQuantConfig.for_layer). Returns (q uint8 [out, in], scales
+    cfg.scale_torch_dtype [out/bo, in/bi], offsets offset_dtype [out/bo, in/bi]); with float32
+    scales the scale is the fp32 (hi - lo) / qmax, not rounded further.
     q is rounded against the *stored* (already rounded) scale and offset, so dequantizing the
     stored tensors gives the nearest grid point of the block's stored grid (round half to even,
     as torch.round; the index is (w - offset) / scale by true fp32 division).
@@ -220,7 +228,9 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tenso
     expanded to [out, in], which saves memory passes. addcmul may fuse the multiply-add, which
     cannot change the result: scale (fp16, 11-bit significand) * q (<= 8 bits) is exact in
     fp32, so only the add rounds, as in the unfused form. tests/test_quant_math.py checks bit
-    equality with the expanded form.
+    equality with the expanded form. float32 scales (format 2): scale * q may round, so the
+    product and the sum are two separate fp32 operations (the format's definition, unfused).
+    cfg: the layer's config (QahiraQuantConfig.for_layer).
     """
     bo, bi = cfg.block_size
     out_f = qweight.shape[0]
@@ -231,6 +241,10 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tenso
         q = qweight.to(torch.float32)
     in_f = q.numel() // out_f
     q = q.view(out_f // bo, bo, in_f // bi, bi)
-    w = torch.addcmul(offsets.to(torch.float32)[:, None, :, None], q,
-                      scales.to(torch.float32)[:, None, :, None])
+    s = scales.to(torch.float32)[:, None, :, None]
+    o = offsets.to(torch.float32)[:, None, :, None]
+    if scales.dtype == torch.float16:
+        w = torch.addcmul(o, q, s)
+    else:  # the product may round: keep it a separate fp32 operation (never an FMA)
+        w = (q * s).add_(o)
     return w.view(out_f, in_f).to(dtype)

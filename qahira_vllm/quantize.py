@@ -1,4 +1,5 @@
-"""Convert a Hugging Face model folder into a qahira checkpoint (format_version 1)."""
+"""Convert a Hugging Face model folder into a qahira checkpoint (format_version 1; 2 with
+per-layer overrides or float32 scales)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from tqdm import tqdm
 from . import __version__
 from .checkpoint import iter_tensors, read_headers, resolve_model_dir, write_checkpoint
 from .format import QahiraFormatError, QahiraQuantConfig, check_divides
-from .fused_layers import packed_modules_mapping, widen_to_fused_groups
+from .fused_layers import fused_groups, packed_modules_mapping, widen_to_fused_groups
 from .quant_math import (DEFAULT_CLIP_RATIOS, check_quantizable, fp32_ratios, pack_qweight,
                          quantize_with_error)
 
@@ -66,6 +67,30 @@ def default_targets(linear_names: list[str], skip: tuple[str, ...] = ()) -> list
             and not any(n == s or n.endswith("." + s) for s in skip)]
 
 
+def resolve_layer_overrides(overrides, targets: set[str], linear_names: list[str],
+                            fused_mapping: dict[str, tuple[str, ...]] | None
+                            ) -> dict[str, dict]:
+    """`--layer` overrides -> format 2's `layers` ({module name: {"bits", "block_size"?}}).
+
+    overrides: (suffix, bits, block_size or None) in command-line order; a suffix matches every
+    target module whose name is it or ends in "." + it, and one member of a vLLM-fused group
+    (q/k/v, gate/up) brings its whole group (vLLM serves the group as one layer, one bits /
+    block). A later override of the same module wins. ValueError for a suffix matching no
+    target layer."""
+    groups = list(fused_groups(linear_names, fused_mapping).values()) if fused_mapping else []
+    resolved: dict[str, dict] = {}
+    for suffix, bits, block in overrides:
+        hits = sorted(n for n in targets if n == suffix or n.endswith("." + suffix))
+        if not hits:
+            raise ValueError(f"--layer {suffix}=...: no converted linear layer is named or ends "
+                             f"in {suffix!r} (e.g. {sorted(targets)[:3]})")
+        for n in hits:
+            for member in next((g for g in groups if n in g), [n]):
+                resolved[member] = {"bits": bits, **({"block_size": tuple(block)} if block
+                                                     else {})}
+    return resolved
+
+
 def plan_conversion(linear_names: list[str], weight_shapes: dict[str, tuple[int, int]],
                     targets: set[str], cfg: QahiraQuantConfig, keep_unconvertible: bool,
                     fused_mapping: dict[str, tuple[str, ...]] | None
@@ -74,7 +99,8 @@ def plan_conversion(linear_names: list[str], weight_shapes: dict[str, tuple[int,
 
     Returns (layers to convert, layers kept in float because the block does not tile them,
     {fused vLLM layer: members kept in float because another member is not converted}).
-    A layer the block does not tile raises QahiraFormatError unless keep_unconvertible.
+    A layer its block (cfg.for_layer) does not tile raises QahiraFormatError unless
+    keep_unconvertible.
     vLLM serves each fused group (qkv_proj, gate_up_proj, ...) with one method, so a group
     is converted whole or kept whole (fused_layers.widen_to_fused_groups).
     """
@@ -116,7 +142,8 @@ def quantize_layer(t: torch.Tensor, cfg: QahiraQuantConfig, clip_search: bool, n
                    clip_ratios: tuple[float, ...] = DEFAULT_CLIP_RATIOS):
     """One layer's stored tensors and error statistics, on CPU.
 
-    t: W [out, in], any float dtype. Returns (qweight, scales, offsets, sq_err, sq_ref): the
+    t: W [out, in], any float dtype; cfg: the layer's config (QahiraQuantConfig.for_layer).
+    Returns (qweight, scales, offsets, sq_err, sq_ref): the
     stored tensors of quant_math.quantize (bit for bit, whichever backend runs: see
     quantizer_backend), the sum of the blocks' squared errors (from the search itself, no
     second dequantization) and sum(W^2), both float (fp64 sums of fp32 per-block sums).
@@ -125,7 +152,8 @@ def quantize_layer(t: torch.Tensor, cfg: QahiraQuantConfig, clip_search: bool, n
     """
     ratios = fp32_ratios(clip_ratios if clip_search else (1.0,))
     backend = quantizer_backend(device)
-    if backend == "cpu-kernel":
+    # cpu_quantize.c rounds scales to fp16: float32 scales (format 2) take the torch definition
+    if backend == "cpu-kernel" and cfg.scale_dtype == "float16":
         from qahira_kernels import ops
 
         bo, bi = cfg.block_size
@@ -176,7 +204,7 @@ def quantize_state_dict(tensors, targets: set[str], cfg: QahiraQuantConfig, clip
                 out[name] = t
                 continue
             (out[f"{layer}.qweight"], out[f"{layer}.scales"], out[f"{layer}.offsets"],
-             sq_err, sq_ref) = quantize_layer(t, cfg, clip_search, name, device)
+             sq_err, sq_ref) = quantize_layer(t, cfg.for_layer(layer), clip_search, name, device)
             stats["sq_err"] += sq_err
             stats["sq_ref"] += sq_ref
             stats["layers"] += 1
@@ -193,7 +221,8 @@ def quantize_model(model: str | os.PathLike, out_dir: str | os.PathLike, bits: i
                    block_size: tuple[int, int] = (1, 64), offset_dtype: str = "float16",
                    clip_search: bool = True, keep_unconvertible: bool = False,
                    skip: tuple[str, ...] = (), overwrite: bool = False,
-                   progress: bool = True, lm_head: bool = False, device: str = "auto") -> dict:
+                   progress: bool = True, lm_head: bool = False, device: str = "auto",
+                   scale_dtype: str = "float16", layer_overrides=()) -> dict:
     """Quantize `model` (folder or hub id) into `out_dir`, written atomically. Returns a summary.
 
     lm_head=True converts the output projection too (as GPTQ's `lm_head` option does): it
@@ -204,7 +233,12 @@ def quantize_model(model: str | os.PathLike, out_dir: str | os.PathLike, bits: i
 
     device: auto (CUDA when available) | cpu | cuda | cuda:N, where the clip search runs (CPU:
     the compiled kernel on torch.get_num_threads() threads; CUDA: the torch definition); the
-    output is the same bits on every device. ValueError for an unusable device."""
+    output is the same bits on every device. ValueError for an unusable device.
+
+    scale_dtype "float32" and layer_overrides ((suffix, bits, block or None), as
+    resolve_layer_overrides) write format 2: per-layer bits / block, scales (hi - lo) / qmax
+    kept in fp32 (quantized by the torch definition: the compiled search rounds to fp16).
+    Overrides equal to the defaults are dropped, so they alone do not force format 2."""
     from .training.trainer import resolve_device
 
     t0 = time.time()
@@ -213,7 +247,8 @@ def quantize_model(model: str | os.PathLike, out_dir: str | os.PathLike, bits: i
         raise FileExistsError(f"output folder {Path(out_dir).resolve()} already exists "
                               "(pass --overwrite to replace)")
     src = resolve_model_dir(model)
-    cfg0 = QahiraQuantConfig(bits=bits, block_size=tuple(block_size), offset_dtype=offset_dtype)
+    cfg0 = QahiraQuantConfig(bits=bits, block_size=tuple(block_size), offset_dtype=offset_dtype,
+                             scale_dtype=scale_dtype)
     # The model's files (the index's shards, else model.safetensors), every header checked
     # (damaged, truncated, git-lfs pointer, a tensor in two files): refused before any work.
     read_headers(src)
@@ -235,9 +270,14 @@ def quantize_model(model: str | os.PathLike, out_dir: str | os.PathLike, bits: i
     if missing:
         raise QahiraFormatError(f"{src}: linear layers without a stored weight: {missing[:5]}")
     architectures = json.loads((src / "config.json").read_text()).get("architectures") or []
+    fused_mapping = packed_modules_mapping(architectures)
+    overrides = {n: ov for n, ov in resolve_layer_overrides(layer_overrides, targets,
+                                                             linear_names, fused_mapping).items()
+                 if (ov["bits"], ov.get("block_size", cfg0.block_size)) != (bits, cfg0.block_size)}
+    cfg0 = QahiraQuantConfig(bits=bits, block_size=tuple(block_size), offset_dtype=offset_dtype,
+                             scale_dtype=scale_dtype, layers=overrides)
     convert, kept, widened = plan_conversion(linear_names, shapes, targets, cfg0,
-                                             keep_unconvertible,
-                                             packed_modules_mapping(architectures))
+                                             keep_unconvertible, fused_mapping)
     notes = [f"kept {', '.join(members)} in float too: vLLM serves them as one layer "
              f"({fused}) with another member that is not converted"
              for fused, members in sorted(widened.items())]
@@ -245,6 +285,7 @@ def quantize_model(model: str | os.PathLike, out_dir: str | os.PathLike, bits: i
     widened_members = sorted(m for members in widened.values() for m in members)
     cfg = QahiraQuantConfig(
         bits=bits, block_size=tuple(block_size), offset_dtype=offset_dtype,
+        scale_dtype=scale_dtype, layers={n: ov for n, ov in overrides.items() if n in convert},
         modules_not_converted=tuple(sorted(kept)) + tuple(skip) + tuple(widened_members),
         extra={"quantizer": "mse_clip" if clip_search else "minmax",
                "source_model": str(model), "created_by": f"qahira-vllm {__version__}"})

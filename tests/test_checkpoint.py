@@ -134,9 +134,9 @@ def test_read_quant_config_errors(ckpts, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(ckpts["q4"], bad)
     cfg = json.loads((bad / "config.json").read_text())
-    cfg["quantization_config"]["format_version"] = 2
+    cfg["quantization_config"]["format_version"] = 3
     (bad / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(QahiraFormatError, match=r"config\.json.*format_version=2"):
+    with pytest.raises(QahiraFormatError, match=r"config\.json.*format_version=3"):
         read_quant_config(bad)
     cfg["quantization_config"].update(format_version=1, block_size=[3])
     (bad / "config.json").write_text(json.dumps(cfg))
@@ -185,3 +185,40 @@ def test_write_checkpoint(tmp_path):
     with pytest.raises(AttributeError, match="contiguous"):
         write_checkpoint(src, tmp_path / "failed", config, {"x": "not a tensor"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+# ---- format 2: each layer checked against its own config -------------------------------------
+
+def _v2_copy(tmp_path, edit):
+    dst = tmp_path / "v2"
+    shutil.copytree(tm.tiny_qckpt_v2(), dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    edit(cfg["quantization_config"])
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_v2_layers_validated_each_with_its_config(tmp_path):
+    good = tm.tiny_qckpt_v2()
+    layers = validate_checkpoint(good, read_quant_config(good))
+    assert len(layers) == 14
+    # the stored down_proj is 8-bit 1x16: read as the 4-bit 1x32 default it must not pass
+    down = "model.layers.0.mlp.down_proj"
+    bad = _v2_copy(tmp_path, lambda qc: qc["layers"].pop(down))
+    with pytest.raises(QahiraFormatError, match=rf"tensor '{down}\.(qweight|scales)'.*expected"):
+        validate_checkpoint(bad, read_quant_config(bad))
+
+
+def test_v2_scale_dtype_checked(tmp_path):
+    bad = _v2_copy(tmp_path, lambda qc: qc.update(scale_dtype="float16"))
+    with pytest.raises(QahiraFormatError, match=r"scales'.* is torch\.float32.*expected "
+                                                r"torch\.float16"):
+        validate_checkpoint(bad, read_quant_config(bad))
+
+
+def test_v2_override_of_a_missing_layer_is_refused(tmp_path):
+    bad = _v2_copy(tmp_path, lambda qc: qc["layers"].update(
+        {"model.layers.0.mlp.down_prj": {"bits": 8}}))
+    with pytest.raises(QahiraFormatError, match=r"layers names \['model\.layers\.0\.mlp\."
+                                                r"down_prj'\].*not store quantized"):
+        validate_checkpoint(bad, read_quant_config(bad))

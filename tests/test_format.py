@@ -66,7 +66,8 @@ def test_defaults_for_optional_fields():
 @pytest.mark.parametrize("bad,field", [
     (dict(quant_method="gptq"), "quant_method"),
     (dict(quant_method=_DROP), "quant_method"),
-    (dict(format_version=2), "format_version"),
+    (dict(format_version=3), "format_version"),
+    (dict(format_version=True), "format_version"),
     (dict(format_version=_DROP), "format_version"),
     (dict(bits=3), "bits"),
     (dict(bits="4"), "bits"),
@@ -97,6 +98,98 @@ def test_from_dict_error_names_source():
         QahiraQuantConfig.from_dict(_with(quant_method="awq"), source="ckpt/config.json")
     with pytest.raises(QahiraFormatError, match=r"format_version=7"):
         QahiraQuantConfig.from_dict(_with(format_version=7))
+
+
+# ---- format_version 2: scale_dtype, per-layer overrides -------------------------------------
+
+V2 = {"quant_method": "qahira", "format_version": 2, "bits": 4, "block_size": [1, 32],
+      "scale_dtype": "float32", "offset_dtype": "float32",
+      "layers": {"model.layers.0.mlp.down_proj": {"bits": 8, "block_size": [1, 16]},
+                 "model.layers.1.self_attn.v_proj": {"bits": 8}},
+      "modules_not_converted": [], "source_model": "x.gguf"}
+
+
+def test_v1_config_writes_format_1_byte_for_byte():
+    cfg = QahiraQuantConfig.from_dict(GOOD)
+    assert cfg.format_version == 1 and cfg.scale_dtype == "float16" and dict(cfg.layers) == {}
+    # the very bytes a format-1 writer produced: same keys, same order, no v2 keys
+    assert json.dumps(cfg.to_dict()) == json.dumps(GOOD)
+    assert cfg.for_layer("model.layers.0.mlp.down_proj") is cfg
+
+
+def test_v2_round_trip_and_for_layer():
+    cfg = QahiraQuantConfig.from_dict(json.loads(json.dumps(V2)))
+    assert cfg.format_version == 2 and cfg.scale_torch_dtype == torch.float32
+    assert json.dumps(cfg.to_dict()) == json.dumps(V2)        # order and values preserved
+    assert QahiraQuantConfig.from_dict(cfg.to_dict()) == cfg
+    down = cfg.for_layer("model.layers.0.mlp.down_proj")
+    assert (down.bits, down.block_size, down.scale_dtype, down.offset_dtype) == \
+        (8, (1, 16), "float32", "float32")
+    assert dict(down.layers) == {} and down.for_layer("anything") is down
+    v = cfg.for_layer("model.layers.1.self_attn.v_proj")
+    assert (v.bits, v.block_size) == (8, (1, 32))               # block from the defaults
+    other = cfg.for_layer("model.layers.0.mlp.up_proj")          # exact names only
+    assert (other.bits, other.block_size, other.scale_dtype) == (4, (1, 32), "float32")
+    assert cfg.for_layer("layers.0.mlp.down_proj").bits == 4     # no suffix matching
+
+
+def test_v2_only_when_needed_and_hashable():
+    import copy
+    import pickle
+
+    only_scales = QahiraQuantConfig(scale_dtype="float32")
+    assert only_scales.to_dict()["format_version"] == 2 and "layers" not in only_scales.to_dict()
+    only_layers = QahiraQuantConfig(layers={"a.b": {"bits": 8}})
+    d = only_layers.to_dict()
+    assert d["format_version"] == 2 and d["scale_dtype"] == "float16"
+    assert d["layers"] == {"a.b": {"bits": 8}}
+    cfg = QahiraQuantConfig.from_dict(V2)
+    assert {cfg: 1}[QahiraQuantConfig.from_dict(V2)] == 1      # equal configs, equal hashes
+    assert pickle.loads(pickle.dumps(cfg)) == cfg == copy.deepcopy(cfg)  # vLLM copies configs
+    assert cfg != QahiraQuantConfig.from_dict({**V2, "layers": {}})
+    with pytest.raises(TypeError):
+        cfg.layers["x"] = {"bits": 8}                            # frozen
+
+
+def test_v2_shapes_and_checks_use_the_layer():
+    cfg = QahiraQuantConfig.from_dict(V2)
+    down = cfg.for_layer("model.layers.0.mlp.down_proj")
+    e = expected_tensors(64, 128, down)
+    assert e["qweight"] == ((64, 128), torch.uint8)
+    assert e["scales"] == ((64, 8), torch.float32) and e["offsets"] == ((64, 8), torch.float32)
+    name = "model.layers.0.mlp.down_proj"
+    tensors = {"qweight": torch.zeros(64, 128, dtype=torch.uint8),
+               "scales": torch.ones(64, 8), "offsets": torch.zeros(64, 8)}
+    validate_layer_tensors(name, tensors, 64, 128, cfg)          # the model cfg: layer taken
+    assert layer_dims(name, tensors, cfg) == (64, 128)           # 8-bit: in = columns
+    with pytest.raises(QahiraFormatError, match=r"scales.*torch\.float16.*expected torch\.float32"):
+        validate_layer_tensors(name, {**tensors, "scales": torch.ones(64, 8).half()}, 64, 128, cfg)
+    with pytest.raises(QahiraFormatError, match=r"block \[1, 16\] at 8 bits.*in=24"):
+        check_divides(name, 64, 24, cfg)
+
+
+@pytest.mark.parametrize("bad,field", [
+    (dict(scale_dtype="bfloat16"), "scale_dtype"),
+    (dict(scale_dtype=None), "scale_dtype"),
+    (dict(layers=["model.layers.0.mlp.down_proj"]), "layers"),
+    (dict(layers={"m": {"bits": 3}}), r"layers\['m'\]\.bits"),
+    (dict(layers={"m": {"bits": True}}), r"layers\['m'\]\.bits"),
+    (dict(layers={"m": {"block_size": [0, 4]}}), r"layers\['m'\]\.block_size"),
+    (dict(layers={"m": {"block_size": "1x32"}}), r"layers\['m'\]\.block_size"),
+    (dict(layers={"m": {"offset_dtype": "float16"}}), r"layers\['m'\].*offset_dtype"),
+    (dict(layers={"m": {}}), r"layers\['m'\]"),
+    (dict(layers={"m": 8}), r"layers\['m'\]"),
+    (dict(layers={"": {"bits": 8}}), "layers"),
+])
+def test_v2_bad_fields_name_the_field(bad, field):
+    with pytest.raises(QahiraFormatError, match=r"ckpt/config\.json: .*" + field):
+        QahiraQuantConfig.from_dict({**V2, **bad}, source="ckpt/config.json")
+
+
+@pytest.mark.parametrize("key", ["scale_dtype", "layers"])
+def test_v1_dict_with_v2_fields_refused(key):
+    with pytest.raises(QahiraFormatError, match=rf"ckpt/config\.json.*{key}.*format_version 2"):
+        QahiraQuantConfig.from_dict({**GOOD, key: V2[key]}, source="ckpt/config.json")
 
 
 def test_is_converted():

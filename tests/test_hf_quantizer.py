@@ -128,8 +128,8 @@ def _set(sd, key, value):
     ("not-converted", dict(config=lambda c: c["quantization_config"].update(
         modules_not_converted=["k_proj"])),
      ["'model.layers.0.self_attn.k_proj'", "modules_not_converted ['k_proj']"]),
-    ("format-version", dict(config=lambda c: c["quantization_config"].update(format_version=2)),
-     ["format_version=2"]),
+    ("format-version", dict(config=lambda c: c["quantization_config"].update(format_version=3)),
+     ["format_version=3"]),
 ])
 def test_bad_checkpoints_are_refused_by_name(tmp_path, what, edit, fragments):
     bad = _edited_copy(_ckpt("llama-4bit-1x32-fp16"), tmp_path / what, **edit)
@@ -274,3 +274,30 @@ def test_trainer_loader_goes_through_from_pretrained_and_refuses_missing_tensors
     with pytest.raises(QahiraFormatError, match=r"missing \['model.norm.weight'\], unexpected "
                                                 r"\['model.extra.weight'\]"):
         load_quantized_model(bad)
+
+
+def test_from_pretrained_v2_mixed_checkpoint():
+    """Format 2 (tiny.V2_OVERRIDES: 4- and 8-bit layers, three block shapes, fp32 scales):
+    each QuantLinear keeps its layer's config and stored tensors, rebuilds the independent fp32
+    s * q + o bit for bit, and the model's logits equal the dequantized reference's."""
+    path = tiny.tiny_qckpt_v2()
+    qc = json.loads((path / "config.json").read_text())["quantization_config"]
+    model = _from_pretrained(path)
+    stored = tiny.load_safetensors_dir(path)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert len(layers) == 14
+    seen = set()
+    for name, m in layers.items():
+        ov = qc["layers"].get(name, {})
+        assert (m.cfg.bits, list(m.cfg.block_size), m.cfg.scale_dtype) == \
+            (ov.get("bits", 4), ov.get("block_size", [1, 32]), "float32")
+        seen.add((m.cfg.bits, m.cfg.block_size))
+        assert m.scales.dtype == torch.float32 and torch.equal(m.scales, stored[f"{name}.scales"])
+        ref = tiny.dequant_v2_ref(qc, name, m.qweight, m.scales, m.offsets)
+        assert torch.equal(m.dequantized_weight(), ref), name
+        x = torch.randn(3, m.in_features)
+        assert torch.equal(m(x), torch.nn.functional.linear(x, ref)), name  # forward's W
+    assert seen == {(4, (1, 32)), (8, (1, 16)), (8, (1, 32)), (4, (2, 64))}
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, load_reference_model(path)(IDS).logits,
+                                   **LOGIT_TOL)

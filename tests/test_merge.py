@@ -177,3 +177,37 @@ def test_cli_merge(tmp_path, capsys):
     qb = tiny.random_adapter(qckpt, tmp_path / "qb", "qbara", rank=2)
     assert cli_main(["merge", str(qckpt), str(qb), str(tmp_path / "m3")]) == 2
     assert "--requantize" in capsys.readouterr().err
+
+
+def test_v2_mixed_checkpoint_merges_per_layer(tmp_path):
+    """Format 2 (tiny.V2_OVERRIDES): an exact QA-HiRA merge shifts each layer's offsets by the
+    adapter's dW on that layer's own blocks (qweight and fp32 scales byte-identical), and a
+    re-quantized Q-BaRA merge keeps every layer's bits / block / dtypes."""
+    from qahira_vllm.checkpoint import read_quant_config, validate_checkpoint
+
+    qckpt = tiny.tiny_qckpt_v2()
+    qc = json.loads((qckpt / "config.json").read_text())["quantization_config"]
+    adapter_dir = tiny.random_adapter(qckpt, tmp_path / "ad", "qahira", pool=64, repeat=8,
+                                      scaling=1.3, std=0.5)
+    summary = merge_qahira(qckpt, adapter_dir, tmp_path / "merged")
+    assert summary["method"] == "exact_offsets"
+    base, merged = _tensors(qckpt), _tensors(tmp_path / "merged")
+    mqc = json.loads((tmp_path / "merged" / "config.json").read_text())["quantization_config"]
+    assert mqc["layers"] == qc["layers"] and mqc["scale_dtype"] == "float32"
+    adapter = load_adapter(adapter_dir)
+    for layer, t in adapter.tensors.items():
+        for suffix in ("qweight", "scales"):
+            assert _same_bytes(base[f"{layer}.{suffix}"], merged[f"{layer}.{suffix}"])
+        w0 = tiny.dequant_v2_ref(qc, layer, *(base[f"{layer}.{k}"]
+                                             for k in ("qweight", "scales", "offsets")))
+        w1 = tiny.dequant_v2_ref(qc, layer, *(merged[f"{layer}.{k}"]
+                                             for k in ("qweight", "scales", "offsets")))
+        dw = _delta_reference(t["qahira_M"], adapter.config.scaling, 64, 8, *w0.shape)
+        assert (w1.double() - w0.double() - dw).abs().max() < 1e-5, layer
+    lora = tiny.random_adapter(qckpt, tmp_path / "qb", "qbara", std=0.02)
+    summary = merge_qahira(qckpt, lora, tmp_path / "requant", requantize=True)
+    assert summary["method"] == "requantized"
+    requant = _tensors(tmp_path / "requant")
+    for name, t in base.items():
+        assert (requant[name].dtype, requant[name].shape) == (t.dtype, t.shape), name
+    validate_checkpoint(tmp_path / "requant", read_quant_config(tmp_path / "requant"))

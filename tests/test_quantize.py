@@ -559,3 +559,100 @@ def test_unknown_or_unusable_device_is_refused_before_work(src, tmp_path):
     with pytest.raises(ValueError, match="CUDA|does not exist"):
         quantize_model(src["llama"], tmp_path / "o", device=f"cuda:{n}", progress=False)
     assert not (tmp_path / "o").exists()
+
+
+# ---- format 2: --layer overrides, --scale-dtype float32 ---------------------------------------
+
+def test_v2_checkpoint_mixed_layers_fp32_scales():
+    """tiny.V2_OVERRIDES: each layer stored with its own bits / block and fp32 scales, the
+    override of one q/k/v (gate/up) member widened to its vLLM-fused group, and the minmax
+    scales exactly the fp32 (hi - lo) / qmax (no fp16 rounding), computed here by hand."""
+    ckpt = tm.tiny_qckpt_v2(quantizer="minmax")
+    qc = json.loads((ckpt / "config.json").read_text())["quantization_config"]
+    assert (qc["format_version"], qc["scale_dtype"], qc["bits"], qc["block_size"]) == \
+        (2, "float32", 4, [1, 32])
+    expect = {}
+    for i in range(2):
+        p = f"model.layers.{i}"
+        expect[f"{p}.mlp.down_proj"] = {"bits": 8, "block_size": [1, 16]}
+        for m in ("q_proj", "k_proj", "v_proj"):
+            expect[f"{p}.self_attn.{m}"] = {"bits": 8}
+    for m in ("gate_proj", "up_proj"):
+        expect[f"model.layers.1.mlp.{m}"] = {"bits": 4, "block_size": [2, 64]}
+    assert qc["layers"] == expect
+    sd = tm.load_safetensors_dir(ckpt)
+    src = tm.load_safetensors_dir(tm.make_float_model())
+    checked = 0
+    for name, w in src.items():
+        layer = name[: -len(".weight")]
+        if f"{layer}.qweight" not in sd:
+            continue
+        ov = qc["layers"].get(layer, {})
+        bits, (bo, bi) = ov.get("bits", 4), ov.get("block_size", [1, 32])
+        qw, s, o = (sd[f"{layer}.{k}"] for k in ("qweight", "scales", "offsets"))
+        assert qw.dtype == (torch.int32 if bits == 4 else torch.uint8), layer
+        assert s.dtype == torch.float32 and o.dtype == torch.float32
+        blocks = tm.blockwise(w.float(), (bo, bi))
+        lo, hi = blocks.amin(-1), blocks.amax(-1)
+        assert torch.equal(s, (hi - lo) / ((1 << bits) - 1)), layer
+        assert torch.equal(o, lo), layer
+        deq = tm.dequant_v2_ref(qc, layer, qw, s, o)
+        assert (deq - w.float()).abs().max() <= s.max() / 2 * 1.0001, layer  # nearest grid point
+        checked += 1
+    assert checked == 14
+
+
+def test_v2_dequantized_state_dict_is_the_format_definition():
+    """checkpoint.dequantized_state_dict (quant_math.dequantize, per layer) equals the
+    independent fp32 s * q + o of every stored layer, bit for bit."""
+    ckpt = tm.tiny_qckpt_v2()
+    qc = json.loads((ckpt / "config.json").read_text())["quantization_config"]
+    sd, ours = tm.load_safetensors_dir(ckpt), dequantized_state_dict(ckpt)
+    layers = [n[: -len(".qweight")] for n in sd if n.endswith(".qweight")]
+    assert len(layers) == 14
+    for layer in layers:
+        ref = tm.dequant_v2_ref(qc, layer, *(sd[f"{layer}.{k}"]
+                                             for k in ("qweight", "scales", "offsets")))
+        assert torch.equal(ours[f"{layer}.weight"], ref), layer
+    validate_checkpoint(ckpt, read_quant_config(ckpt))
+
+
+def test_v1_output_unchanged_by_the_new_options(src, quantized, tmp_path):
+    """Float16 scales and overrides equal to the defaults write format 1, the same bytes."""
+    out = tmp_path / "q"
+    quantize_model(src["llama"], out, bits=4, block_size=(1, 64), progress=False,
+                   scale_dtype="float16", layer_overrides=(("mlp.down_proj", 4, (1, 64)),))
+    ref = quantized("llama", 4, (1, 64))[0]
+    assert (out / "config.json").read_bytes() == (ref / "config.json").read_bytes()
+    assert (out / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
+
+
+def test_layer_override_errors(src, tmp_path):
+    with pytest.raises(ValueError, match=r"--layer nope_proj=.*no converted linear layer"):
+        quantize_model(src["llama"], tmp_path / "a", progress=False,
+                       layer_overrides=(("nope_proj", 8, None),))
+    # down_proj is [128, 256]: a 1x96 block does not tile it; the error names the layer
+    with pytest.raises(QahiraFormatError, match=r"mlp\.down_proj.*block \[1, 96\] at 8 bits"):
+        quantize_model(src["llama"], tmp_path / "b", progress=False,
+                       layer_overrides=(("mlp.down_proj", 8, (1, 96)),))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_cli_layer_and_scale_dtype(tmp_path):
+    from qahira_vllm.cli import main as cli_main
+
+    out = tmp_path / "q"
+    rc = cli_main(["quantize", str(tm.make_float_model()), str(out), "--block", "1x32",
+                   "--scale-dtype", "float32", "--offset-dtype", "float32",
+                   "--layer", "mlp.down_proj=8:1x16",
+                   "--layer", "self_attn.v_proj=8", "--layer",
+                   "model.layers.1.mlp.up_proj=4:2x64", "--device", "cpu"])
+    assert rc == 0
+    ours = json.loads((out / "config.json").read_text())["quantization_config"]
+    ref = json.loads((tm.tiny_qckpt_v2() / "config.json").read_text())["quantization_config"]
+    assert ours["layers"] == ref["layers"] and ours["scale_dtype"] == "float32"
+    a, b = tm.load_safetensors_dir(out), tm.load_safetensors_dir(tm.tiny_qckpt_v2())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for bad in ("mlp.down_proj", "mlp.down_proj=3", "=8", "mlp.down_proj=8:1x"):
+        with pytest.raises(SystemExit):
+            cli_main(["quantize", "m", str(tmp_path / "x"), "--layer", bad])

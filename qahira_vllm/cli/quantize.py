@@ -1,4 +1,5 @@
-"""qahira quantize MODEL_DIR OUT_DIR --bits {4,8} --block BOxBI"""
+"""qahira quantize MODEL_DIR OUT_DIR --bits {4,8} --block BOxBI [--layer SUFFIX=BITS[:BOxBI]]...
+[--scale-dtype float16|float32]"""
 
 from __future__ import annotations
 
@@ -17,6 +18,21 @@ def parse_block(text: str) -> tuple[int, int]:
     return bo, bi
 
 
+def parse_layer(text: str) -> tuple[str, int, tuple[int, int] | None]:
+    """--layer SUFFIX=BITS[:BOxBI] -> (suffix, bits, block or None)."""
+    suffix, eq, spec = text.partition("=")
+    bits_text, _, block_text = spec.partition(":")
+    try:
+        bits = int(bits_text)
+    except ValueError:
+        bits = None
+    if not eq or not suffix or bits not in (4, 8):
+        raise argparse.ArgumentTypeError(
+            f"--layer {text!r}: expected SUFFIX=BITS[:BOxBI] with BITS 4 or 8, e.g. "
+            "mlp.down_proj=8 or self_attn.v_proj=8:1x32")
+    return suffix, bits, parse_block(block_text) if block_text else None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="local model folder or hub repo id")
     p.add_argument("out_dir")
@@ -24,6 +40,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block", type=parse_block, default=(1, 64), metavar="BOxBI",
                    help="block of bo output rows x bi input columns (default 1x64)")
     p.add_argument("--offset-dtype", choices=("float16", "float32"), default="float16")
+    p.add_argument("--scale-dtype", choices=("float16", "float32"), default="float16",
+                   help="float32 keeps each scale (hi - lo) / qmax unrounded (format 2)")
+    p.add_argument("--layer", action="append", default=[], type=parse_layer,
+                   metavar="SUFFIX=BITS[:BOxBI]",
+                   help="other bits (and block) for the modules ending in SUFFIX, e.g. "
+                        "mlp.down_proj=8 or self_attn.v_proj=8:1x32; one of q/k/v or gate/up "
+                        "sets its whole vLLM-fused group; repeatable, later wins (format 2)")
     p.add_argument("--quantizer", choices=("mse_clip", "minmax"), default="mse_clip",
                    help="mse_clip searches a clipping ratio per block (default; lower error)")
     p.add_argument("--keep-unconvertible", action="store_true",
@@ -50,7 +73,8 @@ def run(args) -> int:
                              clip_search=args.quantizer == "mse_clip",
                              keep_unconvertible=args.keep_unconvertible, skip=tuple(args.skip),
                              overwrite=args.overwrite, lm_head=args.lm_head,
-                             device=args.device)
+                             device=args.device, scale_dtype=args.scale_dtype,
+                             layer_overrides=tuple(args.layer))
     if args.push_to_hub:
         from huggingface_hub import HfApi
 

@@ -7,12 +7,19 @@ hands back `ConvertedLayer`s plus the float tensors; this module detects the sou
 chooses the stored bits and offset dtype, writes the checkpoint through
 `checkpoint.write_checkpoint` (a temporary folder, then renamed) and, with verify, compares
 the written checkpoint's dequantization with the source's own, layer by layer.
+
+Format 1 is written whenever it holds the source exactly (one block shape, float16-exact
+scales); otherwise format 2 (per-layer bits / block_size, float32 scales when needed), with
+the members of each vLLM-fused layer on one bits / block (plan_layer_shapes).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import math
 import os
+from collections import Counter
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,11 +42,13 @@ FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 class ConvertedLayer:
     """One linear layer in the format's math, before packing.
 
-    q: uint8 [out, in] (0..2**bits - 1); scales: float16 [out/bo, in/bi], all > 0; offsets:
-    float32 [out/bo, in/bi] (exact: the offset dtype is chosen later for the whole model);
-    bits: the fewest bits that hold q (4 or 8); source: e.g. "gguf Q4_0 blk.0.attn_q.weight";
-    reference: a callable returning the source library's own dequantization, fp32 [out, in],
-    in the same (HF) layout, for verify.
+    q: uint8 [out, in] (0..2**bits - 1); scales: float16 or float32 [out/bo, in/bi], all > 0
+    (float32 ones not exact in float16 make the checkpoint format 2, scale_dtype float32);
+    offsets: float32 [out/bo, in/bi] (exact: the offset dtype is chosen later for the whole
+    model); bits: the fewest bits that hold q (4 or 8); source: e.g. "gguf Q4_0
+    blk.0.attn_q.weight"; reference: a callable returning the source library's own
+    dequantization, fp32 [out, in], in the same (HF) layout, for verify; block_size: (bo, bi)
+    of this layer's scales, None for the SourceModel's.
     """
     q: torch.Tensor
     scales: torch.Tensor
@@ -47,6 +56,7 @@ class ConvertedLayer:
     bits: int
     source: str
     reference: Callable[[], torch.Tensor] | None = None
+    block_size: tuple[int, int] | None = None
 
 
 @dataclass
@@ -147,12 +157,60 @@ def choose_offset_dtype(layers: dict[str, ConvertedLayer], requested: str | None
     return ("float16", 0.0) if worst == 0.0 else ("float32", 0.0)
 
 
+def scales_exact_in_fp16(layers: dict[str, ConvertedLayer]) -> bool:
+    """Whether every layer's scales are float16 numbers (format 1's scale dtype)."""
+    for layer in layers.values():
+        s = layer.scales
+        if s.dtype != torch.float16 and not torch.equal(s.to(torch.float16).to(s.dtype), s):
+            return False
+    return True
+
+
+def plan_layer_shapes(layers: dict[str, ConvertedLayer], default_block: tuple[int, int],
+                      architectures: list[str]
+                      ) -> tuple[dict[str, tuple[int, tuple[int, int]]], list[str]]:
+    """({layer: (bits, block_size)}, notes) for format 2: each layer's own, except that the
+    members of a vLLM-fused layer (fused_layers.packed_modules_mapping of `architectures`,
+    e.g. Llama's q/k/v -> qkv_proj) share one: vLLM loads them into one tensor with one
+    method. Their largest bits and their finest block (the gcd of each dim) are exact for all:
+    4-bit values fit 8 bits, and a coarser block's scale and offset are repeated (widen_layer).
+    """
+    from ..fused_layers import fused_groups, packed_modules_mapping
+
+    shapes = {n: (layer.bits, tuple(layer.block_size or default_block))
+              for n, layer in layers.items()}
+    notes = []
+    mapping = packed_modules_mapping(architectures) or {}
+    for fused, members in sorted(fused_groups(sorted(layers), mapping).items()):
+        own = {shapes[m] for m in members}
+        if len(own) < 2:
+            continue
+        bits = max(b for b, _ in own)
+        block = (math.gcd(*(bs[0] for _, bs in own)), math.gcd(*(bs[1] for _, bs in own)))
+        for m in members:
+            shapes[m] = (bits, block)
+        notes.append(f"{fused}: members stored at {bits} bits, block {list(block)} (vLLM serves "
+                     f"them as one layer; exact: coarser blocks' scales and offsets repeated)")
+    return shapes, notes
+
+
+def widen_layer(layer: ConvertedLayer, bits: int, block: tuple[int, int],
+                default_block: tuple[int, int]) -> ConvertedLayer:
+    """`layer` at `bits` (>= its own) and `block` (dividing its own): q unchanged, each scale
+    and offset repeated over the finer blocks it covers. Exact."""
+    own = tuple(layer.block_size or default_block)
+    fo, fi = own[0] // block[0], own[1] // block[1]
+    grow = lambda t: t.repeat_interleave(fo, dim=0).repeat_interleave(fi, dim=1)  # noqa: E731
+    return dataclasses.replace(layer, scales=grow(layer.scales), offsets=grow(layer.offsets),
+                               bits=bits, block_size=block)
+
+
 def _stored_layers(layers: dict[str, ConvertedLayer], cfg: QahiraQuantConfig
                    ) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for name, layer in layers.items():
-        out[f"{name}.qweight"] = pack_qweight(layer.q, cfg.bits)
-        out[f"{name}.scales"] = layer.scales.to(torch.float16)
+        out[f"{name}.qweight"] = pack_qweight(layer.q, cfg.for_layer(name).bits)
+        out[f"{name}.scales"] = layer.scales.to(cfg.scale_torch_dtype)
         out[f"{name}.offsets"] = layer.offsets.to(cfg.offset_torch_dtype)
     return out
 
@@ -166,7 +224,7 @@ def verify_layers(out_dir: Path, layers: dict[str, ConvertedLayer]) -> dict[str,
     worst = {}
     for name, layer in layers.items():
         t = quant[name]
-        ours = dequantize(t["qweight"], t["scales"], t["offsets"], cfg)
+        ours = dequantize(t["qweight"], t["scales"], t["offsets"], cfg.for_layer(name))
         worst[name] = (ours - layer.reference()).abs().max().item()
     return worst
 
@@ -203,15 +261,39 @@ def convert(src: str | os.PathLike, out_dir: str | os.PathLike, from_format: str
     with reader.read_source(src, FLOAT_DTYPES[dtype], progress=progress) as source:
         if not source.layers:
             raise QahiraFormatError(f"{src}: no linear layer can be converted exactly")
-        # One bits value per checkpoint (format v1): 4-bit values are exact in 8-bit storage.
-        bits = max(layer.bits for layer in source.layers.values())
-        if bits == 8 and any(layer.bits == 4 for layer in source.layers.values()):
-            source.notes.append("4-bit and 8-bit source types are mixed: every layer is stored "
-                                "at 8 bits (exact; format v1 has one bits value per model)")
+        block_size, layer_overrides = tuple(source.block_size), {}
+        v1 = (scales_exact_in_fp16(source.layers)
+              and all(tuple(layer.block_size or block_size) == block_size
+                      for layer in source.layers.values()))
+        if v1:
+            # One bits value per checkpoint (format 1): 4-bit values are exact in 8-bit storage.
+            bits = max(layer.bits for layer in source.layers.values())
+            if bits == 8 and any(layer.bits == 4 for layer in source.layers.values()):
+                source.notes.append("4-bit and 8-bit source types are mixed: every layer is "
+                                    "stored at 8 bits (exact; format v1 has one bits value "
+                                    "per model)")
+        else:
+            shapes, shape_notes = plan_layer_shapes(
+                source.layers, block_size, source.config.get("architectures") or [])
+            source.notes.extend(shape_notes)
+            for name, (b, bs) in shapes.items():
+                layer = source.layers[name]
+                if (b, bs) != (layer.bits, tuple(layer.block_size or block_size)):
+                    source.layers[name] = widen_layer(layer, b, bs, block_size)
+            # the most common shape is the default; the others are per-layer overrides
+            bits, block_size = Counter(shapes[n] for n in sorted(shapes)).most_common(1)[0][0]
+            default = {"bits": bits, "block_size": list(block_size)}
+            for n, (b, bs) in sorted(shapes.items()):
+                diff = {k: v for k, v in (("bits", b), ("block_size", list(bs)))
+                        if v != default[k]}
+                if diff:
+                    layer_overrides[n] = diff
         off_dtype, off_rounding = choose_offset_dtype(source.layers, offset_dtype)
         cfg = QahiraQuantConfig(
-            bits=bits, block_size=source.block_size, offset_dtype=off_dtype,
+            bits=bits, block_size=block_size, offset_dtype=off_dtype,
             modules_not_converted=tuple(sorted(source.modules_not_converted)),
+            scale_dtype="float16" if scales_exact_in_fp16(source.layers) else "float32",
+            layers=layer_overrides,
             extra={"source_format": fmt, "source_model": source_name, **source.provenance,
                    "created_by": f"qahira-vllm {__version__}"})
         config = dict(source.config)
@@ -219,8 +301,10 @@ def convert(src: str | os.PathLike, out_dir: str | os.PathLike, from_format: str
         tensors = {**source.tensors, **_stored_layers(source.layers, cfg)}
         out = write_checkpoint(source.files_dir, out_dir, config, tensors, overwrite=overwrite)
         summary = {"out_dir": str(out), "source_format": fmt, "bits": bits,
-                   "block_size": list(source.block_size), "offset_dtype": off_dtype,
+                   "block_size": list(block_size), "offset_dtype": off_dtype,
                    "offset_rounding_max": off_rounding,
+                   "format_version": cfg.format_version, "scale_dtype": cfg.scale_dtype,
+                   "layer_overrides": len(layer_overrides),
                    "layers_converted": len(source.layers),
                    "modules_not_converted": list(cfg.modules_not_converted),
                    "notes": source.notes}

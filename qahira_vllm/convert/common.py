@@ -47,24 +47,26 @@ def check_scales(scales: torch.Tensor, tensor: str, file: str | Path | None = No
         raise QahiraFormatError(
             f"{where}: {int(bad.sum())} of {s.numel()} scales are not exact in float16 (e.g. "
             f"{s[tuple(idx)].item()!r} at {idx} would become {back[tuple(idx)].item()!r}); "
-            "qahira format v1 stores float16 scales: needs format v2 scale_dtype float32, not "
-            "yet supported. Not converted (nothing is rounded)")
+            "this format's conversion is exact only for float16 scales (with a float32 scale "
+            "the offset -s z, or |s| qmax, is a product that rounds). Not converted (nothing "
+            "is rounded)")
     return s
 
 
 def to_format(q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, bits: int,
-              group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The sign and zero conventions: (q' uint8 [out, in], s' float16 [out, in/g] > 0,
+              group: int, scale_dtype: torch.dtype = torch.float16
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sign and zero conventions: (q' uint8 [out, in], s' scale_dtype [out, in/g] > 0,
     offsets float32 [out, in/g]). q' = qmax - q where s < 0, 0 where s = 0, else q; s' = |s|,
     1 where s = 0. q: integer [out, in] in 0..2**bits - 1; scales: float [out, in/g], checked
-    (check_scales); offsets: the format's offsets already (zero_point_offsets / bias_offsets),
-    taken to float32."""
+    (check_scales; float32 ones exact in float32 for scale_dtype float32, format v2); offsets:
+    the format's offsets already (zero_point_offsets / bias_offsets), taken to float32."""
     qmax = (1 << bits) - 1
     neg, zero = scales < 0, scales == 0
     q16 = q.to(torch.int16)
     q_out = torch.where(neg.repeat_interleave(group, dim=1), qmax - q16, q16)
     q_out = torch.where(zero.repeat_interleave(group, dim=1), torch.zeros_like(q_out), q_out)
-    s_out = torch.where(zero, torch.ones_like(scales), scales.abs()).to(torch.float16)
+    s_out = torch.where(zero, torch.ones_like(scales), scales.abs()).to(scale_dtype)
     return q_out.to(torch.uint8), s_out, offsets.to(torch.float32)
 
 
@@ -88,11 +90,15 @@ def bias_offsets(scales: torch.Tensor, biases: torch.Tensor, bits: int) -> torch
 
 
 def zero_point_to_format(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
-                         group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         group: int, scale_dtype: torch.dtype = torch.float16
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """w[o, i] = s[o, i // group] (q[o, i] - z[o, i // group]) in the format: (q' uint8
-    [out, in], s' float16 [out, in/g] > 0, offsets float32 [out, in/g]), s' q' + o == w
-    exactly in float32. scales: checked (check_scales); q, zeros: integers 0..2**bits - 1."""
-    return to_format(q, scales, zero_point_offsets(scales, zeros, bits), bits, group)
+    [out, in], s' scale_dtype [out, in/g] > 0, offsets float32 [out, in/g]), s' q' + o == w
+    exactly in float32. scales: checked (check_scales), or for scale_dtype float32 any
+    float32 s with s z exact in float32 (GGUF K-quants: 18-bit s, z <= 63); q, zeros:
+    integers 0..2**bits - 1."""
+    return to_format(q, scales, zero_point_offsets(scales, zeros, bits), bits, group,
+                     scale_dtype)
 
 
 def bias_to_format(q: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, bits: int,

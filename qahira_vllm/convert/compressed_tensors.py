@@ -20,7 +20,8 @@ In the format (W = s q' + o, s > 0), with q_u = q + B and Z = z + B (both 0..2**
 s > 0: q' = q_u, o = -s Z; s < 0: q' = qmax - q_u, o = -|s| (qmax - Z) (the same values);
 s = 0 (all zeros): s = 1, q' = 0, o = 0. The scale is the file's value, so it must be exact
 in float16 (format v1): bf16 scales inside float16's range are, fp32 scales rarely; a tensor
-with any inexact scale is refused by name (needs format v2 float32 scales), never rounded.
+with any inexact scale is refused by name (a float32 scale would make the offset -s z
+round), never rounded.
 Every offset is an fp16 number times an integer below 2**8, exact in float32, and so is
 every product s q', so the dequantization equals the library's (run in float32) bit for bit.
 Groups become blocks [1, g]; one block shape per checkpoint (format v1), so layers with

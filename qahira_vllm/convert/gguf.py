@@ -1,4 +1,5 @@
-"""GGUF (llama.cpp) -> qahira, exactly, for Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 linear layers.
+"""GGUF (llama.cpp) -> qahira, exactly, for Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the K-quants
+Q2_K, Q3_K, Q4_K, Q5_K, Q6_K linear layers (K-quants: gguf_kquants, format v2).
 
 Block layouts (gguf-py's gguf/quants.py, llama.cpp's ggml-common.h); 32 weights per block
 along the input dim, little endian; element j < 16 is the low nibble of byte j, element
@@ -17,6 +18,13 @@ Q4_0 / Q5_0 quantizers write d = max / -8, / -16, so negative d is common): the 
 one, and the flipped offset m - qmax |d| would round). A block with d = 0 holds only zeros
 (or m): s = 1, q' = 0. Every product above is exact in float32 (fp16 d times an integer
 below 2**8), so the dequantization equals gguf's bit for bit in fp32.
+
+K-quants (gguf_kquants) have the same two forms per sub-block of 16 or 32 weights, with
+d = d_super * sc and m = -dmin * mn computed in float32 exactly as gguf does (exact products).
+Their scales are stored in float32 (format v2 scale_dtype float32: d_super * sc has up to 18
+significant bits), blocks [1, 16] (Q2_K, Q3_K, Q6_K) or [1, 32] (Q4_K, Q5_K), per layer
+(format v2 `layers`, chosen by convert()). Products s q' stay exact (18 + 6 bits at most), so
+the sum is rounded once, as gguf's d q - dmin mn is, or not at all (signed types): bit for bit.
 
 Names, config and tokenizer come from transformers' GGUF loader (get_gguf_hf_weights_map,
 AutoConfig / AutoTokenizer with gguf_file=); Llama's q/k rows are un-permuted with
@@ -39,17 +47,23 @@ from tqdm import tqdm
 from ..format import QahiraFormatError
 from . import ConvertedLayer, SourceModel
 from . import common
+from .gguf_kquants import K_LAYOUTS, decode_k_blocks
 
 BLOCK = 32
 # GGUF general.architecture values converted (those transformers' loader un-permutes as
 # Llama's; Mistral GGUF files also say "llama").
 ARCHITECTURES = ("llama",)
-# type name -> (kind, bits needed in qahira, zero point z of "signed" types, qmax)
-EXACT_TYPES = {"Q4_0": ("signed", 4, 8, 15), "Q4_1": ("affine", 4, None, 15),
-               "Q5_0": ("signed", 8, 16, 31), "Q5_1": ("affine", 8, None, 31),
-               "Q8_0": ("signed", 8, 128, 255)}
+# type name -> (kind, bits needed in qahira, zero point z of "signed" types, qmax, weights per
+# block along the input dim); the K-quants' from gguf_kquants.K_LAYOUTS
+EXACT_TYPES = {"Q4_0": ("signed", 4, 8, 15, BLOCK), "Q4_1": ("affine", 4, None, 15, BLOCK),
+               "Q5_0": ("signed", 8, 16, 31, BLOCK), "Q5_1": ("affine", 8, None, 31, BLOCK),
+               "Q8_0": ("signed", 8, 128, 255, BLOCK),
+               **{k: (kind, 4 if qmax < 16 else 8, z, qmax, sub)
+                  for k, (_, kind, sub, qmax, z) in K_LAYOUTS.items()}}
 FLOAT_TYPES = ("F32", "F16", "BF16")
-K_QUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K")
+# types refused with a specific reason (others: "no exact form")
+REFUSED_WHY = {"Q8_K": "llama.cpp uses Q8_K only for activations, and its float32 d times "
+                       "int8 is rounded in gguf's dequantization, so it has no exact form"}
 
 
 def open_reader(path: Path):
@@ -83,10 +97,13 @@ def resolve_gguf(src) -> Path:
 def decode_blocks(data: np.ndarray, type_name: str
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Raw GGUF rows, uint8 [rows, n_blocks * type_size], of an EXACT_TYPES type ->
-    (q uint8 [rows, n_blocks * 32] unsigned 0..qmax, d float32 [rows, n_blocks],
-    m float32 [rows, n_blocks] for affine types else None)."""
+    (q uint8 [rows, in] unsigned 0..qmax, d float32 [rows, in / block], m float32
+    [rows, in / block] for affine types else None); block: EXACT_TYPES' last field (the
+    K-quants' sub-blocks, decoded by gguf_kquants.decode_k_blocks)."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+    if type_name in K_LAYOUTS:
+        return decode_k_blocks(data, type_name)
     rows = data.shape[0]
     has_m = type_name in ("Q4_1", "Q5_1")
     b = data.reshape(rows, -1, GGML_QUANT_SIZES[GGMLQuantizationType[type_name]][1])
@@ -113,29 +130,35 @@ def decode_blocks(data: np.ndarray, type_name: str
 
 def to_format(q: np.ndarray, d: np.ndarray, m: np.ndarray | None, type_name: str, where: str
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Decoded blocks -> (q' uint8 [out, in], scales float16 [out, in/32] > 0, offsets float32
-    [out, in/32]) with s q' + o == the GGUF value of every weight (module docstring).
-    QahiraFormatError naming `where` and the block for a non-finite d / m, or a negative d of
-    an affine type."""
-    kind, _, zero, qmax = EXACT_TYPES[type_name]
+    """Decoded blocks -> (q' uint8 [out, in], scales [out, in/block] > 0, offsets float32
+    [out, in/block]) with s q' + o == the GGUF value of every weight (module docstring);
+    scales float16 (exact: the fp16 d), float32 for the K-quants (d_super * sc).
+    QahiraFormatError naming `where` and the block (for K-quants the sub-block) for a
+    non-finite d / m, or a negative d of an affine type."""
+    kind, _, zero, qmax, block = EXACT_TYPES[type_name]
+    k_quant = type_name in K_LAYOUTS
+    scale_dtype = torch.float32 if k_quant else torch.float16
+    unit = "sub-block" if k_quant else "block"  # [row, index along the input dim]
     q_t, d_t = torch.from_numpy(q), torch.from_numpy(d)
     m_t = None if m is None else torch.from_numpy(m)
     for label, t in (("d", d_t), ("m", m_t)):
         if t is not None and not bool(torch.isfinite(t).all()):
             blk = (~torch.isfinite(t)).nonzero()[0].tolist()
-            raise QahiraFormatError(f"{where} ({type_name}): block {blk} has {label} = "
+            raise QahiraFormatError(f"{where} ({type_name}): {unit} {blk} has {label} = "
                                     f"{t[tuple(blk)].item()}: the file is damaged")
     neg = d_t < 0
     if kind == "affine" and bool(neg.any()):
         blk = neg.nonzero()[0].tolist()
         raise QahiraFormatError(
-            f"{where} ({type_name}): block {blk} has d = {d_t[tuple(blk)].item()} < 0, which "
-            "llama.cpp never writes; format v1 needs scale > 0 and the flipped offset "
-            f"m - {qmax}|d| would round: not converted")
+            f"{where} ({type_name}): {unit} {blk} has d = {d_t[tuple(blk)].item()} < 0, which "
+            "llama.cpp never writes; the format needs scale > 0 and the flipped offset "
+            f"m - {qmax}|d| can round: not converted")
     bits = qmax.bit_length()  # the source's bits (Q5: 5), not the stored 8
     if kind == "signed":
-        return common.zero_point_to_format(q_t, d_t, torch.full_like(d_t, zero), bits, BLOCK)
-    return common.to_format(q_t, d_t, m_t.clone(), bits, BLOCK)  # d >= 0 here: the offset is m
+        return common.zero_point_to_format(q_t, d_t, torch.full_like(d_t, zero), bits, block,
+                                           scale_dtype)
+    # d >= 0 here: the offset is m
+    return common.to_format(q_t, d_t, m_t.clone(), bits, block, scale_dtype)
 
 
 def gguf_to_hf_names(model, gguf_arch: str) -> dict[str, str]:
@@ -185,8 +208,9 @@ def read_source(src, dtype: torch.dtype, progress: bool = True) -> Iterator[Sour
 
     Refused before any tensor is decoded, each with a QahiraFormatError naming the file or
     tensor: an unreadable file; an architecture other than ARCHITECTURES; a linear layer of a
-    K-quant type (needs format v2) or of another type with no exact v1 form. Linear layers
-    stored in float (F32/F16/BF16) stay float, with the rest of their vLLM-fused group."""
+    type with no exact form (not in EXACT_TYPES or FLOAT_TYPES). Linear layers stored in float
+    (F32/F16/BF16) stay float, with the rest of their vLLM-fused group. K-quant layers come
+    with their own block_size ([1, 16] or [1, 32]); convert() writes format v2 for them."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS
 
@@ -218,17 +242,13 @@ def read_source(src, dtype: torch.dtype, progress: bool = True) -> Iterator[Sour
         type_name = t.tensor_type.name
         if layer in targets:
             where = f"tensor {t.name!r} ({layer}) in {path}"
-            if type_name in K_QUANTS:
-                raise QahiraFormatError(
-                    f"{where} is {type_name}: K-quants need qahira format v2 (float32 scales, "
-                    "per-layer bits), which is not built yet; today Q4_0, Q4_1, Q5_0, Q5_1, "
-                    "Q8_0 and float linear layers convert exactly")
             if type_name in FLOAT_TYPES:
                 kept_float.add(layer)
             elif type_name not in EXACT_TYPES:
+                why = REFUSED_WHY.get(type_name, "which has no exact form in the qahira format")
                 raise QahiraFormatError(
-                    f"{where} is {type_name}, which has no exact form in qahira format v1 "
-                    f"(converted exactly: {', '.join(EXACT_TYPES)} and float types)")
+                    f"{where} is {type_name}, {why} (converted exactly: "
+                    f"{', '.join(EXACT_TYPES)} and float types); not converted")
         plan[t.name] = (hf, layer, type_name)
     missing = sorted(targets - {p[1] for p in plan.values()})
     if missing:
@@ -255,7 +275,8 @@ def read_source(src, dtype: torch.dtype, progress: bool = True) -> Iterator[Sour
                 q=_permute(q, perm), scales=_permute(scales, perm),
                 offsets=_permute(offsets, perm), bits=EXACT_TYPES[type_name][1],
                 source=f"gguf {type_name} {t.name}",
-                reference=lambda t=t, perm=perm: _permute(_dequantize(t), perm))
+                reference=lambda t=t, perm=perm: _permute(_dequantize(t), perm),
+                block_size=(1, EXACT_TYPES[type_name][4]))
         else:
             w = _dequantize(t)
             if perm is not None:

@@ -186,7 +186,7 @@ def read_source(src, dtype: torch.dtype, progress: bool = True) -> Iterator[Sour
     tensor or layer: hqq's pickled qmodel.pt (save it as safetensors first); a model type
     transformers does not know; a tensor transformers' model does not have; an axis-0,
     ternary or quantized-meta layer, or one whose group does not divide its inputs. Refused
-    while decoding: a scale not exact in float16 (needs format v2). Linear layers HQQ left in
+    while decoding: a scale not exact in float16 (the offset would round). Linear layers HQQ left in
     float stay float with the rest of their vLLM-fused group; other HQQ modules are
     dequantized by hqq into `dtype`."""
     folder, cfg_path, config = read_config(src, "HQQ")

@@ -21,9 +21,9 @@ group with s = 0 holds only b (s' = 1, q' = 0, o = b). Every s q and s' q' is ex
 (a float16 scale times an integer below 2**8), so s' q' + o rounds the same real number once,
 as mx.dequantize does in fp32: the dequantization equals mlx's bit for bit in fp32. A scale
 that is not exact in float16 (bfloat16 below float16's range, float32 scales) is refused by
-tensor name: it needs format v2 (float32 scales). Bits 1..8 are all exact (stored at 4 bits
-up to 4, else at 8); groups of different sizes are split into the smallest (their scale and
-offset repeated), so one block size serves the model.
+tensor name (the flip of a negative scale, b - qmax |s|, would round). Bits 1..8 are all
+exact (stored at 4 bits up to 4, else at 8); groups of different sizes are split into the
+smallest (their scale and offset repeated), so one block size serves the model.
 
 Names are transformers' (mlx-lm keeps HF parameter names for the architectures it shares with
 transformers; a tensor transformers' model does not have is refused). The reference for
@@ -176,7 +176,7 @@ def read_source(src, dtype: torch.dtype, progress: bool = True) -> Iterator[Sour
     tensor or module: a folder without mlx-lm's quantization dict or weights; a model type
     transformers does not know; a tensor transformers' model does not have; a quantized layer
     of a non-affine mode or with shapes that do not match its group size and bits. Refused
-    while decoding: a scale not exact in float16 (needs format v2), a non-finite scale or
+    while decoding: a scale not exact in float16 (kept exact only then), a non-finite scale or
     bias. Linear layers mlx left in float stay float with the rest of their vLLM-fused group;
     other quantized tensors (embedding, lm_head) are dequantized by mlx into `dtype`."""
     folder, cfg_path, config = read_config(src, "MLX")

@@ -30,7 +30,9 @@ from .interface import LinearKernel, LinearSpec, set_buffer
 
 
 class CpuBlockwiseKernel(LinearKernel):
-    """Any bits / block / activation dtype on a CPU with AVX2/FMA/F16C (see module doc)."""
+    """Any bits / block / activation dtype / scale dtype (format 2's float32 scales: the product
+    s * q rounded before the sum, as the format defines it) on a CPU with AVX2/FMA/F16C (see
+    module doc)."""
 
     name = "cpu_blockwise"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..quant_math import unpack_qweight
-from .interface import LinearKernel, set_buffer
+from .interface import LinearKernel, fp16_scales_only, set_buffer
 
 # torch's CPU int4 kernel: W = (q - 8) * scale + zero per group of `g` input columns.
 CPU_INT4_GROUP_SIZES = (32, 64, 128, 256)
@@ -35,6 +35,8 @@ class CpuInt4PackKernel(LinearKernel):
     def can_implement(cls, spec):
         if spec.device_type != "cpu":
             return False, "CPU only"
+        if why := fp16_scales_only(spec):
+            return False, why
         if spec.bits not in (4, 8):
             return False, "4-bit or 8-bit only"
         if spec.block_size[1] not in CPU_INT4_GROUP_SIZES:

@@ -24,7 +24,7 @@ from qahira_kernels import cpu_lib, ops
 from qahira_kernels.layouts import CPU_INTDOT_CHUNK
 
 from ..quant_math import unpack_qweight
-from .interface import LinearKernel, LinearSpec, set_buffer
+from .interface import LinearKernel, LinearSpec, fp16_scales_only, set_buffer
 
 
 class CpuIntDotKernel(LinearKernel):
@@ -42,6 +42,8 @@ class CpuIntDotKernel(LinearKernel):
     def can_implement(cls, spec: LinearSpec):
         if spec.device_type != "cpu":
             return False, "CPU only"
+        if why := fp16_scales_only(spec):
+            return False, why
         if spec.bits != cls.bits:
             return False, f"{cls.bits}-bit only"
         if spec.block_size[1] % CPU_INTDOT_CHUNK:

@@ -24,6 +24,7 @@ class LinearSpec:
     in_features: int   # of this partition
     act_dtype: torch.dtype
     device_type: str   # "cpu" | "cuda" | ...
+    scale_dtype: torch.dtype = torch.float16  # stored scales (float32 only in format 2)
 
 
 class LinearKernel(ABC):
@@ -45,12 +46,20 @@ class LinearKernel(ABC):
 
     @abstractmethod
     def prepare(self, layer: torch.nn.Module) -> None:
-        """Turn layer.qweight/scales/offsets (format_version 1) into what apply() reads."""
+        """Turn layer.qweight/scales/offsets (as stored) into what apply() reads."""
 
     @abstractmethod
     def apply(self, layer: torch.nn.Module, x: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [..., in] -> y [..., out] in x's dtype."""
+
+
+def fp16_scales_only(spec: LinearSpec) -> str | None:
+    """can_implement's reason for a kernel that reads float16 scales only, or None: format 2's
+    float32 scales then go to a kernel that reads them as stored (dequant_torch)."""
+    if spec.scale_dtype == torch.float16:
+        return None
+    return f"float16 scales only ({str(spec.scale_dtype).removeprefix('torch.')} scales)"
 
 
 def set_buffer(layer: torch.nn.Module, name: str, value: torch.Tensor) -> None:

@@ -12,7 +12,7 @@ import torch
 
 from qahira_kernels import ops  # noqa: F401  (registers torch.ops.qahira.triton_blockwise)
 
-from .interface import LinearKernel, LinearSpec, set_buffer
+from .interface import LinearKernel, LinearSpec, fp16_scales_only, set_buffer
 
 SUPPORTED_BITS = (4, 8)
 SUPPORTED_ACT_DTYPES = (torch.float16, torch.bfloat16)
@@ -42,6 +42,8 @@ class TritonBlockwiseKernel(LinearKernel):
             return False, f"CUDA only (layer is on {spec.device_type})"
         if spec.bits not in SUPPORTED_BITS:
             return False, f"bits={spec.bits}: 4 or 8 only"
+        if why := fp16_scales_only(spec):
+            return False, why
         if spec.act_dtype not in SUPPORTED_ACT_DTYPES:
             return False, f"{spec.act_dtype} activations: fp16/bf16 only"
         bo, bi = spec.block_size

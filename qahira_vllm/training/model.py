@@ -149,10 +149,14 @@ def plan_adapter(model: nn.Module, cfg: QahiraQuantConfig, spec: AdapterSpec,
                   base_fingerprint=base_fingerprint, base_model_name_or_path=base_model_name,
                   lora_dropout=spec.dropout)
     if spec.method == "qahira":
-        default_pool, default_repeat = default_qahira_geometry(cfg.block_size, dims)
+        # One tile geometry for every target: with per-layer blocks (format 2) a tile must
+        # hold whole blocks of each, i.e. be a multiple of the lcm of their bo and of their bi.
+        blocks = [cfg.for_layer(n).block_size for n in dims]
+        block = (math.lcm(*[b[0] for b in blocks]), math.lcm(*[b[1] for b in blocks]))
+        default_pool, default_repeat = default_qahira_geometry(block, dims)
         pool = spec.pool if spec.pool is not None else default_pool
         repeat = spec.repeat if spec.repeat is not None else default_repeat
-        check_qahira_geometry(pool, repeat, cfg.block_size, dims)
+        check_qahira_geometry(pool, repeat, block, dims)
         provenance["init"] = spec.init
         return AdapterConfig(adapter_type="qahira", pool=pool, repeat=repeat, rank=None,
                              peft_r=spec.lora_r, provenance=provenance, **common)

@@ -9,9 +9,11 @@ formula vLLM's qahira kernels serve. Gradients flow to the input only.
 Where W is rebuilt depends on the buffers' device: on CPU the compiled C kernel
 (qahira_kernels.ops.cpu_blockwise_dequant), on CUDA qahira_kernels' Triton dequantization kernel
 (blockwise_gemm.dequantize_weight, the dense path of the serving GEMM), writing W in the matmul
-dtype (fp32/fp16 directly, bf16 through one fp32 copy: see dequantize_triton). Both compute s * q + z in fp32 and equal quant_math.dequantize bit for bit
-(s * q is exact in fp32: an 11-bit fp16 significand times an 8-bit integer, so fusing the add
-into an FMA rounds the same way).
+dtype (fp32/fp16 directly, bf16 through one fp32 copy: see dequantize_triton). Both compute
+s * q + z in fp32 and equal quant_math.dequantize bit for bit (with fp16 scales s * q is exact
+in fp32, an 11-bit significand times an 8-bit integer, so fusing the add into an FMA rounds the
+same way; format 2's fp32 scales round the product first, which the C kernel does and the
+Triton path is not used for).
 """
 
 from __future__ import annotations
@@ -228,8 +230,8 @@ class _QBaRALinear(torch.autograd.Function):
                                                  dtype)
         w = _dequantize(qweight, scales, offsets, cfg, dtype, reuse=True)
         h = x2 @ a_expanded.t()
-        y = torch.addmm(F.linear(x2, w, None if bias is None else bias.to(dtype)), h,
-                        b_expanded.t())
+        # in place: torch.addmm(y, ...) would first copy y into a new [T, out] result
+        y = F.linear(x2, w, None if bias is None else bias.to(dtype)).addmm_(h, b_expanded.t())
         ctx.save_for_backward(a, b, qweight, scales, offsets, x2, h)
         ctx.cfg, ctx.dtype, ctx.x_dtype = cfg, dtype, x.dtype
         ctx.geometry = (pool, repeat, scaling)
@@ -265,12 +267,18 @@ def _qbara_expanded(a: torch.Tensor, b: torch.Tensor, pool: int, repeat: int, sc
 
 
 class QuantLinear(nn.Module):
-    """Frozen block-quantized linear layer (format_version 1 tensors as buffers)."""
+    """Frozen block-quantized linear layer (the stored tensors as buffers).
+
+    cfg: the model's config (or the layer's); the layer keeps `cfg.for_layer(name)`, its own
+    bits / block / scale dtype (format 2 may give layers their own), so `name` must be the
+    HF module name. Raises QahiraFormatError naming the layer for tensors that do not fit it.
+    """
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
                  cfg: QahiraQuantConfig, in_features: int, out_features: int,
                  bias: torch.Tensor | None = None, name: str = "layer"):
         super().__init__()
+        cfg = cfg.for_layer(name)
         validate_layer_tensors(name, {"qweight": qweight, "scales": scales, "offsets": offsets},
                                out_features, in_features, cfg)
         self.cfg = cfg

@@ -8,7 +8,7 @@ import torch
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
-from ..format import QUANT_METHOD, QahiraQuantConfig
+from ..format import QUANT_METHOD, QahiraFormatError, QahiraQuantConfig
 
 
 @register_quantization_config(QUANT_METHOD)
@@ -34,7 +34,31 @@ class QahiraConfig(QuantizationConfig):
 
     def __repr__(self) -> str:
         mode = ", online" if self.online else ""
-        return f"QahiraConfig(bits={self.fmt.bits}, block_size={list(self.fmt.block_size)}{mode})"
+        v2 = (f", scale_dtype={self.fmt.scale_dtype}, {len(self.fmt.layers)} layer override(s)"
+              if self.fmt.format_version == 2 else "")
+        return (f"QahiraConfig(bits={self.fmt.bits}, block_size={list(self.fmt.block_size)}"
+                f"{v2}{mode})")
+
+    def layer_fmt(self, prefix: str) -> QahiraQuantConfig:
+        """The format of vLLM layer `prefix` (`fmt.for_layer`). A layer vLLM fuses from several
+        HF modules (packed_modules_mapping: qkv_proj <- q/k/v_proj, gate_up_proj <-
+        gate/up_proj) holds one bits / block for all of them: QahiraFormatError naming the
+        members when format 2's `layers` gives them different ones."""
+        parent, _, leaf = prefix.rpartition(".")
+        members = self.packed_modules_mapping.get(leaf)
+        if not self.fmt.layers or not members:
+            return self.fmt.for_layer(prefix)
+        names = [f"{parent}.{m}" if parent else m for m in members]
+        cfgs = [self.fmt.for_layer(n) for n in names]
+        if len({(c.bits, c.block_size) for c in cfgs}) > 1:
+            got = ", ".join(f"{n}: {c.bits} bits, block {list(c.block_size)}"
+                            for n, c in zip(names, cfgs))
+            raise QahiraFormatError(
+                f"quantization_config.layers: vLLM fuses {names} into one layer {prefix!r}, "
+                f"which needs one bits / block_size for all of them, but they have {got}; "
+                "give them the same override (qahira quantize --layer applies one to the "
+                "whole group)")
+        return cfgs[0]
 
     def get_name(self) -> str:
         return QUANT_METHOD
@@ -85,7 +109,7 @@ class QahiraConfig(QuantizationConfig):
         if isinstance(layer, ParallelLMHead) and prefix in self.converted_layers:
             from .linear_method import QahiraLinearMethod
 
-            return QahiraLinearMethod(self.fmt, prefix)  # vocab-parallel rows, like a column
+            return QahiraLinearMethod(self.layer_fmt(prefix), prefix)  # vocab-parallel rows
         if not isinstance(layer, LinearBase):
             return None  # embeddings (and lm_head unless converted) stay unquantized
         if self.fmt.modules_not_converted and is_layer_skipped(
@@ -94,7 +118,7 @@ class QahiraConfig(QuantizationConfig):
             return UnquantizedLinearMethod()
         from .linear_method import QahiraLinearMethod
 
-        return QahiraLinearMethod(self.fmt, prefix)
+        return QahiraLinearMethod(self.layer_fmt(prefix), prefix)
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision=None) -> None:
         if self.online:

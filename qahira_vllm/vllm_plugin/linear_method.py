@@ -10,7 +10,7 @@ from vllm.model_executor.layers.linear import (LinearMethodBase,
                                                register_weight_loader_v2_supported_method)
 from vllm.model_executor.parameter import PackedvLLMParameter
 
-from ..format import INT4_PER_WORD, SCALE_DTYPE, QahiraFormatError, QahiraQuantConfig
+from ..format import INT4_PER_WORD, QahiraFormatError, QahiraQuantConfig
 from ..linear_kernels import LinearSpec, choose_kernel
 
 logger = init_logger("vllm.qahira")  # under vLLM's logger so its handlers print it
@@ -21,7 +21,9 @@ _announced: set[tuple[str, tuple[str, ...]]] = set()  # (kernel, reasons) alread
 class QahiraLinearMethod(LinearMethodBase):
 
     def __init__(self, fmt: QahiraQuantConfig, prefix: str):
-        self.fmt = fmt
+        """fmt: this layer's config (QahiraConfig.layer_fmt: format 2's per-layer bits / block
+        already applied); prefix: the vLLM layer name, for errors."""
+        self.fmt = fmt.for_layer(prefix)
         self.prefix = prefix
 
     def _check_partition(self, input_size_per_partition: int, output_partition_sizes: list[int],
@@ -70,7 +72,8 @@ class QahiraLinearMethod(LinearMethodBase):
         # Block params: output rows are "packed" bo to one, so the fused-layer loaders divide
         # shard offsets by bo, and input columns are already per partition for row parallel.
         blocks = (out_pp // bo, input_size_per_partition // bi)
-        scales = PackedvLLMParameter(data=torch.empty(blocks, dtype=SCALE_DTYPE), input_dim=1,
+        scales = PackedvLLMParameter(data=torch.empty(blocks, dtype=self.fmt.scale_torch_dtype),
+                                     input_dim=1,
                                      output_dim=0, packed_dim=0, packed_factor=bo,
                                      weight_loader=weight_loader)
         offsets = PackedvLLMParameter(data=torch.empty(blocks, dtype=self.fmt.offset_torch_dtype),
@@ -81,7 +84,8 @@ class QahiraLinearMethod(LinearMethodBase):
         layer.register_parameter("offsets", offsets)
         layer.qahira_spec = LinearSpec(bits=self.fmt.bits, block_size=self.fmt.block_size,
                                        out_features=out_pp, in_features=input_size_per_partition,
-                                       act_dtype=params_dtype, device_type="cpu")
+                                       act_dtype=params_dtype, device_type="cpu",
+                                       scale_dtype=self.fmt.scale_torch_dtype)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         spec = layer.qahira_spec

@@ -72,6 +72,13 @@ class OnlineSettings:
             raise QahiraFormatError(
                 f"{source}: lm_head cannot be quantized online (it stays in float, as with "
                 "`qahira quantize`): run `qahira quantize MODEL OUT --lm-head` and serve OUT")
+        v2 = sorted({"scale_dtype", "layers"} & set(d))
+        if v2:
+            raise QahiraFormatError(
+                f"{source}: {v2} (format 2: per-layer bits / block, float32 scales) cannot be "
+                "used online, which quantizes every layer alike with float16 scales: write a "
+                "checkpoint with `qahira quantize MODEL OUT --layer SUFFIX=BITS[:BOxBI] "
+                "--scale-dtype float32` and serve OUT")
         unknown = sorted(set(d) - set(ONLINE_DEFAULTS))
         if unknown:
             raise QahiraFormatError(

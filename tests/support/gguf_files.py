@@ -51,6 +51,75 @@ def flip_d(raw: np.ndarray, rows: slice, type_name: str = "Q8_0") -> np.ndarray:
     return raw
 
 
+# Where each K-quant super-block keeps its fp16 d (and dmin), in bytes, from llama.cpp's
+# block_q2_K ... block_q6_K structs (ggml-common.h), with the typical |d| that gives weights of
+# about 0.03 (the other bytes are random: sc / mn / q of all sizes); Q6_K's d lies below
+# float16's smallest normal (6.1e-5), so subnormal d are covered too.
+K_FP16_FIELDS = {"Q2_K": ((80, 3e-3), (82, 1e-3)), "Q3_K": ((108, 1e-3),),
+                 "Q4_K": ((0, 1.2e-4), (2, 1e-4)), "Q5_K": ((0, 6e-5), (2, 1e-4)),
+                 "Q6_K": ((208, 3e-5),)}
+# types whose d llama.cpp's quantizers write with either sign (signed sub-block scales)
+K_SIGNED_D = ("Q3_K", "Q6_K")
+
+
+def random_k_quant(rng, shape: tuple[int, int], type_name: str) -> np.ndarray:
+    """Raw K-quant data uint8 [out, in / 256 * type size] for a weight [out, in]: every byte
+    random, then each super-block's d (and dmin) a finite fp16 of the typical size (positive
+    where llama.cpp writes d >= 0: Q2_K, Q4_K, Q5_K; either sign for Q3_K / Q6_K; dmin either
+    sign). Valid blocks of any content, written by no quantizer of ours."""
+    import gguf
+
+    size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]][1]
+    out, n = shape[0], shape[1] // 256
+    raw = rng.integers(0, 256, (out, n, size), dtype=np.uint8)
+    for k, (pos, mag) in enumerate(K_FP16_FIELDS[type_name]):
+        v = rng.uniform(0.25, 1.75, (out, n)) * mag
+        if k == 1 or type_name in K_SIGNED_D:  # dmin, or a signed-scale type's d
+            v *= rng.choice([-1.0, 1.0], (out, n))
+        raw[..., pos:pos + 2] = v.astype(np.float16)[..., None].view(np.uint8)
+    return raw.reshape(out, n * size)
+
+
+def mixed_overrides(types: dict[str, str], default: str, seed: int = 0, hidden: int = 256,
+                    inter: int = 512) -> dict:
+    """write_tiny_gguf overrides giving every linear tensor a type: types[full GGUF name],
+    else types[tensor kind] (e.g. "attn_v"), else `default`. K-quants: random_k_quant; other
+    types: gguf.quants.quantize of random weights (gguf-py's own quantizer)."""
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    overrides = {}
+    for b in range(LAYERS):
+        for name, shape in linear_shapes(hidden, inter).items():
+            full = f"blk.{b}.{name}.weight"
+            tname = types.get(full, types.get(name, default))
+            if tname in K_FP16_FIELDS:
+                raw = random_k_quant(rng, shape, tname)
+            else:
+                raw = gguf.quants.quantize(_weights(rng, shape),
+                                           gguf.GGMLQuantizationType[tname])
+            overrides[full] = (raw, tname)
+    return overrides
+
+
+# {name: (types, default)} for mixed_overrides: like llama.cpp's Q4_K_M (Q6_K attn_v and some
+# ffn_down, Q4_K elsewhere) and Q3_K_M, with a Q5_K / Q2_K member and format-1 types mixed in
+K_MIXES = {
+    "Q4_K_M": ({"attn_v": "Q6_K", "blk.1.ffn_down.weight": "Q6_K", "blk.1.ffn_up.weight": "Q5_K",
+                "blk.1.attn_output.weight": "Q8_0"}, "Q4_K"),
+    "Q3_K_M": ({"attn_v": "Q5_0", "blk.0.ffn_gate.weight": "Q2_K",
+                "blk.1.ffn_down.weight": "Q4_0", "attn_output": "Q4_K"}, "Q3_K"),
+}
+
+
+def write_k_mix_gguf(path: Path, mix: str, seed: int = 4) -> Path:
+    """write_tiny_gguf (hidden 256, intermediate 512: whole K-quant super-blocks) with every
+    linear tensor typed by K_MIXES[mix]."""
+    types, default = K_MIXES[mix]
+    return write_tiny_gguf(path, "Q8_0", seed=seed, hidden=256, inter=512,
+                           overrides=mixed_overrides(types, default, seed=seed))
+
+
 def write_tiny_gguf(path: Path, linear_type: str, arch: str = "llama", seed: int = 0,
                     overrides: dict | None = None, hidden: int = HIDDEN,
                     inter: int = INTER) -> Path:

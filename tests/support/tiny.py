@@ -242,6 +242,39 @@ def tiny_qckpt(arch: str = "llama", block_size=(1, 32), bits: int = 4,
     return out
 
 
+# A format-2 checkpoint: defaults 4 bits 1x32, float32 scales; down_proj 8 bits 1x16, v_proj
+# 8 bits (so q/k/v, one vLLM layer, all 8 bits), layer 1's up_proj 4 bits 2x64 (with gate_proj).
+V2_OVERRIDES = (("mlp.down_proj", 8, (1, 16)), ("self_attn.v_proj", 8, None),
+                ("model.layers.1.mlp.up_proj", 4, (2, 64)))
+
+
+def tiny_qckpt_v2(offset_dtype: str = "float32", quantizer: str = "mse_clip") -> Path:
+    """A mixed format-2 checkpoint of make_float_model()'s llama (V2_OVERRIDES, fp32 scales)."""
+    from qahira_vllm.quantize import quantize_model
+
+    key = ("q-v2", offset_dtype, quantizer)
+    if key in _CACHE:
+        return _CACHE[key]
+    out = _ROOT / f"q-{len(_CACHE)}-v2-{offset_dtype}-{quantizer}"
+    quantize_model(make_float_model(), out, bits=4, block_size=(1, 32), offset_dtype=offset_dtype,
+                   clip_search=quantizer == "mse_clip", progress=False, scale_dtype="float32",
+                   layer_overrides=V2_OVERRIDES)
+    _CACHE[key] = out
+    return out
+
+
+def dequant_v2_ref(qc: dict, layer: str, qweight, scales, offsets) -> torch.Tensor:
+    """fp32 W of one stored layer of a format-2 checkpoint, independently: the layer's bits /
+    block read from the raw `layers` dict, then s * q rounded to fp32 and + o rounded to fp32
+    (two operations, the format's definition; expand_ref for the block expansion)."""
+    ov = qc.get("layers", {}).get(layer, {})
+    bits, block = ov.get("bits", qc["bits"]), ov.get("block_size", qc["block_size"])
+    q = unpack_int4_ref(qweight) if bits == 4 else qweight.to(torch.int64)
+    s = expand_ref(scales, block, q.shape).float()   # fp32 values, exactly (via float64)
+    o = expand_ref(offsets, block, q.shape).float()
+    return q.to(torch.float32) * s + o
+
+
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

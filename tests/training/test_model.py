@@ -111,3 +111,22 @@ def test_gradient_checkpointing_same_gradients(qckpt):
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7)
+
+
+def test_v2_mixed_checkpoint_base_and_qahira_geometry():
+    """Format 2 (tiny.V2_OVERRIDES: blocks 1x32, 1x16, 2x64; fp32 scales): the trainer's base
+    equals the dequantized reference, each QuantLinear has its layer's config, and QA-HiRA's
+    default tile holds whole blocks of every layer (pi a multiple of lcm(32, 16, 64) = 64, qo
+    of lcm(1, 2) = 2)."""
+    path = tiny.tiny_qckpt_v2()
+    model, cfg = load_quantized_model(path)
+    assert cfg.format_version == 2
+    assert model.model.layers[1].mlp.up_proj.cfg.block_size == (2, 64)
+    assert model.model.layers[0].mlp.down_proj.cfg.bits == 8
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, load_reference_model(path)(IDS).logits,
+                                   rtol=1e-5, atol=1e-5)
+    _, c = build_training_model(path, AdapterSpec(method="qahira"))
+    assert (c.pool, c.repeat) == (64, 8)
+    with pytest.raises(AdapterError, match=r"pool pi=32 is not a multiple of the block's bi=64"):
+        build_training_model(path, AdapterSpec(method="qahira", pool=32, repeat=8))

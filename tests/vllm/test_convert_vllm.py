@@ -1,4 +1,5 @@
-"""vLLM serves SmolLM2-135M converted from its Q4_1 GGUF (`qahira convert`) like transformers
+"""vLLM serves SmolLM2-135M converted from its Q4_1 GGUF (`qahira convert`), and a tiny
+Q4_K_M-like GGUF (format 2: per-layer bits / blocks, float32 scales), like transformers
 running the GGUF itself (transformers' own GGUF loading and dequantization), in fp32.
 
 The converted weights are bit-identical to that dequantization (tests/convert/test_gguf.py),
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from support.convert_checks import assert_served_like
-from support.gguf_files import smollm2_converted
+from support.gguf_files import VOCAB, smollm2_converted, write_k_mix_gguf
 from support.hf_reference import PROMPTS
 
 pytestmark = pytest.mark.vllm
@@ -32,3 +33,22 @@ def test_vllm_serves_converted_smollm2_like_transformers_gguf(tmp_path):
     tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     prompt_ids = [tok(p).input_ids for p in PROMPTS]
     assert_served_like(ckpt, reference, tmp_path, prompt_ids, MAX_TOKENS)
+
+
+def test_vllm_serves_converted_k_quant_mix_like_transformers_gguf(tmp_path):
+    """Q4_K / Q6_K / Q5_K / Q8_0 layers (random valid super-blocks): q/k/v and gate/up each
+    widened to one bits / block (vLLM's fused layers), the other layers at their own."""
+    from transformers import AutoModelForCausalLM
+
+    from qahira_vllm.convert import convert
+
+    src = write_k_mix_gguf(tmp_path / "k.gguf", "Q4_K_M")
+    ckpt = tmp_path / "ckpt"
+    convert(src, ckpt, progress=False)
+    qc = json.loads((ckpt / "config.json").read_text())["quantization_config"]
+    assert qc["format_version"] == 2 and qc["scale_dtype"] == "float32" and qc["layers"]
+    reference = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name,
+                                                     dtype=torch.float32).eval()
+    prompts = [[(7 * i + k) % VOCAB for i in range(6 + k)] for k in range(3)]
+    assert_served_like(ckpt, reference, tmp_path, prompts, MAX_TOKENS,
+                       llm_kwargs={"skip_tokenizer_init": True, "max_model_len": 128})

@@ -53,7 +53,7 @@ def test_from_config_reads_the_format(qahira_config_cls):
 
 @pytest.mark.parametrize("bad,needle", [
     ({"bits": 3}, "bits=3"),
-    ({"format_version": 2}, "format_version=2"),
+    ({"format_version": 3}, "format_version=3"),
     ({"block_size": [0, 64]}, "block_size"),
 ])
 def test_from_config_errors(qahira_config_cls, bad, needle):
@@ -84,3 +84,51 @@ def test_partition_check_names_layer_and_shard(block, in_pp, parts, in_full, out
     with pytest.raises(QahiraFormatError) as err:
         _method(block)._check_partition(in_pp, parts, in_full, out_full)
     assert needle in str(err.value) and "qkv_proj" in str(err.value)
+
+
+# ---- format 2: per-layer configs, fused layers, fp32 scales ----------------------------------
+
+V2 = {"quant_method": "qahira", "format_version": 2, "bits": 4, "block_size": [1, 32],
+      "scale_dtype": "float32", "offset_dtype": "float16",
+      "layers": {f"model.layers.0.self_attn.{m}": {"bits": 8} for m in ("q_proj", "k_proj",
+                                                                        "v_proj")}
+      | {"model.layers.0.mlp.gate_proj": {"block_size": [1, 16]},
+         "model.layers.0.mlp.down_proj": {"bits": 8, "block_size": [2, 64]}}}
+LLAMA_PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj",
+                                                                             "up_proj"]}
+
+
+def _v2_config(qahira_config_cls, layers=None):
+    cfg = qahira_config_cls.from_config({**V2, "layers": V2["layers"] if layers is None
+                                         else layers})
+    cfg.packed_modules_mapping = dict(LLAMA_PACKED)  # what vLLM sets from the model class
+    return cfg
+
+
+def test_v2_layer_configs_for_vllm_layers(qahira_config_cls):
+    cfg = _v2_config(qahira_config_cls)
+    qkv = cfg.layer_fmt("model.layers.0.self_attn.qkv_proj")
+    assert (qkv.bits, qkv.block_size, qkv.scale_dtype) == (8, (1, 32), "float32")
+    down = cfg.layer_fmt("model.layers.0.mlp.down_proj")
+    assert (down.bits, down.block_size) == (8, (2, 64))
+    other = cfg.layer_fmt("model.layers.1.self_attn.qkv_proj")
+    assert (other.bits, other.block_size) == (4, (1, 32))
+    assert "scale_dtype=float32" in repr(cfg)
+
+
+def test_v2_fused_members_must_agree(qahira_config_cls):
+    cfg = _v2_config(qahira_config_cls)
+    with pytest.raises(QahiraFormatError, match=r"fuses \['model\.layers\.0\.mlp\.gate_proj', "
+                       r"'model\.layers\.0\.mlp\.up_proj'\] into one layer "
+                       r"'model\.layers\.0\.mlp\.gate_up_proj'.*gate_proj: 4 bits, block "
+                       r"\[1, 16\], model\.layers\.0\.mlp\.up_proj: 4 bits, block \[1, 32\]"):
+        cfg.layer_fmt("model.layers.0.mlp.gate_up_proj")
+
+
+def test_v2_fields_refused_online():
+    from qahira_vllm.vllm_plugin.online import OnlineSettings
+
+    for bad in ({"scale_dtype": "float32"}, {"layers": {"x": {"bits": 8}}}):
+        with pytest.raises(QahiraFormatError, match=r"online.*cannot be used online.*"
+                                                    r"--layer SUFFIX=BITS"):
+            OnlineSettings.from_dict(bad, "online settings")

@@ -67,7 +67,9 @@ def _dump_qahira(llm, path: str) -> dict:
     tensors, kernels = {}, {}
     for name, module in model.named_modules():
         kernel = getattr(module, "qahira_kernel", None)
-        if kernel is None:
+        if kernel is None or name.endswith(".base_layer"):
+            # with LoRA enabled the wrapper forwards its base_layer's attributes (vLLM's
+            # BaseLayerWithLoRA.__getattr__): dumped once, under the wrapper's (the served) name
             continue
         kernels[name] = kernel.name
         for t in ("qweight", "scales", "offsets"):

@@ -26,7 +26,7 @@
  * INT4 weight (layouts.pack_cpu_int4), uint8 [N, K/2]: per chunk, byte j = q[j] | q[16+j]<<4,
  * so 16 bytes (or 32 for a pair) zero-extended to int16 and masked / shifted by 4 give lo / hi.
  * INT8 weight (layouts.pack_cpu_int8), uint8 [N, K] in the pair order above.
- * Scales fp16 [N/bo, K/bi]; offsets fp16 or fp32 [N/bo, K/bi]; bi a multiple of 32.
+ * Scales and offsets fp16 or fp32 [N/bo, K/bi]; bi a multiple of 32.
  *
  * Widths. The fp32 accumulation is per lane: the AVX2 build keeps 8-lane accumulators a0 (even
  * chunks of each group of 8) and a1 (odd chunks), the AVX-512 build one 16-lane accumulator
@@ -147,8 +147,37 @@ ALWAYS_INLINE void pair_mt(const int MT, const int bits, const uint8_t *wr, cons
 }
 #endif
 
+/* Scale b of a block row: fp16, or fp32 (format 2's float32 scales). */
+ALWAYS_INLINE float load_scale(const void *sr, int s_f32, int b) {
+  return s_f32 ? ((const float *)sr)[b] : _cvtsh_ss(((const uint16_t *)sr)[b]);
+}
+
+/* The fp32 weight scales of chunks c0..c0+7 as 8 lanes (a block spans cpb chunks). */
+ALWAYS_INLINE __m256 chunk_scales8_f32(const float *sr, int cpb, int c0) {
+  switch (cpb) {
+    case 1:
+      return _mm256_loadu_ps(sr + c0);
+    case 2:
+      return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(sr + c0 / 2)),
+                                      _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
+    case 4:
+      return _mm256_permutevar8x32_ps(
+          _mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd((const double *)(sr + c0 / 4)))),
+          _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+    case 8:
+      return _mm256_set1_ps(sr[c0 / 8]);
+    default: {
+      float t[8];
+      for (int i = 0; i < 8; i++) t[i] = sr[(c0 + i) / cpb];
+      return _mm256_loadu_ps(t);
+    }
+  }
+}
+
 /* The weight scales of chunks c0..c0+7 as 8 fp32 lanes (a block spans cpb chunks). */
-ALWAYS_INLINE __m256 chunk_scales8(const uint16_t *sr, int cpb, int c0) {
+ALWAYS_INLINE __m256 chunk_scales8(const void *s_row, int s_f32, int cpb, int c0) {
+  if (s_f32) return chunk_scales8_f32((const float *)s_row, cpb, c0);
+  const uint16_t *sr = (const uint16_t *)s_row;
   int32_t two;
   switch (cpb) {
     case 1:
@@ -176,8 +205,9 @@ ALWAYS_INLINE __m256 chunk_scales8(const uint16_t *sr, int cpb, int c0) {
  * activation scales are one vector multiply, each chunk then takes its lane with one permute
  * (per-chunk scalar fp16 conversion + multiply + broadcast cost more than the dot product).
  * Even and odd chunks use separate accumulators (FMA latency; the two halves in AVX-512). */
-ALWAYS_INLINE void row_mt(const int MT, const int bits, const uint8_t *wr, const uint16_t *sr,
-                          int K, int bi, const int16_t *v, const float *xs, float *out) {
+ALWAYS_INLINE void row_mt(const int MT, const int bits, const uint8_t *wr, const void *sr,
+                          int s_f32, int K, int bi, const int16_t *v, const float *xs,
+                          float *out) {
   const int nc = K / CHUNK, cpb = bi / CHUNK;
   __m256 a0[MT_MAX], a1[MT_MAX], comb[MT_MAX], sc[MT_MAX];
   int c0 = 0;
@@ -185,7 +215,7 @@ ALWAYS_INLINE void row_mt(const int MT, const int bits, const uint8_t *wr, const
   __m512 acc[MT_MAX], sc2[MT_MAX];
   for (int m = 0; m < MT; m++) acc[m] = _mm512_setzero_ps();
   for (; c0 + 8 <= nc; c0 += 8) {
-    const __m256 s8 = chunk_scales8(sr, cpb, c0);
+    const __m256 s8 = chunk_scales8(sr, s_f32, cpb, c0);
     for (int m = 0; m < MT; m++) comb[m] = _mm256_mul_ps(s8, _mm256_loadu_ps(xs + (long)m * nc + c0));
 #pragma GCC unroll 4
     for (int p = 0; p < 8; p += 2) {
@@ -200,7 +230,7 @@ ALWAYS_INLINE void row_mt(const int MT, const int bits, const uint8_t *wr, const
 #else
   for (int m = 0; m < MT; m++) a0[m] = a1[m] = _mm256_setzero_ps();
   for (; c0 + 8 <= nc; c0 += 8) {
-    const __m256 s8 = chunk_scales8(sr, cpb, c0);
+    const __m256 s8 = chunk_scales8(sr, s_f32, cpb, c0);
     for (int m = 0; m < MT; m++) comb[m] = _mm256_mul_ps(s8, _mm256_loadu_ps(xs + (long)m * nc + c0));
 #pragma GCC unroll 8
     for (int i = 0; i < 8; i++) {
@@ -212,7 +242,7 @@ ALWAYS_INLINE void row_mt(const int MT, const int bits, const uint8_t *wr, const
   }
 #endif
   for (int c = c0; c < nc; c++) { /* tail: fewer than 8 chunks, all into a0 */
-    const float s = _cvtsh_ss(sr[c / cpb]);
+    const float s = load_scale(sr, s_f32, c / cpb);
     for (int m = 0; m < MT; m++) sc[m] = _mm256_set1_ps(s * xs[(long)m * nc + c]);
     chunk_mt(MT, bits, wr, sc, v, K, c, lo_off(c), hi_off(c, nc), a0);
   }
@@ -220,19 +250,19 @@ ALWAYS_INLINE void row_mt(const int MT, const int bits, const uint8_t *wr, const
 }
 
 /* MT = 1..MT_MAX rows of activations against weight row wr; `bits` a literal (4 or 8). */
-ALWAYS_INLINE void row_any(const int bits, int mt, const uint8_t *wr, const uint16_t *sr, int K,
-                           int bi, const int16_t *v, const float *xs, float *dots) {
+ALWAYS_INLINE void row_any(const int bits, int mt, const uint8_t *wr, const void *sr, int s_f32,
+                           int K, int bi, const int16_t *v, const float *xs, float *dots) {
   switch (mt) {
-    case 1: row_mt(1, bits, wr, sr, K, bi, v, xs, dots); break;
-    case 2: row_mt(2, bits, wr, sr, K, bi, v, xs, dots); break;
-    case 3: row_mt(3, bits, wr, sr, K, bi, v, xs, dots); break;
+    case 1: row_mt(1, bits, wr, sr, s_f32, K, bi, v, xs, dots); break;
+    case 2: row_mt(2, bits, wr, sr, s_f32, K, bi, v, xs, dots); break;
+    case 3: row_mt(3, bits, wr, sr, s_f32, K, bi, v, xs, dots); break;
 #ifdef QAHIRA_W512
-    case 4: row_mt(4, bits, wr, sr, K, bi, v, xs, dots); break;
-    case 5: row_mt(5, bits, wr, sr, K, bi, v, xs, dots); break;
-    case 6: row_mt(6, bits, wr, sr, K, bi, v, xs, dots); break;
-    case 7: row_mt(7, bits, wr, sr, K, bi, v, xs, dots); break;
+    case 4: row_mt(4, bits, wr, sr, s_f32, K, bi, v, xs, dots); break;
+    case 5: row_mt(5, bits, wr, sr, s_f32, K, bi, v, xs, dots); break;
+    case 6: row_mt(6, bits, wr, sr, s_f32, K, bi, v, xs, dots); break;
+    case 7: row_mt(7, bits, wr, sr, s_f32, K, bi, v, xs, dots); break;
 #endif
-    default: row_mt(MT_MAX, bits, wr, sr, K, bi, v, xs, dots); break;
+    default: row_mt(MT_MAX, bits, wr, sr, s_f32, K, bi, v, xs, dots); break;
   }
 }
 
@@ -243,8 +273,8 @@ ALWAYS_INLINE void row_any(const int bits, int mt, const uint8_t *wr, const uint
 
 /* y [M, N] (dtype y_dt) = x @ W^T for the activations made by quantize_act. The loop order
  * changes no arithmetic: each (row n, activation row m) output is computed the same way. */
-static void int_gemv(const uint8_t *w, int bits, const uint16_t *s, const void *o, int o_f32,
-                     int N, int K, int bo, int bi, const int16_t *v, const float *xs,
+static void int_gemv(const uint8_t *w, int bits, const void *s, int s_f32, const void *o,
+                     int o_f32, int N, int K, int bo, int bi, const int16_t *v, const float *xs,
                      const float *xsum, int M, void *y, int y_dt) {
   const int nb = K / bi, nc = K / CHUNK;
   const long wrow = bits == 4 ? K / 2 : K;
@@ -258,13 +288,13 @@ static void int_gemv(const uint8_t *w, int bits, const uint16_t *s, const void *
       const float *xsm = xs + (long)m0 * nc;
       for (int n = blk * NBLOCK; n < n1; n++) {
         const uint8_t *wr = w + (long)n * wrow;
-        const uint16_t *sr = s + (long)(n / bo) * nb;
+        const char *sr = (const char *)s + (long)(n / bo) * nb * (s_f32 ? 4 : 2);
         const char *orow = (const char *)o + (long)(n / bo) * nb * (o_f32 ? 4 : 2);
         float dots[MT_MAX];
         if (bits == 4)
-          row_any(4, mt, wr, sr, K, bi, vm, xsm, dots);
+          row_any(4, mt, wr, sr, s_f32, K, bi, vm, xsm, dots);
         else
-          row_any(8, mt, wr, sr, K, bi, vm, xsm, dots);
+          row_any(8, mt, wr, sr, s_f32, K, bi, vm, xsm, dots);
         for (int j = 0; j < mt; j++) {
           const int m = m0 + j;
           store_elem(y, y_dt, (long)m * N + n,
@@ -282,8 +312,8 @@ static __thread size_t scratch_bytes;
 
 /* y [M, N] = x [M, K] @ W^T, x and y of dtype x_dt; bits 4 or 8. Returns 0, or -1 if out of
  * memory. */
-int ENTRY(const void *x, int x_dt, int M, int K, const uint8_t *w, int bits, const uint16_t *s,
-          const void *o, int o_f32, int N, int bo, int bi, void *y) {
+int ENTRY(const void *x, int x_dt, int M, int K, const uint8_t *w, int bits, const void *s,
+          int s_f32, const void *o, int o_f32, int N, int bo, int bi, void *y) {
   const size_t v_bytes = (size_t)M * K * sizeof(int16_t);
   const size_t need = v_bytes + ((size_t)M * (K / CHUNK) + (size_t)M * (K / bi)) * sizeof(float);
   if (need > scratch_bytes) {
@@ -296,7 +326,7 @@ int ENTRY(const void *x, int x_dt, int M, int K, const uint8_t *w, int bits, con
   float *xs = (float *)((char *)scratch + v_bytes);
   float *xsum = xs + (size_t)M * (K / CHUNK);
   quantize_act(x, x_dt, M, K, bi, v, xs, xsum);
-  int_gemv(w, bits, s, o, o_f32, N, K, bo, bi, v, xs, xsum, M, y, x_dt);
+  int_gemv(w, bits, s, s_f32, o, o_f32, N, K, bo, bi, v, xs, xsum, M, y, x_dt);
   return 0;
 }
 

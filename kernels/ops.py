@@ -52,9 +52,9 @@ from . import cpu_lib
 
 _p, _i, _l = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
 C_FUNCTIONS: dict[str, list] = {
-    # x, x_dtype, M, K, w, bits, scales, offsets, offsets_f32, N, bo, bi, y
-    "qahira_cpu_intdot_avx2": [_p, _i, _i, _i, _p, _i, _p, _p, _i, _i, _i, _i, _p],
-    "qahira_cpu_intdot_avx512": [_p, _i, _i, _i, _p, _i, _p, _p, _i, _i, _i, _i, _p],
+    # x, x_dtype, M, K, w, bits, scales, scales_f32, offsets, offsets_f32, N, bo, bi, y
+    "qahira_cpu_intdot_avx2": [_p, _i, _i, _i, _p, _i, _p, _i, _p, _i, _i, _i, _i, _p],
+    "qahira_cpu_intdot_avx512": [_p, _i, _i, _i, _p, _i, _p, _i, _p, _i, _i, _i, _i, _p],
     "qahira_cpu_avx512_ok": [],
     # x, x_dtype, M, K, qweight, bits, scales, scales_f32, offsets, offsets_f32, N, bo, bi, y
     "qahira_cpu_blockwise": [_p, _i, _i, _i, _p, _i, _p, _i, _p, _i, _i, _i, _i, _p],
@@ -121,8 +121,8 @@ def _intdot(name: str, bits: int, x: torch.Tensor, w: torch.Tensor, scales: torc
     m, k = x.shape
     y = torch.empty(m, w.shape[0], dtype=x.dtype)
     rc = fn(x.data_ptr(), cpu_lib.DTYPE_CODES[x.dtype], m, k, w.data_ptr(), bits,
-            scales.data_ptr(), offsets.data_ptr(), offsets.dtype == torch.float32, w.shape[0],
-            bo, bi, y.data_ptr())
+            scales.data_ptr(), scales.dtype == torch.float32, offsets.data_ptr(),
+            offsets.dtype == torch.float32, w.shape[0], bo, bi, y.data_ptr())
     if rc:
         raise MemoryError(f"qahira {name}: no memory for the activations of x {tuple(x.shape)}")
     return y
@@ -131,8 +131,8 @@ def _intdot(name: str, bits: int, x: torch.Tensor, w: torch.Tensor, scales: torc
 def cpu_int4(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor,
                   offsets: torch.Tensor, bo: int, bi: int,
                   variant: str | None = None) -> torch.Tensor:
-    """x [M, K] -> [M, N] in x.dtype; w uint8 [N, K/2] (layouts.pack_cpu_int4), scales
-    fp16 and offsets fp16/fp32 [N/bo, K/bi], all contiguous on CPU. `variant` ("avx2" /
+    """x [M, K] -> [M, N] in x.dtype; w uint8 [N, K/2] (layouts.pack_cpu_int4), scales and
+    offsets fp16/fp32 [N/bo, K/bi], all contiguous on CPU. `variant` ("avx2" /
     "avx512", one of cpu_lib.intdot_variants()) picks the build; None: cpu_lib.intdot_variant().
     AttributeError for a variant not in the library, MemoryError if the C code cannot allocate."""
     return _intdot("cpu_int4", 4, x, w, scales, offsets, bo, bi, variant)
@@ -140,7 +140,7 @@ def cpu_int4(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor,
 
 def cpu_int8(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
              bo: int, bi: int, variant: str | None = None) -> torch.Tensor:
-    """x [M, K] -> [M, N] in x.dtype; w uint8 [N, K] (layouts.pack_cpu_int8), scales fp16 and
+    """x [M, K] -> [M, N] in x.dtype; w uint8 [N, K] (layouts.pack_cpu_int8), scales and
     offsets fp16/fp32 [N/bo, K/bi], all contiguous on CPU; variant and errors as cpu_int4."""
     return _intdot("cpu_int8", 8, x, w, scales, offsets, bo, bi, variant)
 

@@ -24,7 +24,7 @@ from qahira_kernels import cpu_lib, ops
 from qahira_kernels.layouts import CPU_INTDOT_CHUNK
 
 from ..quant_math import unpack_qweight
-from .interface import LinearKernel, LinearSpec, fp16_scales_only, set_buffer
+from .interface import LinearKernel, LinearSpec, set_buffer
 
 
 class CpuIntDotKernel(LinearKernel):
@@ -32,7 +32,8 @@ class CpuIntDotKernel(LinearKernel):
     activations, on a CPU with AVX2/FMA/F16C.
 
     prepare() replaces `qweight` by `gemv_weight` uint8 (the same values in the kernel's layout,
-    `pack`) and keeps `scales` (fp16) and `offsets` (fp16/fp32) [out/bo, in/bi] as stored.
+    `pack`) and keeps `scales` and `offsets` (fp16/fp32; fp32 scales are format 2's)
+    [out/bo, in/bi] as stored.
     """
 
     bits: int
@@ -42,8 +43,6 @@ class CpuIntDotKernel(LinearKernel):
     def can_implement(cls, spec: LinearSpec):
         if spec.device_type != "cpu":
             return False, "CPU only"
-        if why := fp16_scales_only(spec):
-            return False, why
         if spec.bits != cls.bits:
             return False, f"{cls.bits}-bit only"
         if spec.block_size[1] % CPU_INTDOT_CHUNK:

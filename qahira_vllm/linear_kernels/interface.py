@@ -56,7 +56,8 @@ class LinearKernel(ABC):
 
 def fp16_scales_only(spec: LinearSpec) -> str | None:
     """can_implement's reason for a kernel that reads float16 scales only, or None: format 2's
-    float32 scales then go to a kernel that reads them as stored (dequant_torch)."""
+    float32 scales then go to a kernel that reads them as stored (cpu_int4 / cpu_int8,
+    cpu_blockwise, dequant_torch)."""
     if spec.scale_dtype == torch.float16:
         return None
     return f"float16 scales only ({str(spec.scale_dtype).removeprefix('torch.')} scales)"

@@ -44,13 +44,15 @@ def test_avx512_build_compiles_and_links():
     assert ("avx512" in cpu_lib.intdot_variants()) == (want <= set(flags))
 
 
-def _layer(bits, out_f, in_f, block, seed, offset_dtype=torch.float16):
-    """(packed weight, q, scales, offsets, op) of a random INT4/INT8 layer."""
+def _layer(bits, out_f, in_f, block, seed, offset_dtype=torch.float16,
+           scale_dtype=torch.float16):
+    """(packed weight, q, scales, offsets, op) of a random INT4/INT8 layer (fp32 scales: full
+    fp32 mantissas, as format 2's)."""
     bo, bi = block
     g = torch.Generator().manual_seed(seed)
     q = torch.randint(0, 1 << bits, (out_f, in_f), generator=g, dtype=torch.uint8)
     scales = ((0.15 + 0.1 * torch.rand(out_f // bo, in_f // bi, generator=g))
-              / ((1 << bits) - 1)).half()
+              / ((1 << bits) - 1)).to(scale_dtype)
     offsets = (-0.1 + 0.02 * torch.randn(out_f // bo, in_f // bi, generator=g)).to(offset_dtype)
     if bits == 4:
         return pack_cpu_int4(q), q, scales, offsets, ops.cpu_int4
@@ -70,13 +72,14 @@ def test_avx2_and_avx512_builds_bit_identical(bits):
     if len(runs) < 2:
         pytest.skip(f"needs both builds; this CPU runs only {runs}")
     for i, (block, out_f, in_f) in enumerate(TAIL_SHAPES):
-        for off_dt in (torch.float16, torch.float32):
-            w, q, scales, offsets, op = _layer(bits, out_f, in_f, block, i, off_dt)
+        for off_dt, s_dt in ((torch.float16, torch.float16), (torch.float32, torch.float16),
+                             (torch.float32, torch.float32)):
+            w, q, scales, offsets, op = _layer(bits, out_f, in_f, block, i, off_dt, s_dt)
             for m in (1, 5, 8, 13):
                 x = torch.randn(m, in_f, generator=torch.Generator().manual_seed(m)) * 2
                 for dt in (torch.float32, torch.bfloat16, torch.float16):
                     a, b = (op(x.to(dt), w, scales, offsets, *block, variant=v) for v in runs)
-                    assert torch.equal(a, b), (block, in_f, m, dt, off_dt)
+                    assert torch.equal(a, b), (block, in_f, m, dt, off_dt, s_dt)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -88,6 +91,25 @@ def test_op_per_variant_all_chunk_tails(variant, bits, block, out_f, in_f):
     check_int4(y, x, q, scales, offsets, block)
     yb = op(x.bfloat16(), w, scales, offsets, *block, variant=variant)
     check_int4(yb, x.bfloat16(), q, scales, offsets, block)
+
+
+# every chunk_scales8 case: blocks of 1, 2, 3, 4 and 8 chunks, with tails
+FP32_SCALE_SHAPES = [*TAIL_SHAPES, ((1, 128), 8, 512), ((1, 256), 8, 768)]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("block,out_f,in_f", FP32_SCALE_SHAPES)
+def test_op_per_variant_fp32_scales(variant, bits, block, out_f, in_f):
+    """Format 2's float32 scales, read as stored: within the same bound of the fp64 reference
+    on those scales (a kernel that rounded them to fp16 would be off by up to 2^-11 of each
+    block's contribution, far beyond the bound at these sizes)."""
+    w, q, scales, offsets, op = _layer(bits, out_f, in_f, block, seed=in_f,
+                                       scale_dtype=torch.float32)
+    assert scales.dtype == torch.float32 and not torch.equal(scales, scales.half().float())
+    x = torch.randn(11, in_f, generator=torch.Generator().manual_seed(1)) * 3
+    check_int4(op(x, w, scales, offsets, *block, variant=variant), x, q, scales, offsets, block)
+    xb = x.bfloat16()
+    check_int4(op(xb, w, scales, offsets, *block, variant=variant), xb, q, scales, offsets, block)
 
 
 def test_isa_switch(monkeypatch):

@@ -113,25 +113,28 @@ def test_everything_disabled_lists_every_reason(monkeypatch):
         assert name in str(e.value)
 
 
-@pytest.mark.parametrize("bits,block,act", [(4, (1, 32), torch.bfloat16),
-                                            (8, (1, 64), torch.float16),
-                                            (4, (2, 16), torch.float32)])
-def test_fp32_scales_go_to_the_exact_kernels(bits, block, act):
-    """Format 2's float32 scales: the kernels that read fp16 scales refuse with a reason,
-    cpu_blockwise serves the layer (dequant_torch without the C library), and both compute
-    x @ W^T for the fp32 W = s * q + o (two fp32 operations, computed here by index):
-    dequant_torch bit for bit (as F.linear on W in the activation dtype), cpu_blockwise within
-    fp32 summation order (1e-6 of sum |x W|) plus one rounding of the output dtype."""
+@pytest.mark.parametrize("bits,block,act,chosen", [
+    (4, (1, 32), torch.bfloat16, "cpu_int4"), (8, (1, 64), torch.float16, "cpu_int8"),
+    (4, (2, 16), torch.float32, "cpu_blockwise")])
+def test_fp32_scales_go_to_the_kernels_that_read_them(bits, block, act, chosen):
+    """Format 2's float32 scales: cpu_int4pack and triton_blockwise (fp16 scale tables) refuse
+    with a reason; cpu_int4 / cpu_int8 / cpu_blockwise read them as stored and are chosen as
+    for fp16 scales. Outputs against x @ W^T for the fp32 W = s * q + o (two fp32 operations,
+    computed here by index): dequant_torch bit for bit (as F.linear on W in the activation
+    dtype), cpu_blockwise within fp32 summation order (1e-6 of sum |x W|) plus one rounding of
+    the output dtype, the integer-dot kernels within their documented activation-rounding bound
+    (linear_reference.check_int4)."""
     from support import tiny as tm
+    from support.linear_reference import check_int4
     from qahira_vllm.quant_math import pack_qweight
 
     spec = lk.LinearSpec(bits=bits, block_size=block, out_features=64, in_features=128,
                          act_dtype=act, device_type="cpu", scale_dtype=torch.float32)
-    kernel_cls, reasons = lk.choose_kernel(spec)
-    assert kernel_cls is lk.CpuBlockwiseKernel
-    assert any(r.startswith("triton_blockwise:") for r in reasons)
-    assert all("float16 scales only (float32 scales)" in r for r in reasons
-               if r.startswith(("cpu_int4", "cpu_int8", "cpu_int4pack")))
+    kernel_cls, _ = lk.choose_kernel(spec)
+    assert kernel_cls.name == chosen
+    assert lk.CpuInt4PackKernel.can_implement(spec) == (False, "float16 scales only (float32 "
+                                                                "scales)")
+    assert not lk.TritonBlockwiseKernel.can_implement(spec)[0]
     g = torch.Generator().manual_seed(3)
     bo, bi = block
     q = torch.randint(0, 1 << bits, (64, 128), generator=g, dtype=torch.uint8)
@@ -143,7 +146,7 @@ def test_fp32_scales_go_to_the_exact_kernels(bits, block, act):
     y_ref = x.double() @ w.double().t()
     slack = 1e-6 * (x.double().abs() @ w.double().abs().t()) + \
         {torch.float32: 0.0, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}[act] * y_ref.abs()
-    for cls in (lk.CpuBlockwiseKernel, lk.DequantTorchKernel):
+    for cls in {kernel_cls, lk.CpuBlockwiseKernel, lk.DequantTorchKernel}:
         layer = torch.nn.Module()
         for n, t in (("qweight", pack_qweight(q, bits)), ("scales", scales),
                      ("offsets", offsets)):
@@ -153,5 +156,7 @@ def test_fp32_scales_go_to_the_exact_kernels(bits, block, act):
         y = kernel.apply(layer, x)
         if cls is lk.DequantTorchKernel:  # W rounded to the activation dtype, then the GEMM
             assert torch.equal(y, torch.nn.functional.linear(x, w.to(act)))
-        else:  # W kept in fp32, the output rounded once
+        elif cls is lk.CpuBlockwiseKernel:  # W kept in fp32, the output rounded once
             assert ((y.double() - y_ref).abs() <= slack).all()
+        else:
+            check_int4(y, x, q, scales, offsets, block)

@@ -167,9 +167,12 @@ def write_tiny_gguf(path: Path, linear_type: str, arch: str = "llama", seed: int
     return path
 
 
+@functools.lru_cache(maxsize=1)
 def transformers_gguf_tensors(gguf_file: Path) -> dict:
     """{HF name: fp32 tensor}: transformers' own GGUF loading (load_gguf_checkpoint: gguf's
-    dequantizer, its name map and Llama's q/k un-permutation)."""
+    dequantizer, its name map and Llama's q/k un-permutation). Cached for the last file (the
+    SmolLM2 GGUF's takes ~20 s; tests/convert and tests/vllm both compare against it): treat
+    the result as read-only."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint

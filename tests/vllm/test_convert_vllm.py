@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from support.convert_checks import assert_served_like
-from support.gguf_files import VOCAB, smollm2_converted, write_k_mix_gguf
+from support.gguf_files import (VOCAB, smollm2_converted, transformers_gguf_tensors,
+                                write_k_mix_gguf)
 from support.hf_reference import PROMPTS
 
 pytestmark = pytest.mark.vllm
@@ -23,13 +24,19 @@ MAX_TOKENS = 16
 
 
 def test_vllm_serves_converted_smollm2_like_transformers_gguf(tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     src, ckpt = smollm2_converted()
     qc = json.loads((ckpt / "config.json").read_text())["quantization_config"]
     assert qc["bits"] == 4 and qc["block_size"] == [1, 32] and qc["source_format"] == "gguf"
-    reference = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name,
-                                                     dtype=torch.float32).eval()
+    # transformers' own GGUF loading (the tensors from_pretrained(gguf_file=...) loads, shared
+    # with tests/convert/test_gguf.py), in its model built from the GGUF's config
+    config = AutoConfig.from_pretrained(src.parent, gguf_file=src.name)
+    reference = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = reference.load_state_dict(transformers_gguf_tensors(src), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}  # tied to the embedding
+    assert reference.lm_head.weight.data_ptr() == reference.model.embed_tokens.weight.data_ptr()
+    reference.eval()
     tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     prompt_ids = [tok(p).input_ids for p in PROMPTS]
     assert_served_like(ckpt, reference, tmp_path, prompt_ids, MAX_TOKENS)

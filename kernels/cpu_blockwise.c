@@ -43,13 +43,6 @@ static inline int load_q(const uint8_t *qrow, int bits, int k) {
   return bits == 4 ? (qrow[k >> 1] >> ((k & 1) * 4)) & 15 : qrow[k];
 }
 
-static inline float load_o(const void *orow, int o_f32, int b) {
-  return o_f32 ? ((const float *)orow)[b] : _cvtsh_ss(((const uint16_t *)orow)[b]);
-}
-
-/* Scales and offsets are both fp16 or fp32 per block: the same read. */
-#define load_s load_o
-
 /* s q + o in fp32. fp16 scales: s q is exact (11 + 8 significant bits), so one FMA rounds as
  * the format's product-then-sum. fp32 scales (format 2): the product can round, so it is
  * rounded first, as the format defines it; the empty asm keeps the compiler from contracting
@@ -71,8 +64,8 @@ static inline float affine1(float q, float s, float o, int s_f32) {
 static void expand_block_row(const void *srow, int s_f32, const void *orow, int o_f32, int K,
                              int bi, float *sexp, float *oexp) {
   for (int k = 0; k < K; k++) {
-    sexp[k] = load_s(srow, s_f32, k / bi);
-    oexp[k] = load_o(orow, o_f32, k / bi);
+    sexp[k] = load_param(srow, s_f32, k / bi);
+    oexp[k] = load_param(orow, o_f32, k / bi);
   }
 }
 
@@ -127,7 +120,7 @@ ALWAYS_INLINE void dequant_row_as(const store8_fn store8, const int dt, const ui
   const int k8 = K & ~7;
   if (bi % 8 == 0) {
     for (int b = 0; b < K / bi; b++) {
-      const float s = load_s(srow, s_f32, b), o = load_o(orow, o_f32, b);
+      const float s = load_param(srow, s_f32, b), o = load_param(orow, o_f32, b);
       const __m256 S = _mm256_set1_ps(s), O = _mm256_set1_ps(o);
       for (int k = b * bi; k < (b + 1) * bi; k += 8)
         store8(w, k, affine8(load_q8(qrow, bits, k), S, O, s_f32));
@@ -174,7 +167,8 @@ TARGET_BF16 static void dequant_row_bf16_hw(const uint8_t *qrow, int bits, const
     return;
   }
   for (int b = 0; b < K / bi; b++) {
-    const __m512 S = _mm512_set1_ps(load_s(srow, 0, b)), O = _mm512_set1_ps(load_o(orow, o_f32, b));
+    const __m512 S = _mm512_set1_ps(load_param(srow, 0, b));
+    const __m512 O = _mm512_set1_ps(load_param(orow, o_f32, b));
     for (int k = b * bi; k < (b + 1) * bi; k += 16) /* fp16 scales: the FMA is exact (affine8) */
       store16_bf16_hw(w, k, _mm512_fmadd_ps(load_q16(qrow, bits, k), S, O));
   }

@@ -38,6 +38,11 @@ static inline void store_elem(void *p, int dt, long i, float v) {
   }
 }
 
+/* Element b of a row of block parameters (scales or offsets), stored fp16 or (f32) fp32. */
+static inline float load_param(const void *row, int f32, long b) {
+  return f32 ? ((const float *)row)[b] : _cvtsh_ss(((const uint16_t *)row)[b]);
+}
+
 #ifdef __AVX512F__
 /* The low and high 8 lanes of v: the AVX-512 builds hold the AVX2 builds' two 8-lane
  * accumulators as one register and split it for the same final sums. */

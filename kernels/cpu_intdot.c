@@ -94,7 +94,7 @@ static inline float offset_term(const void *orow, int o_f32, const float *xsum, 
   }
   float t = hsum(acc);
   for (; b < nb; b++)
-    t += (o_f32 ? ((const float *)orow)[b] : _cvtsh_ss(((const uint16_t *)orow)[b])) * xsum[b];
+    t += load_param(orow, o_f32, b) * xsum[b];
   return t;
 }
 
@@ -146,11 +146,6 @@ ALWAYS_INLINE void pair_mt(const int MT, const int bits, const uint8_t *wr, cons
   }
 }
 #endif
-
-/* Scale b of a block row: fp16, or fp32 (format 2's float32 scales). */
-ALWAYS_INLINE float load_scale(const void *sr, int s_f32, int b) {
-  return s_f32 ? ((const float *)sr)[b] : _cvtsh_ss(((const uint16_t *)sr)[b]);
-}
 
 /* The fp32 weight scales of chunks c0..c0+7 as 8 lanes (a block spans cpb chunks). */
 ALWAYS_INLINE __m256 chunk_scales8_f32(const float *sr, int cpb, int c0) {
@@ -242,7 +237,7 @@ ALWAYS_INLINE void row_mt(const int MT, const int bits, const uint8_t *wr, const
   }
 #endif
   for (int c = c0; c < nc; c++) { /* tail: fewer than 8 chunks, all into a0 */
-    const float s = load_scale(sr, s_f32, c / cpb);
+    const float s = load_param(sr, s_f32, c / cpb);
     for (int m = 0; m < MT; m++) sc[m] = _mm256_set1_ps(s * xs[(long)m * nc + c]);
     chunk_mt(MT, bits, wr, sc, v, K, c, lo_off(c), hi_off(c, nc), a0);
   }

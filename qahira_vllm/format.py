@@ -37,6 +37,7 @@ See docs/FORMAT.md for the prose version of this contract.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
@@ -193,6 +194,13 @@ class QahiraQuantConfig:
         return dataclasses.replace(self, bits=ov.get("bits", self.bits),
                                    block_size=ov.get("block_size", self.block_size),
                                    layers=FrozenMap())
+
+    def block_lcm(self, module_names) -> tuple[int, int]:
+        """(bo, bi): the smallest block shape that every named layer's block divides (lcm per
+        dim; the model's block_size for none). A QA-HiRA tile holds whole blocks of each of
+        those layers exactly when it is a multiple of this."""
+        blocks = [self.for_layer(n).block_size for n in module_names] or [self.block_size]
+        return math.lcm(*(b[0] for b in blocks)), math.lcm(*(b[1] for b in blocks))
 
     @property
     def qmax(self) -> int:

@@ -62,12 +62,9 @@ def merge_qahira(qckpt: str | os.PathLike, adapter_dir: str | os.PathLike,
     adapted = sorted(adapter.tensors)
     exact = ac.adapter_type == "qahira"
     if exact:
-        try:  # per block size: format 2 may give layers their own (cfg.for_layer)
-            for block in sorted({cfg.for_layer(n).block_size for n in adapted}):
-                check_qahira_geometry(ac.pool, ac.repeat, block,
-                                      {n: dims[n] for n in adapted
-                                       if cfg.for_layer(n).block_size == block},
-                                      source=str(adapter.path))
+        try:  # format 2 may give layers their own blocks: the tile must hold each's
+            check_qahira_geometry(ac.pool, ac.repeat, cfg.block_lcm(adapted),
+                                  {n: dims[n] for n in adapted}, source=str(adapter.path))
         except AdapterError as e:
             if not requantize:
                 raise AdapterError(f"{e}. This adapter cannot merge exactly into this base; "

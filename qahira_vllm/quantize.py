@@ -3,6 +3,7 @@ per-layer overrides or float32 scales)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -274,8 +275,7 @@ def quantize_model(model: str | os.PathLike, out_dir: str | os.PathLike, bits: i
     overrides = {n: ov for n, ov in resolve_layer_overrides(layer_overrides, targets,
                                                              linear_names, fused_mapping).items()
                  if (ov["bits"], ov.get("block_size", cfg0.block_size)) != (bits, cfg0.block_size)}
-    cfg0 = QahiraQuantConfig(bits=bits, block_size=tuple(block_size), offset_dtype=offset_dtype,
-                             scale_dtype=scale_dtype, layers=overrides)
+    cfg0 = dataclasses.replace(cfg0, layers=overrides)
     convert, kept, widened = plan_conversion(linear_names, shapes, targets, cfg0,
                                              keep_unconvertible, fused_mapping)
     notes = [f"kept {', '.join(members)} in float too: vLLM serves them as one layer "

@@ -262,7 +262,8 @@ def convert(src: str | os.PathLike, out_dir: str | os.PathLike, from_format: str
         if not source.layers:
             raise QahiraFormatError(f"{src}: no linear layer can be converted exactly")
         block_size, layer_overrides = tuple(source.block_size), {}
-        v1 = (scales_exact_in_fp16(source.layers)
+        fp16_scales = scales_exact_in_fp16(source.layers)  # widening below repeats scales
+        v1 = (fp16_scales
               and all(tuple(layer.block_size or block_size) == block_size
                       for layer in source.layers.values()))
         if v1:
@@ -292,7 +293,7 @@ def convert(src: str | os.PathLike, out_dir: str | os.PathLike, from_format: str
         cfg = QahiraQuantConfig(
             bits=bits, block_size=block_size, offset_dtype=off_dtype,
             modules_not_converted=tuple(sorted(source.modules_not_converted)),
-            scale_dtype="float16" if scales_exact_in_fp16(source.layers) else "float32",
+            scale_dtype="float16" if fp16_scales else "float32",
             layers=layer_overrides,
             extra={"source_format": fmt, "source_model": source_name, **source.provenance,
                    "created_by": f"qahira-vllm {__version__}"})

@@ -149,10 +149,9 @@ def plan_adapter(model: nn.Module, cfg: QahiraQuantConfig, spec: AdapterSpec,
                   base_fingerprint=base_fingerprint, base_model_name_or_path=base_model_name,
                   lora_dropout=spec.dropout)
     if spec.method == "qahira":
-        # One tile geometry for every target: with per-layer blocks (format 2) a tile must
-        # hold whole blocks of each, i.e. be a multiple of the lcm of their bo and of their bi.
-        blocks = [cfg.for_layer(n).block_size for n in dims]
-        block = (math.lcm(*[b[0] for b in blocks]), math.lcm(*[b[1] for b in blocks]))
+        # One tile geometry for every target: with per-layer blocks (format 2) it must hold
+        # whole blocks of each.
+        block = cfg.block_lcm(dims)
         default_pool, default_repeat = default_qahira_geometry(block, dims)
         pool = spec.pool if spec.pool is not None else default_pool
         repeat = spec.repeat if spec.repeat is not None else default_repeat

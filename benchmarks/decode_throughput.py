@@ -2,9 +2,13 @@
 
     .venv/bin/python benchmarks/decode_throughput.py [--quick] [--out benchmarks/results]
 
-Formats: bf16, qahira INT4 1x32 on the default CPU kernel (cpu_int4) and on torch's int4pack
-kernel (QAHIRA_DISABLED_KERNELS=cpu_int4, the previous default), qahira INT4 1x64 (the quantizer's default
-block), the same with lm_head converted too (`--lm-head`), qahira INT8 1x64.
+Formats: bf16; stock vLLM GPTQ INT4 (group 128, symmetric: a checkpoint of the same model
+written here in GPTQModel's v1 layout, served by vLLM's own CPU int4 kernel, which needs
+AVX-512); qahira INT4 1x32 on the default CPU kernel choice (cpu_measured: the fastest kernel per
+batch size, timed on this machine) and on torch's int4pack kernel alone
+(QAHIRA_DISABLED_KERNELS=cpu_measured,cpu_int4); qahira INT4 1x64 (the quantizer's default
+block), the same in the fixed kernel order (QAHIRA_DISABLED_KERNELS=cpu_measured: cpu_int4 at
+every batch size), the same with lm_head converted too (`--lm-head`); qahira INT8 1x64.
 Models: SmolLM2-135M (embedded) and a randomly initialised 1B-shaped Llama (hidden 2048,
 16 layers, intermediate 8192, 32 heads / 8 KV heads, SmolLM2's 49152-token vocabulary), where
 decode is weight-bound. Each (model, format) runs in its own engine in a child process, one
@@ -29,7 +33,83 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-BATCHES = (1, 8, 32)
+BATCHES = (1, 8, 32, 128)
+
+
+def write_gptq_checkpoint(src: Path, out: Path, group: int = 128) -> Path:
+    """A GPTQ INT4 checkpoint of the bf16 model in `src` (symmetric round-to-nearest per group
+    of `group` inputs; its speed, not its accuracy, is what is measured), in GPTQModel's v1
+    layout: qweight int32 [in/8, out] (nibble j of word [r, o] = q[8r + j, o]), qzeros int32
+    [in/group, out/8] (zero point 8, stored minus one as v1 does: 0x77777777), scales fp16
+    [in/group, out], g_idx int32 [in]; every other tensor in fp16."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    if (out / "config.json").exists():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = {}
+    for f in sorted(src.glob("*.safetensors")):
+        for name, t in load_file(f).items():
+            if not (name.endswith(".weight") and t.ndim == 2 and ".layers." in name):
+                tensors[name] = t.half()
+                continue
+            w = t.float().t()                                          # [in, out]
+            n_in, n_out = w.shape
+            g = w.reshape(n_in // group, group, n_out)
+            scale = (g.abs().amax(dim=1) / 7).clamp_min(1e-6).half()   # [in/group, out]
+            q = (g / scale.float()[:, None]).round().clamp(-8, 7).to(torch.int64) + 8
+            q = q.reshape(n_in // 8, 8, n_out)
+            word = sum(q[:, j] << (4 * j) for j in range(8))           # [in/8, out]
+            base = name[: -len(".weight")]
+            tensors[base + ".qweight"] = word.to(torch.uint32).view(torch.int32)
+            tensors[base + ".qzeros"] = torch.full((n_in // group, n_out // 8), 0x77777777,
+                                                   dtype=torch.int32)
+            tensors[base + ".scales"] = scale
+            tensors[base + ".g_idx"] = torch.arange(n_in, dtype=torch.int32) // group
+    save_file(tensors, str(tmp / "model.safetensors"))
+    for f in src.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name != "config.json":
+            shutil.copy2(f, tmp / f.name)
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": group,
+                                     "sym": True, "desc_act": False, "checkpoint_format": "gptq"}
+    config["torch_dtype"] = "float16"
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    tmp.rename(out)
+    return out
+
+
+def machine_facts() -> dict:
+    """CPU model and vector flags (lscpu), and stream bandwidth: GB/s of a 512 MiB tensor copy
+    (bytes read + written / time, best of 5) with one torch thread and with all cores."""
+    import re
+
+    import torch
+
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    model = next((l.split(":", 1)[1].strip() for l in lscpu.splitlines()
+                  if l.startswith("Model name")), platform.processor())
+    flags = sorted(set(re.findall(r"avx512[a-z_0-9]*|avx2|amx[a-z_0-9]*|avx_vnni|fma|f16c",
+                                  lscpu)))
+    src = torch.ones(2**27, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    bandwidth = {}
+    threads = torch.get_num_threads()
+    for label, n in (("one_core", 1), ("all_cores", os.cpu_count() or 1)):
+        torch.set_num_threads(n)
+        best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter()
+            dst.copy_(src)
+            best = min(best, time.perf_counter() - t)
+        bandwidth[label] = 2 * src.numel() * 4 / best / 1e9
+    torch.set_num_threads(threads)
+    return {"cpu_model": model, "cpu_flags": flags, "stream_gb_per_s": bandwidth}
 
 
 def build_1b_llama(out: Path, tokenizer_src: Path) -> Path:
@@ -168,11 +248,14 @@ def main() -> None:
     # checkpoint on torch's int4 kernel, the previous default, for comparison in the same run.
     # "qahira INT4 1x64" is `qahira quantize`'s default block (4.5 bits per weight vs 5 for 1x32).
     # "+ lm_head": `qahira quantize --lm-head` (lm_head converted too; default: kept in bf16).
-    formats = {"bf16": (None, {}), "qahira INT4": ((4, (1, 32)), {}),
+    formats = {"bf16": (None, {}), "vLLM GPTQ INT4 g128": ("gptq", {}),
+               "qahira INT4": ((4, (1, 32)), {}),
                "qahira INT4 1x64": ((4, (1, 64)), {}),
+               "qahira INT4 1x64 (fixed order)": ((4, (1, 64)),
+                                                  {"QAHIRA_DISABLED_KERNELS": "cpu_measured"}),
                "qahira INT4 1x64 + lm_head": ((4, (1, 64), True), {}),
-               "qahira INT4 (cpu_int4pack)": ((4, (1, 32)),
-                                              {"QAHIRA_DISABLED_KERNELS": "cpu_int4"}),
+               "qahira INT4 (cpu_int4pack)": ((4, (1, 32)), {
+                   "QAHIRA_DISABLED_KERNELS": "cpu_measured,cpu_int4"}),
                "qahira INT8": ((8, (1, 64)), {})}
     if args.formats != "all":
         formats = {f: formats[f] for f in args.formats.split(",")}
@@ -183,12 +266,14 @@ def main() -> None:
                "VLLM_CPU_NUM_OF_RESERVED_CPU": os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU"),
                "reserved_cpu_note": "VLLM_CPU_NUM_OF_RESERVED_CPU="
                + os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "unset (1 compute core)"),
-               "models": {}}
+               **machine_facts(), "models": {}}
     for mname, mdir in models.items():
         results["models"][mname] = {}
         for fmt, (q, env) in formats.items():
             path = mdir
-            if q is not None:
+            if q == "gptq":
+                path = write_gptq_checkpoint(mdir, work / f"{mdir.name}-gptq-int4-g128")
+            elif q is not None:
                 lm_head = len(q) > 2 and q[2]
                 path = work / (f"{mdir.name}-int{q[0]}-{q[1][0]}x{q[1][1]}"
                                + ("-lm_head" if lm_head else ""))

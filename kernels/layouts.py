@@ -30,6 +30,27 @@ def pack_cpu_int8(q: torch.Tensor) -> torch.Tensor:
     return torch.cat([pairs.reshape(n, paired), q[:, paired:]], dim=1).contiguous()
 
 
+CPU_DEQUANT_GEMM_GROUP = 16  # output rows per packed group of cpu_dequant_gemm; out % 16 == 0
+
+
+def pack_cpu_dequant_gemm(q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+                          bits: int, bo: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The tensors ops.cpu_dequant_gemm reads, from unpacked q int [N, K] (0..15 or 0..255) and
+    the stored scales / offsets [N/bo, K/bi] (fp16/fp32, dtypes kept); N % 16 == 0, K even.
+
+    Returns (w uint8: 4-bit [N/16, K/2, 16], byte = q[n, k] | q[n, k+1] << 4 for the 16 rows
+    of a group and the column pair (k, k+1); 8-bit [N/16, K/2, 16, 2]; scales and offsets
+    [N/16, K/bi, 16], one per output row (2-D blocks repeated over their bo rows)).
+    """
+    n, k = q.shape
+    g = CPU_DEQUANT_GEMM_GROUP
+    pairs = q.to(torch.uint8).view(n // g, g, k // 2, 2).permute(0, 2, 1, 3)
+    w = (pairs[..., 0] | (pairs[..., 1] << 4)) if bits == 4 else pairs
+    rows = [t.repeat_interleave(bo, dim=0) if bo > 1 else t for t in (scales, offsets)]
+    s, o = (t.view(n // g, g, t.shape[1]).transpose(1, 2).contiguous() for t in rows)
+    return w.contiguous(), s, o
+
+
 def pack_qahira_slots(ms: "list[torch.Tensor | None]") -> tuple[torch.Tensor, torch.Tensor]:
     """QA-HiRA slots of one slice -> (m_flat fp32 [n], m_offset int64 [slots]), what
     cpu_qbara.CpuQbaraLayer.set_qahira and qbara.qahira_apply read: ms[s] is slot s's M

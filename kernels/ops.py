@@ -11,6 +11,9 @@ each also callable here as a plain function of the same name:
     cpu_int8(x [M, K], w, scales, offsets, bo, bi) -> y [M, N]
         CPU, cpu_intdot.c; w as made by layouts.pack_cpu_int8, 8-bit, bi % 32 == 0
         (both: the AVX2 or AVX-512 build, cpu_lib.intdot_variant(); bit-identical results)
+    cpu_dequant_gemm(x [M, K] bf16, w, scales, offsets, bits, bi) -> y [M, N] bf16
+        CPU, cpu_dequant_gemm.c; tensors as made by layouts.pack_cpu_dequant_gemm; the
+        dense bf16 weight's product up to fp32 summation order (cpu_lib.dequant_gemm_variant())
     cpu_blockwise(x [M, K], qweight, scales, offsets, bits, bo, bi) -> y [M, N]
         CPU, cpu_blockwise.c; tensors as stored (docs/FORMAT.md), any bits/block
 
@@ -25,6 +28,11 @@ one returns int, 0 = success; cpu_lib.load_library() applies them):
     qahira_cpu_intdot_avx2         cpu_intdot.c   (AVX2 build)
     qahira_cpu_intdot_avx512       cpu_intdot.c   (AVX-512 + VNNI build, where compiled)
     qahira_cpu_avx512_ok           cpu_intdot.c   (CPUID: can the AVX-512 build run here)
+    qahira_cpu_dequant_gemm_avx2   cpu_dequant_gemm.c (AVX2 build)
+    qahira_cpu_dequant_gemm_avx512 cpu_dequant_gemm.c (AVX-512 build, where compiled)
+    qahira_cpu_dequant_gemm_avx512_bf16  cpu_dequant_gemm.c (AVX512-BF16 build, where compiled)
+    qahira_cpu_dequant_gemm_amx    cpu_dequant_gemm.c (AMX build, where compiled)
+    qahira_cpu_amx_ok              cpu_dequant_gemm.c (CPUID + OS permission for AMX tiles)
     qahira_cpu_blockwise           cpu_blockwise.c
     qahira_cpu_blockwise_dequant   cpu_blockwise.c
     qahira_qbara_layer_avx2        cpu_qbara.c   (AVX2 build; called by cpu_qbara.CpuQbaraLayer)
@@ -56,6 +64,10 @@ C_FUNCTIONS: dict[str, list] = {
     "qahira_cpu_intdot_avx2": [_p, _i, _i, _i, _p, _i, _p, _i, _p, _i, _i, _i, _i, _p],
     "qahira_cpu_intdot_avx512": [_p, _i, _i, _i, _p, _i, _p, _i, _p, _i, _i, _i, _i, _p],
     "qahira_cpu_avx512_ok": [],
+    # x, M, K, w, bits, scales, scales_f32, offsets, offsets_f32, N, bi, y, y_dtype
+    **{f"qahira_cpu_dequant_gemm_{v}": [_p, _i, _i, _p, _i, _p, _i, _p, _i, _i, _i, _p, _i]
+       for v in ("avx2", "avx512", "avx512_bf16", "amx")},
+    "qahira_cpu_amx_ok": [],
     # x, x_dtype, M, K, qweight, bits, scales, scales_f32, offsets, offsets_f32, N, bo, bi, y
     "qahira_cpu_blockwise": [_p, _i, _i, _i, _p, _i, _p, _i, _p, _i, _i, _i, _i, _p],
     # qweight, bits, scales, offsets, offsets_f32, N, K, bo, bi, w, w_dtype
@@ -159,6 +171,53 @@ def _cpu_int4_fake(x, w, scales, offsets, bo, bi):
 @torch.library.register_fake("qahira::cpu_int8")
 def _cpu_int8_fake(x, w, scales, offsets, bo, bi):
     return x.new_empty(x.shape[0], w.shape[0])
+
+
+_dequant_gemm_fns: dict = {}
+
+
+def cpu_dequant_gemm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor,
+                     offsets: torch.Tensor, bits: int, bi: int, variant: str | None = None,
+                     out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x bf16 [M, K] -> y [M, N] = x W^T, W the layer's dense bf16 weight (the format's rule,
+    rounded to bf16), with fp32 accumulation; y in `out_dtype` (bf16, default, or fp32).
+
+    w, scales, offsets: from layouts.pack_cpu_dequant_gemm (contiguous CPU tensors; N % 16 == 0,
+    bi even and dividing K). `variant`: one of cpu_lib.dequant_gemm_variants() ("avx2",
+    "avx512", "avx512_bf16", "amx"); None: cpu_lib.dequant_gemm_variant(). Raises ValueError for a
+    non-bf16 x or a shape the kernel does not serve, AttributeError for a variant not in the
+    library, MemoryError when the per-thread buffers cannot be allocated."""
+    lib = _library("cpu_dequant_gemm")
+    key = (lib, variant, None if variant else os.environ.get(cpu_lib.ISA_ENV))
+    fn = _dequant_gemm_fns.get(key)
+    if fn is None:
+        fn = _dequant_gemm_fns[key] = getattr(lib, "qahira_cpu_dequant_gemm_"
+                                              + (variant or cpu_lib.dequant_gemm_variant()))
+    if x.dtype != torch.bfloat16:
+        raise ValueError(f"cpu_dequant_gemm: x is {x.dtype}, expected torch.bfloat16")
+    out_dtype = out_dtype or torch.bfloat16
+    x = x.contiguous()
+    m, k = x.shape
+    n = w.shape[0] * w.shape[2]
+    y = torch.empty(m, n, dtype=out_dtype)
+    rc = fn(x.data_ptr(), m, k, w.data_ptr(), bits, scales.data_ptr(),
+            scales.dtype == torch.float32, offsets.data_ptr(), offsets.dtype == torch.float32,
+            n, bi, y.data_ptr(), cpu_lib.DTYPE_CODES[out_dtype])
+    if rc == -1:
+        raise ValueError(f"cpu_dequant_gemm: x {tuple(x.shape)}, w {tuple(w.shape)}, bits={bits}, "
+                         f"bi={bi}: expected N % 16 == 0, bi even and dividing K, 4 or 8 bits")
+    _check_rc(rc, "cpu_dequant_gemm")
+    return y
+
+
+_lib.define("cpu_dequant_gemm(Tensor x, Tensor w, Tensor scales, Tensor offsets, int bits, "
+            "int bi) -> Tensor")
+_lib.impl("cpu_dequant_gemm", cpu_dequant_gemm, "CPU")
+
+
+@torch.library.register_fake("qahira::cpu_dequant_gemm")
+def _cpu_dequant_gemm_fake(x, w, scales, offsets, bits, bi):
+    return x.new_empty(x.shape[0], w.shape[0] * w.shape[2])
 
 
 def check_cpu_blockwise_stored(qweight: torch.Tensor, scales: torch.Tensor,
@@ -344,5 +403,6 @@ def _cpu_blockwise_fake(x, qweight, scales, offsets, bits, bo, bi):
 
 
 __all__ = ["C_FUNCTIONS", "check_cpu_blockwise_stored", "cpu_int4", "cpu_blockwise",
+           "cpu_dequant_gemm",
            "cpu_blockwise_dequant", "cpu_blockwise_prechecked", "cpu_blockwise_stored_ok",
            "cpu_int8", "cpu_quantize", "cpu_all_finite", "NotStorableError", "triton_blockwise"]

@@ -14,8 +14,12 @@ run time. Each kernel has one name, used for its module here, its op in qahira_k
 
 | name               | class                  | serves                                            |
 | triton_blockwise   | TritonBlockwiseKernel  | CUDA, fp16/bf16, INT4/INT8, any block             |
+| cpu_measured       | CpuMeasuredKernel      | CPU bf16/fp16: of cpu_int4, cpu_int8,             |
+|                    |                        | cpu_dequant_gemm, cpu_int4pack, the one timed     |
+|                    |                        | fastest here, per M bucket (2+ must apply)        |
 | cpu_int4           | CpuInt4Kernel          | CPU AVX2/AVX-512, INT4, bi % 32 == 0, bf16/fp16   |
 | cpu_int8           | CpuInt8Kernel          | CPU AVX2/AVX-512, INT8, bi % 32 == 0, bf16/fp16   |
+| cpu_dequant_gemm   | CpuDequantGemmKernel   | CPU, INT4/INT8, bi even, out % 16 == 0, bf16      |
 | cpu_int4pack       | CpuInt4PackKernel      | CPU, torch's int4 GEMM, bi in 32..256, bf16/fp16  |
 | cpu_blockwise      | CpuBlockwiseKernel     | CPU AVX2, every format case, exact                |
 | dequant_torch      | DequantTorchKernel     | anything: dequantize + dense GEMM (last resort)   |
@@ -29,6 +33,8 @@ import os
 
 from .cpu_int4 import CpuInt4Kernel
 from .cpu_blockwise import CpuBlockwiseKernel
+from .cpu_dequant_gemm import CpuDequantGemmKernel
+from .cpu_measured import CpuMeasuredKernel
 from .cpu_int4pack import CpuInt4PackKernel
 from .cpu_int8 import CpuInt8Kernel
 from .dequant_torch import DequantTorchKernel
@@ -38,8 +44,10 @@ from .triton_blockwise import TritonBlockwiseKernel
 # Order of preference; the general path is last and always applies.
 KERNELS: tuple[type[LinearKernel], ...] = (
     TritonBlockwiseKernel,   # CUDA only
+    CpuMeasuredKernel,       # CPU: times the CPU kernels below, per M bucket, on this machine
     CpuInt4Kernel,
     CpuInt8Kernel,
+    CpuDequantGemmKernel,
     CpuInt4PackKernel,
     CpuBlockwiseKernel,
     DequantTorchKernel,
@@ -89,6 +97,6 @@ def choose_kernel(spec: LinearSpec) -> tuple[type[LinearKernel], list[str]]:
 
 
 __all__ = ["ADAPTER_KERNEL_NAMES", "DISABLE_ENV", "KERNELS", "CpuBlockwiseKernel",
-           "CpuInt4Kernel", "CpuInt4PackKernel", "CpuInt8Kernel", "DequantTorchKernel",
-           "LinearKernel", "LinearSpec", "TritonBlockwiseKernel", "choose_kernel",
-           "disabled_kernels", "set_buffer"]
+           "CpuDequantGemmKernel", "CpuInt4Kernel", "CpuInt4PackKernel", "CpuInt8Kernel",
+           "CpuMeasuredKernel", "DequantTorchKernel", "LinearKernel", "LinearSpec",
+           "TritonBlockwiseKernel", "choose_kernel", "disabled_kernels", "set_buffer"]

@@ -54,8 +54,8 @@ def _patch_lora_device(base_linear) -> None:
 
     def _get_lora_device(base_layer):
         if hasattr(base_layer, "qahira_kernel"):
-            for t in (*base_layer.parameters(recurse=False), *base_layer.buffers(recurse=False)):
-                return t.device
+            for t in (*base_layer.parameters(), *base_layer.buffers()):  # cpu_measured: in
+                return t.device                                           # child modules
         return original(base_layer)
 
     base_linear._get_lora_device = _get_lora_device
@@ -75,8 +75,7 @@ def _patch_logits_processor(utils, logits_cls) -> None:
             dtype, device = lm_head.weight.dtype, lm_head.weight.device
         elif hasattr(lm_head, "qahira_kernel"):
             dtype = lm_head.params_dtype
-            device = next(t.device for t in (*lm_head.parameters(recurse=False),
-                                             *lm_head.buffers(recurse=False)))
+            device = next(t.device for t in (*lm_head.parameters(), *lm_head.buffers()))
         else:
             return original(layer, lm_head, max_loras, lora_config, model_config)
         wrapped = logits_cls(layer, lm_head.embedding_dim, dtype, device,

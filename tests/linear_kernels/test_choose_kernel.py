@@ -25,8 +25,9 @@ def _choose(spec):
 def test_one_fixed_list_one_name_per_kernel():
     assert isinstance(lk.KERNELS, tuple)  # no run-time registration
     assert not hasattr(lk, "register_kernel") and not hasattr(lk, "select_kernel")
-    assert [k.name for k in lk.KERNELS] == ["triton_blockwise", "cpu_int4", "cpu_int8",
-                                            "cpu_int4pack", "cpu_blockwise", "dequant_torch"]
+    assert [k.name for k in lk.KERNELS] == ["triton_blockwise", "cpu_measured", "cpu_int4",
+                                            "cpu_int8", "cpu_dequant_gemm", "cpu_int4pack",
+                                            "cpu_blockwise", "dequant_torch"]
     for k in lk.KERNELS:  # the name is the module's
         assert k.__module__ == f"qahira_vllm.linear_kernels.{k.name}"
     assert lk.KERNELS[0] is lk.TritonBlockwiseKernel and lk.KERNELS[-1] is lk.DequantTorchKernel
@@ -35,7 +36,8 @@ def test_one_fixed_list_one_name_per_kernel():
 @pytest.fixture
 def torch_kernels_only(monkeypatch):
     """Only the torch kernels (cpu_int4pack, dequant_torch), through the disable switch."""
-    monkeypatch.setenv(ENV, "triton_blockwise, cpu_int4,cpu_int8,cpu_blockwise")
+    monkeypatch.setenv(ENV, "triton_blockwise, cpu_measured, cpu_int4,cpu_int8,cpu_dequant_gemm,"
+                       "cpu_blockwise")
 
 
 def test_choose_among_torch_kernels(torch_kernels_only):
@@ -59,11 +61,15 @@ def test_reasons_of_every_earlier_kernel(monkeypatch):
     kernel, reasons = lk.choose_kernel(_spec(block=(8, 4), act=torch.float32))
     assert kernel is lk.CpuBlockwiseKernel
     assert reasons == ["triton_blockwise: CUDA only (layer is on cpu)",
+                       "cpu_measured: nothing to choose between (no CPU kernel)",
                        "cpu_int4: bi must be a multiple of 32",
                        "cpu_int8: 8-bit only",
+                       "cpu_dequant_gemm: bf16 activations only",
                        f"cpu_int4pack: disabled by {ENV}"]
+    monkeypatch.setenv(ENV, "cpu_measured")
     assert lk.choose_kernel(_spec()) == (lk.CpuInt4Kernel,
-                                         ["triton_blockwise: CUDA only (layer is on cpu)"])
+                                         ["triton_blockwise: CUDA only (layer is on cpu)",
+                                          f"cpu_measured: disabled by {ENV}"])
 
 
 def test_triton_first_for_cuda_only():
@@ -76,16 +82,23 @@ def test_triton_first_for_cuda_only():
 
 
 def test_cpu_blockwise_for_fp32_and_for_shapes_the_fast_kernels_refuse(monkeypatch):
-    """fp32 layers and bf16 2-D/odd blocks get cpu_blockwise; the INT4 bf16 default stays on
-    cpu_int4; CUDA and no library fall through."""
+    """fp32 layers and fp16 odd blocks get cpu_blockwise; bf16 2-D blocks the integer-dot
+    kernels refuse get cpu_dequant_gemm (cpu_measured where this CPU runs two of its builds);
+    INT4 bf16 gets cpu_measured (cpu_int4 in the fixed order); CUDA and no library fall
+    through."""
 
     def spec(bits=4, block=(1, 32), act=torch.float32, dev="cpu"):
         return lk.LinearSpec(bits, block, 64, 128, act, dev)
 
-    for s in (spec(), spec(bits=8), spec(block=(8, 4), act=torch.bfloat16),
-              spec(bits=8, block=(1, 16), act=torch.float16)):
+    for s in (spec(), spec(bits=8), spec(bits=8, block=(1, 16), act=torch.float16)):
         assert _choose(s) is lk.CpuBlockwiseKernel, s
+    two_builds = len(cpu_lib.dequant_gemm_variants()) >= 2
+    assert _choose(spec(block=(8, 4), act=torch.bfloat16)) is (
+        lk.CpuMeasuredKernel if two_builds else lk.CpuDequantGemmKernel)
+    assert _choose(spec(act=torch.bfloat16)) is lk.CpuMeasuredKernel
+    monkeypatch.setenv(ENV, "cpu_measured")
     assert _choose(spec(act=torch.bfloat16)) is lk.CpuInt4Kernel
+    monkeypatch.delenv(ENV)
     assert _choose(spec(dev="cuda")) is lk.DequantTorchKernel
     assert lk.CpuBlockwiseKernel.can_implement(spec(bits=3))[0] is False
     monkeypatch.setattr(cpu_lib, "_lib", None)
@@ -100,7 +113,7 @@ def test_cpu_blockwise_for_fp32_and_for_shapes_the_fast_kernels_refuse(monkeypat
 def test_unknown_name_in_switch_is_an_error(monkeypatch):
     monkeypatch.setenv(ENV, "cpu_gemv")
     with pytest.raises(ValueError, match=r"QAHIRA_DISABLED_KERNELS=.*cpu_gemv.*valid names: "
-                                         r"triton_blockwise, cpu_int4"):
+                                         r"triton_blockwise, cpu_measured, cpu_int4"):
         lk.choose_kernel(_spec())
 
 
@@ -116,20 +129,22 @@ def test_everything_disabled_lists_every_reason(monkeypatch):
 @pytest.mark.parametrize("bits,block,act,chosen", [
     (4, (1, 32), torch.bfloat16, "cpu_int4"), (8, (1, 64), torch.float16, "cpu_int8"),
     (4, (2, 16), torch.float32, "cpu_blockwise")])
-def test_fp32_scales_go_to_the_kernels_that_read_them(bits, block, act, chosen):
+def test_fp32_scales_go_to_the_kernels_that_read_them(bits, block, act, chosen, monkeypatch):
     """Format 2's float32 scales: cpu_int4pack and triton_blockwise (fp16 scale tables) refuse
     with a reason; cpu_int4 / cpu_int8 / cpu_blockwise read them as stored and are chosen as
     for fp16 scales. Outputs against x @ W^T for the fp32 W = s * q + o (two fp32 operations,
     computed here by index): dequant_torch bit for bit (as F.linear on W in the activation
     dtype), cpu_blockwise within fp32 summation order (1e-6 of sum |x W|) plus one rounding of
     the output dtype, the integer-dot kernels within their documented activation-rounding bound
-    (linear_reference.check_int4)."""
+    (linear_reference.check_int4). The fixed order (cpu_measured off): cpu_measured's choices
+    are these kernels and cpu_dequant_gemm (tests/kernels/test_cpu_dequant_gemm.py)."""
     from support import tiny as tm
     from support.linear_reference import check_int4
     from qahira_vllm.quant_math import pack_qweight
 
     spec = lk.LinearSpec(bits=bits, block_size=block, out_features=64, in_features=128,
                          act_dtype=act, device_type="cpu", scale_dtype=torch.float32)
+    monkeypatch.setenv(ENV, "cpu_measured")
     kernel_cls, _ = lk.choose_kernel(spec)
     assert kernel_cls.name == chosen
     assert lk.CpuInt4PackKernel.can_implement(spec) == (False, "float16 scales only (float32 "

@@ -68,13 +68,15 @@ def test_can_implement_refuses(change, reason):
 
 
 def test_disabled_by_environment(monkeypatch):
-    """QAHIRA_DISABLED_KERNELS=cpu_int4 turns off this kernel only: the layer goes to the
-    next one (torch's int4 kernel), and the reason says why."""
+    """In the fixed order (cpu_measured off), QAHIRA_DISABLED_KERNELS=cpu_int4 turns off this
+    kernel only: the layer goes to the next one that serves it (cpu_dequant_gemm), and the
+    reason says why."""
     spec = lk.LinearSpec(4, (1, 32), 64, 64, torch.bfloat16, "cpu")
+    monkeypatch.setenv("QAHIRA_DISABLED_KERNELS", "cpu_measured")
     assert lk.choose_kernel(spec)[0] is CpuInt4Kernel
-    monkeypatch.setenv("QAHIRA_DISABLED_KERNELS", "cpu_int4")
+    monkeypatch.setenv("QAHIRA_DISABLED_KERNELS", "cpu_measured,cpu_int4")
     kernel, reasons = lk.choose_kernel(spec)
-    assert kernel is lk.CpuInt4PackKernel
+    assert kernel is lk.CpuDequantGemmKernel
     assert "cpu_int4: disabled by QAHIRA_DISABLED_KERNELS" in reasons
     # fp32 layers still get the compiled exact kernel (the library is not switched off).
     assert lk.choose_kernel(lk.LinearSpec(4, (1, 32), 64, 64, torch.float32, "cpu"))[0] \

@@ -75,14 +75,16 @@ def test_can_implement_refuses(change, reason):
 
 
 def test_chosen_for_int8_and_disabled_by_environment(monkeypatch):
-    """INT8 bf16/fp16 layers get cpu_int8 (before cpu_int4pack's two int4 planes);
-    QAHIRA_DISABLED_KERNELS=cpu_int8 sends them to cpu_int4pack with the reason; fp32 stays on
-    the exact cpu_blockwise."""
+    """In the fixed order (cpu_measured off), INT8 bf16/fp16 layers get cpu_int8 (before
+    cpu_int4pack's two int4 planes); QAHIRA_DISABLED_KERNELS=cpu_int8 sends fp16 ones to
+    cpu_int4pack (cpu_dequant_gemm reads bf16 only) with the reason; fp32 stays on the exact
+    cpu_blockwise."""
+    monkeypatch.setenv("QAHIRA_DISABLED_KERNELS", "cpu_measured")
     for act in (torch.bfloat16, torch.float16):
         assert lk.choose_kernel(_spec(act_dtype=act))[0] is CpuInt8Kernel
     assert lk.choose_kernel(_spec(act_dtype=torch.float32))[0] is lk.CpuBlockwiseKernel
-    monkeypatch.setenv("QAHIRA_DISABLED_KERNELS", "cpu_int8")
-    kernel, reasons = lk.choose_kernel(_spec())
+    monkeypatch.setenv("QAHIRA_DISABLED_KERNELS", "cpu_measured,cpu_int8")
+    kernel, reasons = lk.choose_kernel(_spec(act_dtype=torch.float16))
     assert kernel is lk.CpuInt4PackKernel
     assert "cpu_int8: disabled by QAHIRA_DISABLED_KERNELS" in reasons
 

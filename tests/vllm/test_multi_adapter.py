@@ -215,7 +215,13 @@ def test_native_equals_stock_vllm_on_exported_lora(smol, native_mixed, tmp_path)
 @pytest.fixture(scope="module")
 def native_mixed_bf16(smol, tmp_path_factory):
     """The mixed batch again in bf16, where the base runs on the cpu_int4 kernel (which
-    frees `qweight` after repacking), plus every prompt once more without an adapter."""
+    frees `qweight` after repacking), plus every prompt once more without an adapter.
+
+    In the fixed kernel order (cpu_measured off): this checks that batching does not change a
+    request's result, which holds for one base kernel at every M; cpu_measured may serve solo
+    and batched calls with different kernels (measured here: first-step logprobs up to 0.12
+    nats apart without an adapter, 1.0 with these strong ones; tokens equal), a trade-off
+    docs/KERNELS.md states."""
     qckpt, dirs, _, prompts = smol
     ids = {n: i + 1 for i, n in enumerate(ADAPTERS)}
     reqs = [{"prompt": prompts[i], "lora": _lora_ref(n, dirs, ids)} for i, n in enumerate(MIXED)]
@@ -223,7 +229,8 @@ def native_mixed_bf16(smol, tmp_path_factory):
     spec = {"model": str(qckpt), "max_tokens": MAX_TOKENS, "solo": True,
             "llm_kwargs": {**CPU_LLM, "dtype": "bfloat16", "max_loras": len(ADAPTERS)},
             "requests": reqs}
-    return run_spec(spec, tmp_path_factory.mktemp("native-mixed-bf16"))
+    return run_spec(spec, tmp_path_factory.mktemp("native-mixed-bf16"),
+                    env={"QAHIRA_DISABLED_KERNELS": "cpu_measured"})
 
 
 def _same_first_step(a: dict, b: dict, tol: float) -> bool:

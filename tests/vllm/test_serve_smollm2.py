@@ -1,6 +1,7 @@
 """`qahira serve` with SmolLM2-135M quantized to INT4, over HTTP on 127.0.0.1, via `openai`.
 
-The server runs in bf16 (vLLM's CPU default), so it exercises the cpu_int4 kernel.
+The server runs in bf16 (vLLM's CPU default), so it exercises cpu_measured and the kernels it
+picks per batch size (cpu_int4, cpu_dequant_gemm, ...).
 Perplexity bound (from the issue): INT4 served perplexity <= 1.10 x the bf16 model's
 perplexity on the same held-out text (bf16 weights, computed by transformers in fp32).
 """
@@ -38,15 +39,28 @@ def client(int4_server):
     return OpenAI(base_url=int4_server[0] + "/v1", api_key="unused")
 
 
-def test_kernel_in_use_is_int4(int4_server, client):
+def test_kernel_in_use_is_measured_per_batch_size(int4_server, client):
+    """The INT4 layers go to cpu_measured, which logs its table per shape class, each bucket
+    naming one of the fast CPU kernels."""
     client.models.list()
-    assert "qahira: using kernel cpu_int4" in int4_server[1].read_text()
+    log = int4_server[1].read_text()
+    assert "qahira: using kernel cpu_measured" in log
+    assert log.count("kernel per batch size for int4") >= 4  # qkv, o, gate_up, down
+    # vLLM's log formatter repeats its prefix on each line of a multi-line message
+    chosen = [line.split()[-1] for line in log.splitlines() if " M<=" in line]
+    assert len(chosen) >= 4 * 9 and set(chosen) <= {
+        "cpu_int4", "cpu_int4pack", *(f"cpu_dequant_gemm[{v}]" for v in
+                                      ("avx2", "avx512", "avx512_bf16", "amx"))}
 
 
 def test_chat_answers_coherently(client):
+    """A question this 135M model answers right with its exact weights (dequant_torch and
+    cpu_blockwise answer "The capital of France is Paris." too; measured). "What is the capital
+    of France?" is not one: its greedy answer flips with rounding (cpu_int4 says Paris, the
+    exact kernels "L'Étoile, la Marseillaise, ...")."""
     r = client.chat.completions.create(
         model="smollm2-int4", temperature=0, max_tokens=24,
-        messages=[{"role": "user", "content": "What is the capital of France?"}])
+        messages=[{"role": "user", "content": "Name the capital of France."}])
     assert "Paris" in r.choices[0].message.content
 
 

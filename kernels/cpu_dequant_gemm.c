@@ -19,11 +19,13 @@
  *   acc += x[k+1] * W[n, k+1];  acc += x[k] * W[n, k]
  * each product of two bf16 numbers exact in fp32, each add rounded (the order vdpbf16ps uses,
  * Intel SDM). vdpbf16ps also flushes subnormal inputs and sums to zero, so the builds may differ
- * by such amounts (below 2^-126); otherwise they agree (tested). AMX's tdpbf16ps sums each
- * 32-column step in an order of its own (within the same fp32 summation bound, tested); it
- * reads the same bf16 pairs as vdpbf16ps: the panel buffer is a row of 16-column B tiles.
+ * by such amounts (below 2^-126); otherwise they agree (tested). The AMX build multiplies the
+ * same bf16 weights, as tdpbf16ps's A operand (row-major, INT4 dequantized by table lookup),
+ * and sums each 32-column step in an order of its own (within the same fp32 summation bound,
+ * tested).
  *
- * Layouts (qahira_kernels.layouts.pack_cpu_dequant_gemm), N % 16 == 0, bi even:
+ * Layouts of the vector builds (qahira_kernels.layouts.pack_cpu_dequant_gemm), N % 16 == 0,
+ * bi even (the AMX build's: see its section below):
  *   w       INT4: uint8 [N/16, K/2, 16]: byte = q[n, k] | q[n, k+1] << 4 for rows n of a group
  *                 of 16 and the column pair (k, k+1);  INT8: uint8 [N/16, K/2, 16, 2]
  *   s, o    [N/16, K/bi, 16] fp16 or fp32 (s_f32, o_f32): per output row (2-D blocks expanded)
@@ -43,12 +45,8 @@
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 #define GROUP 16 /* output rows per packed group */
-#define PANEL 64 /* output rows per thread task */
-#ifdef QAHIRA_AMX
-#define KC 256   /* columns dequantized at a time: 8 tile steps, a 32 KiB panel buffer */
-#else
+#define PANEL 64 /* output rows per thread task (= layouts.CPU_DEQUANT_GEMM_PANEL) */
 #define KC 128   /* columns dequantized at a time (even): a 32 KiB panel buffer */
-#endif
 
 #if defined(QAHIRA_AMX)
 #define ENTRY qahira_cpu_dequant_gemm_amx
@@ -177,6 +175,7 @@ ALWAYS_INLINE void store_pair(wword *dst, vf lo, vf hi, int no_subnormal) {
 #endif
 }
 
+#ifndef QAHIRA_AMX
 /* Dequantize rows [g*16, g*16 + 16) of the panel, columns [k0, k1), into wbuf (PANEL * WPP
  * words per column pair). Inlined per (bits, s_f32, o_f32) so the inner loop has no branch. */
 ALWAYS_INLINE void dequant_group_as(const int bits, const int s_f32, const int o_f32,
@@ -224,6 +223,7 @@ static void dequant_group(const uint8_t *wg, int bits, const void *sg, int s_f32
   }
 #undef DQ
 }
+#endif
 
 #ifndef QAHIRA_AMX
 /* acc[m][v] (fp32, rows m < MT, lanes of vector v) += x[m, k0:k1] . wbuf columns; xp: the
@@ -300,87 +300,18 @@ static void tile_rows(int mt, const wword *x, long ldx, int npairs, const wword 
 }
 #endif
 
-#ifdef QAHIRA_AMX
-/* Tiles 0-3: C, fp32 16 x 16 (rows m, columns n); 4-5: A, 16 rows of x x 32 columns (bf16);
- * 6-7: B, 16 column pairs x 16 rows n (bf16 pairs): the panel buffer as it is. */
-struct tile_config {
-  uint8_t palette, start_row, reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
-/* The tile configuration is thread state that other libraries in the process rely on too
- * (oneDNN, serving vLLM's bf16 layers, configures it once per thread and then only checks its
- * own cached copy): `saved` receives the caller's configuration, which amx_restore puts back. */
-static void amx_configure(struct tile_config *saved) {
-  struct tile_config c;
-  memset(saved, 0, sizeof *saved);
-  _tile_storeconfig(saved);
-  memset(&c, 0, sizeof c);
-  c.palette = 1;
-  for (int t = 0; t < 8; t++) {
-    c.rows[t] = 16;
-    c.colsb[t] = 64;
-  }
-  _tile_loadconfig(&c);
-}
-
-static void amx_restore(const struct tile_config *saved) {
-  if (saved->palette)
-    _tile_loadconfig(saved);
-  else
-    _tile_release();
-}
-
-/* y[32 rows, 32 columns] (fp32, row stride PANEL) += x[32 rows, 32 * nsteps columns] (bf16,
- * row stride ldx) . the buffer's pairs for those columns (row stride PANEL words). */
-static void amx_tile(const uint16_t *x, long ldx, int nsteps, const uint32_t *wb, float *y) {
-  const long ys = PANEL * 4, ws = PANEL * 4, xs = ldx * 2;
-  _tile_loadd(0, y, ys);
-  _tile_loadd(1, y + 16, ys);
-  _tile_loadd(2, y + 16 * PANEL, ys);
-  _tile_loadd(3, y + 16 * PANEL + 16, ys);
-  for (int st = 0; st < nsteps; st++) {
-    _tile_loadd(4, x + st * 32, xs);
-    _tile_loadd(5, x + 16 * ldx + st * 32, xs);
-    _tile_loadd(6, wb + (long)st * 16 * PANEL, ws);
-    _tile_loadd(7, wb + (long)st * 16 * PANEL + 16, ws);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(3, 5, 7);
-  }
-  _tile_stored(0, y, ys);
-  _tile_stored(1, y + 16, ys);
-  _tile_stored(2, y + 16 * PANEL, ys);
-  _tile_stored(3, y + 16 * PANEL + 16, ys);
-}
-#endif
-
 /* x bf16 [M, K]; w, s, o as in the header; y [M, N] fp32 (y_dt DT_F32) or bf16 (DT_BF16).
  * Returns 0, -1 for a shape it does not serve, -2 when out of memory. */
+#ifndef QAHIRA_AMX
 int ENTRY(const uint16_t *x, int M, int K, const uint8_t *w, int bits, const void *s, int s_f32,
-          const void *o, int o_f32, int N, int bi, void *y, int y_dt) {
+          const void *o, int o_f32, int N, int bi, int bo, void *y, int y_dt) {
+  (void)bo; /* this layout repeats 2-D blocks' parameters per row */
   if (N % GROUP || K % 2 || bi % 2 || K % bi || (bits != 4 && bits != 8)) return -1;
   if (M <= 0 || N <= 0) return 0;
-#ifdef QAHIRA_AMX
-  /* tiles take 32 rows and 32 columns a step: x zero-padded to that (zero columns add 0) */
-  const int MY = (M + 31) / 32 * 32, KP = (K + 31) / 32 * 32;
-  uint16_t *xpad = NULL;
-  const uint16_t *xa = x;
-  if (MY != M || KP != K) {
-    xpad = calloc((size_t)MY * KP, 2);
-    if (!xpad) return -2;
-    for (int m = 0; m < M; m++) memcpy(xpad + (long)m * KP, x + (long)m * K, (size_t)K * 2);
-    xa = xpad;
-  }
-#else
   const int MY = M;
-#endif
   const int npanels = (N + PANEL - 1) / PANEL, nb = K / bi;
   const long gbytes = (long)K / 2 * (bits == 4 ? GROUP : 2 * GROUP); /* one group's weight */
   const long gparams = (long)nb * GROUP;
-#ifndef QAHIRA_AMX
   /* the activations pair-major, xp[p, m] = (x[m, 2p], x[m, 2p+1]): a register tile's MT
    * broadcasts then come from one cache line, not MT rows a whole row apart */
   wword *xp = malloc((size_t)K / 2 * M * WPP * 4);
@@ -397,16 +328,11 @@ int ENTRY(const uint16_t *x, int M, int K, const uint8_t *w, int bits, const voi
 #endif
     }
   }
-#endif
   int failed = 0;
 #pragma omp parallel
   {
     wword *wbuf = aligned_alloc(64, (size_t)KC / 2 * PANEL * WPP * 4);
     float *ybuf = aligned_alloc(64, (size_t)MY * PANEL * 4);
-#ifdef QAHIRA_AMX
-    struct tile_config saved_tiles;
-    amx_configure(&saved_tiles); /* per thread: the tile configuration is thread state */
-#endif
     if (!wbuf || !ybuf) {
 #pragma omp atomic write
       failed = 1;
@@ -429,42 +355,245 @@ int ENTRY(const uint16_t *x, int M, int K, const uint8_t *w, int bits, const voi
                               : (const void *)((const uint16_t *)o + gi * gparams), o_f32,
                         bi, k0, k1, wbuf, g);
         }
-#ifdef QAHIRA_AMX
-        /* a last chunk of fewer than 16k pairs: the buffer's next pairs must add nothing */
-        const int nsteps = (npairs + 15) / 16;
-        if (nsteps * 16 > npairs)
-          memset(wbuf + (long)npairs * PANEL, 0, (size_t)(nsteps * 16 - npairs) * PANEL * 4);
-        for (int c = 0; c < np; c += 32)
-          for (int m0 = 0; m0 < MY; m0 += 32)
-            amx_tile(xa + (long)m0 * (xpad ? KP : K) + k0, xpad ? KP : K, nsteps, wbuf + c,
-                     ybuf + (long)m0 * PANEL + c);
-#else
         /* register tiles of NV * VL rows; a panel narrower than that (np = 16, 32, 48 on
          * AVX-512) reads the columns its groups did not write, and its extra lanes are
          * never stored to y */
         for (int c = 0; c < np; c += NV * VL)
           for (int m0 = 0; m0 < M; m0 += MT_MAX) {
             const int mt = M - m0 < MT_MAX ? M - m0 : MT_MAX;
-            tile_rows(mt, xp + ((long)(k0 / 2) * M + m0) * WPP, M, npairs, wbuf + c, ybuf + (long)m0 * PANEL + c,
-                      PANEL);
+            tile_rows(mt, xp + ((long)(k0 / 2) * M + m0) * WPP, M, npairs, wbuf + c,
+                      ybuf + (long)m0 * PANEL + c, PANEL);
           }
-#endif
       }
       for (int m = 0; m < M; m++) store_row(ybuf + (long)m * PANEL, np, y, y_dt, (long)m * N + n0);
     }
-#ifdef QAHIRA_AMX
-    amx_restore(&saved_tiles);
-#endif
     free(wbuf);
     free(ybuf);
   }
-#ifdef QAHIRA_AMX
-  free(xpad);
-#else
   free(xp);
-#endif
   return failed ? -2 : 0;
 }
+#endif /* !QAHIRA_AMX */
+
+#ifdef QAHIRA_AMX
+/* ---- The AMX build: the weight is tdpbf16ps's A operand, row-major, so INT4 dequantizes by
+ * table lookup: a block's 16 possible weights bf16(s * j + o), j = 0..15, are computed once
+ * and vpermw maps 32 nibbles to them in one instruction (the values are the same bits as the
+ * other builds'). Layouts (layouts.pack_cpu_dequant_gemm_rows): the rows of each panel of 64
+ * (PANEL) stored chunk after chunk of KCA columns, so each (panel, chunk) is one contiguous
+ * block the dequantization streams through (64 rows a whole row apart defeat the hardware
+ * prefetcher): INT4 row r of a chunk holds, per 64 columns, byte i = q[64c + i] |
+ * q[64c + 32 + i] << 4; INT8 the bytes in order; s, o [N/bo, K/bi] as stored but in fp32
+ * (exact; the table is built with one broadcast load each). K % 64 == 0 and
+ * bi % 32 == 0 (INT4), K % 32 == 0 and bi % 16 == 0 (INT8). Per panel of 64 rows and chunk of KCA columns: rows dequantized to
+ * bf16 [64, KCA] (32 KiB), then C[n, m] += W[n, :] x[m, :] in 16 x 16 fp32 tiles (A: 16 rows
+ * of W x 32 columns; B: x transposed in column pairs, 16 pairs x 16 rows m; M padded to 16
+ * with zero rows). The panel's C, [64, M], is written to y transposed. */
+#define KCA 256 /* = layouts.CPU_DEQUANT_GEMM_AMX_CHUNK */
+
+struct tile_config {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+/* The tile configuration is per-thread state that other libraries in the process use too
+ * (oneDNN, serving vLLM's bf16 layers): `saved` receives the caller's, amx_restore puts it
+ * back. All eight tiles: 16 rows of 64 bytes. */
+static void amx_configure(struct tile_config *saved) {
+  struct tile_config c;
+  memset(saved, 0, sizeof *saved);
+  _tile_storeconfig(saved);
+  memset(&c, 0, sizeof c);
+  c.palette = 1;
+  for (int t = 0; t < 8; t++) {
+    c.rows[t] = 16;
+    c.colsb[t] = 64;
+  }
+  _tile_loadconfig(&c);
+}
+
+static void amx_restore(const struct tile_config *saved) {
+  if (saved->palette)
+    _tile_loadconfig(saved);
+  else
+    _tile_release();
+}
+
+/* The 16 INT4 weights of one (row, block) as bf16 in the low 16 words: s * j rounded to
+ * fp32, plus o rounded (the format's rule; with fp16 scales the product is exact either way). */
+ALWAYS_INLINE __m512i int4_table(const float *s, const float *o) {
+  const __m512 j = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  return _mm512_castsi256_si512(_mm512_cvtepi32_epi16(
+      bf16_bits(dequant_rule(j, _mm512_set1_ps(*s), _mm512_set1_ps(*o), 1))));
+}
+
+/* One chunk of one panel to dequantize: rows [n0, n0 + np) of the weight, columns [k0, k1),
+ * as bf16 into buf [PANEL][KCA]; s, o fp32 [N/bo, K/bi] (the stored values, widened); `done`
+ * rows are finished. (Dequantizing the next chunk between the tile steps of this one, double
+ * buffered, measured no faster on this project's Xeon: the tile unit does not overlap.) */
+struct chunk_job {
+  const uint8_t *w;
+  const float *s, *o;
+  long K;
+  int bits, bo, bi, n0, np, k0, k1, done;
+  uint16_t *buf;
+};
+
+/* Rows [j->done, r1) of the job. */
+static void dequant_rows(struct chunk_job *j, int r1) {
+  const int bits = j->bits, bi = j->bi, k0 = j->k0, k1 = j->k1;
+  const float *s = j->s, *o = j->o;
+  const long nb = j->K / bi, row_bytes = (long)(k1 - k0) * bits / 8;
+  const uint8_t *chunk = j->w + (long)j->n0 * j->K * bits / 8 + (long)k0 * bits / 8 * j->np;
+  const int sub = bits == 4 ? 32 : 16; /* columns per step that share one block */
+  if (r1 > j->np) r1 = j->np;
+  for (int r = j->done; r < r1; r++) {
+    const int n0 = j->n0, bo = j->bo;
+    uint16_t *wbuf = j->buf;
+    const long prow = (long)(n0 + r) / bo * nb;
+    uint16_t *dst = wbuf + (long)r * KCA - k0;
+    const uint8_t *src = chunk + r * row_bytes - (long)k0 * bits / 8; /* indexed by column */
+    long b = prow + k0 / bi;
+    int bend = (k0 / bi + 1) * bi; /* first column of the next block */
+    if (bits == 4) {
+      __m512i t = int4_table(s + b, o + b);
+      for (int k = k0; k < k1; k += 64) {
+        const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(src + k / 2)));
+        for (int h = 0; h < 2; h++) {
+          if (k + h * sub >= bend) { /* blocks are whole multiples of 32 columns */
+            b++;
+            bend += bi;
+            t = int4_table(s + b, o + b);
+          }
+          const __m512i idx = h ? _mm512_srli_epi16(v, 4) : _mm512_and_si512(v, _mm512_set1_epi16(0x0f));
+          _mm512_storeu_si512(dst + k + h * 32, _mm512_permutexvar_epi16(idx, t));
+        }
+      }
+    } else {
+      __m512 sv = _mm512_set1_ps(s[b]), ov = _mm512_set1_ps(o[b]);
+      for (int k = k0; k < k1; k += 16) {
+        if (k >= bend) {
+          b++;
+          bend += bi;
+          sv = _mm512_set1_ps(s[b]);
+          ov = _mm512_set1_ps(o[b]);
+        }
+        const __m512 q = _mm512_cvtepi32_ps(
+            _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(src + k))));
+        _mm256_storeu_si256((__m256i *)(dst + k),
+                            _mm512_cvtepi32_epi16(bf16_bits(dequant_rule(q, sv, ov, 1))));
+      }
+    }
+  }
+  if (r1 > j->done) j->done = r1;
+}
+
+/* ct[r, m] (fp32 [PANEL, ldm]) += wbuf rows r < np x the activations' column pairs
+ * xp [nsteps * 16, ldm] (uint32: two bf16), 32 rows r and 32 (or a last 16) m per tile block. */
+static void amx_chunk(const uint16_t *wbuf, int np, const uint32_t *xp, long ldm, int nsteps,
+                      float *ct) {
+  const long cs = ldm * 4, ws = KCA * 2, xs = ldm * 4;
+  for (int c = 0; c < np; c += 32)
+    for (long m0 = 0; m0 < ldm; m0 += 32) {
+      float *y = ct + (long)c * ldm + m0;
+      const uint16_t *a = wbuf + (long)c * KCA;
+      if (m0 + 32 <= ldm) {
+        _tile_loadd(0, y, cs);
+        _tile_loadd(1, y + 16, cs);
+        _tile_loadd(2, y + 16 * ldm, cs);
+        _tile_loadd(3, y + 16 * ldm + 16, cs);
+        for (int st = 0; st < nsteps; st++) {
+          _tile_loadd(4, a + st * 32, ws);
+          _tile_loadd(5, a + 16 * KCA + st * 32, ws);
+          _tile_loadd(6, xp + (long)st * 16 * ldm + m0, xs);
+          _tile_loadd(7, xp + (long)st * 16 * ldm + m0 + 16, xs);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 4, 7);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+        _tile_stored(0, y, cs);
+        _tile_stored(1, y + 16, cs);
+        _tile_stored(2, y + 16 * ldm, cs);
+        _tile_stored(3, y + 16 * ldm + 16, cs);
+      } else { /* the last 16 rows m */
+        _tile_loadd(0, y, cs);
+        _tile_loadd(2, y + 16 * ldm, cs);
+        for (int st = 0; st < nsteps; st++) {
+          _tile_loadd(4, a + st * 32, ws);
+          _tile_loadd(5, a + 16 * KCA + st * 32, ws);
+          _tile_loadd(6, xp + (long)st * 16 * ldm + m0, xs);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(2, 5, 6);
+        }
+        _tile_stored(0, y, cs);
+        _tile_stored(2, y + 16 * ldm, cs);
+      }
+    }
+}
+
+int ENTRY(const uint16_t *x, int M, int K, const uint8_t *w, int bits, const void *s_, int s_f32,
+          const void *o_, int o_f32, int N, int bi, int bo, void *y, int y_dt) {
+  const float *s = s_, *o = o_; /* this build's scales and offsets are fp32 */
+  if (!s_f32 || !o_f32 || (bits != 4 && bits != 8) || N % GROUP || bo <= 0 || N % bo || K % bi ||
+      K % (bits == 4 ? 64 : 32) || bi % (bits == 4 ? 32 : 16))
+    return -1;
+  if (M <= 0 || N <= 0) return 0;
+  const long ldm = (M + 15) / 16 * 16;
+  /* the activations in column pairs, transposed: xp[p, m] = (x[m, 2p], x[m, 2p+1]), zero
+   * rows m >= M (tdpbf16ps's B operand) */
+  uint32_t *xp = calloc((size_t)K / 2 * ldm, 4);
+  if (!xp) return -2;
+  for (int m = 0; m < M; m++) {
+    const uint32_t *xr = (const uint32_t *)(x + (long)m * K);
+    for (int p = 0; p < K / 2; p++) xp[(long)p * ldm + m] = xr[p];
+  }
+  const int npanels = (N + PANEL - 1) / PANEL;
+  int failed = 0;
+#pragma omp parallel
+  {
+    uint16_t *wbuf = aligned_alloc(64, (size_t)PANEL * KCA * 2);
+    float *ct = aligned_alloc(64, (size_t)PANEL * ldm * 4);
+    if (!wbuf || !ct) {
+#pragma omp atomic write
+      failed = 1;
+    } else {
+      memset(wbuf, 0, (size_t)PANEL * KCA * 2); /* rows a narrow last panel never writes */
+    }
+    struct tile_config saved;
+    amx_configure(&saved);
+#pragma omp for schedule(static)
+    for (int pi = 0; pi < npanels; pi++) {
+      if (!wbuf || !ct) continue;
+      const int n0 = pi * PANEL, np = N - n0 < PANEL ? N - n0 : PANEL;
+      memset(ct, 0, (size_t)PANEL * ldm * 4);
+      for (int k0 = 0; k0 < K; k0 += KCA) {
+        const int k1 = k0 + KCA < K ? k0 + KCA : K;
+        struct chunk_job job = {w, s, o, K, bits, bo, bi, n0, np, k0, k1, 0, wbuf};
+        dequant_rows(&job, np);
+        amx_chunk(wbuf, np, xp + (long)(k0 / 2) * ldm, ldm, (k1 - k0) / 32, ct);
+      }
+      /* y[m, n0 + r] = ct[r, m]: 16 rows r at a time, gathered down a column of ct */
+      float col[PANEL];
+      const __m512i down = _mm512_mullo_epi32(
+          _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+          _mm512_set1_epi32((int)ldm));
+      for (int m = 0; m < M; m++) {
+        for (int r = 0; r < np; r += 16)
+          _mm512_storeu_ps(col + r, _mm512_i32gather_ps(down, ct + (long)r * ldm + m, 4));
+        store_row(col, np, y, y_dt, (long)m * N + n0);
+      }
+    }
+    amx_restore(&saved);
+    free(wbuf);
+    free(ct);
+  }
+  free(xp);
+  return failed ? -2 : 0;
+}
+#endif /* QAHIRA_AMX */
+
 
 #if !defined(QAHIRA_W512)
 /* Whether this CPU and OS run the AMX build: CPUID reports AMX-TILE and AMX-BF16 (leaf 7, EDX

@@ -51,6 +51,30 @@ def pack_cpu_dequant_gemm(q: torch.Tensor, scales: torch.Tensor, offsets: torch.
     return w.contiguous(), s, o
 
 
+DEQUANT_GEMM_ROW_LAYOUT = ("amx",)  # cpu_dequant_gemm builds that read pack_cpu_dequant_gemm_rows
+# cpu_dequant_gemm.c's AMX build: rows per panel (PANEL) and columns per chunk (KCA)
+CPU_DEQUANT_GEMM_PANEL, CPU_DEQUANT_GEMM_AMX_CHUNK = 64, 256
+
+
+def pack_cpu_dequant_gemm_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """The weight ops.cpu_dequant_gemm's AMX build reads, from unpacked q int [N, K], as uint8
+    [N, K * bits / 8]: each row's bytes (4-bit, K % 64 == 0: per 64 columns, byte i = q[64c + i]
+    | q[64c + 32 + i] << 4, so 32 bytes widened to 16-bit words hold 32 consecutive columns in
+    their low nibbles and the next 32 in their high ones; 8-bit: q), reordered so that each
+    panel of 64 rows (the last may be shorter) holds its rows chunk after chunk of 256 columns:
+    one contiguous block per (panel, chunk). The scales and offsets that build reads are the
+    stored ones in fp32 (an exact widening)."""
+    q = q.to(torch.uint8)
+    n, k = q.shape
+    if bits == 4:
+        c = q.view(n, k // 64, 2, 32)
+        q = (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2)
+    width = CPU_DEQUANT_GEMM_AMX_CHUNK * bits // 8
+    blocks = [chunk.reshape(-1) for panel in q.split(CPU_DEQUANT_GEMM_PANEL)
+              for chunk in panel.split(width, dim=1)]
+    return torch.cat(blocks).view(n, -1)
+
+
 def pack_qahira_slots(ms: "list[torch.Tensor | None]") -> tuple[torch.Tensor, torch.Tensor]:
     """QA-HiRA slots of one slice -> (m_flat fp32 [n], m_offset int64 [slots]), what
     cpu_qbara.CpuQbaraLayer.set_qahira and qbara.qahira_apply read: ms[s] is slot s's M

@@ -11,9 +11,10 @@ each also callable here as a plain function of the same name:
     cpu_int8(x [M, K], w, scales, offsets, bo, bi) -> y [M, N]
         CPU, cpu_intdot.c; w as made by layouts.pack_cpu_int8, 8-bit, bi % 32 == 0
         (both: the AVX2 or AVX-512 build, cpu_lib.intdot_variant(); bit-identical results)
-    cpu_dequant_gemm(x [M, K] bf16, w, scales, offsets, bits, bi) -> y [M, N] bf16
-        CPU, cpu_dequant_gemm.c; tensors as made by layouts.pack_cpu_dequant_gemm; the
-        dense bf16 weight's product up to fp32 summation order (cpu_lib.dequant_gemm_variant())
+    cpu_dequant_gemm(x [M, K] bf16, w, scales, offsets, bits, bi, bo, variant) -> y [M, N] bf16
+        CPU, cpu_dequant_gemm.c; tensors in the build's layout (layouts.pack_cpu_dequant_gemm,
+        or pack_cpu_dequant_gemm_rows for AMX); the dense bf16 weight's product up to fp32
+        summation order
     cpu_blockwise(x [M, K], qweight, scales, offsets, bits, bo, bi) -> y [M, N]
         CPU, cpu_blockwise.c; tensors as stored (docs/FORMAT.md), any bits/block
 
@@ -57,6 +58,7 @@ import os
 import torch
 
 from . import cpu_lib
+from .layouts import DEQUANT_GEMM_ROW_LAYOUT
 
 _p, _i, _l = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
 C_FUNCTIONS: dict[str, list] = {
@@ -64,8 +66,8 @@ C_FUNCTIONS: dict[str, list] = {
     "qahira_cpu_intdot_avx2": [_p, _i, _i, _i, _p, _i, _p, _i, _p, _i, _i, _i, _i, _p],
     "qahira_cpu_intdot_avx512": [_p, _i, _i, _i, _p, _i, _p, _i, _p, _i, _i, _i, _i, _p],
     "qahira_cpu_avx512_ok": [],
-    # x, M, K, w, bits, scales, scales_f32, offsets, offsets_f32, N, bi, y, y_dtype
-    **{f"qahira_cpu_dequant_gemm_{v}": [_p, _i, _i, _p, _i, _p, _i, _p, _i, _i, _i, _p, _i]
+    # x, M, K, w, bits, scales, scales_f32, offsets, offsets_f32, N, bi, bo, y, y_dtype
+    **{f"qahira_cpu_dequant_gemm_{v}": [_p, _i, _i, _p, _i, _p, _i, _p, _i, _i, _i, _i, _p, _i]
        for v in ("avx2", "avx512", "avx512_bf16", "amx")},
     "qahira_cpu_amx_ok": [],
     # x, x_dtype, M, K, qweight, bits, scales, scales_f32, offsets, offsets_f32, N, bo, bi, y
@@ -177,47 +179,54 @@ _dequant_gemm_fns: dict = {}
 
 
 def cpu_dequant_gemm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor,
-                     offsets: torch.Tensor, bits: int, bi: int, variant: str | None = None,
+                     offsets: torch.Tensor, bits: int, bi: int, bo: int = 1,
+                     variant: str | None = None,
                      out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """x bf16 [M, K] -> y [M, N] = x W^T, W the layer's dense bf16 weight (the format's rule,
     rounded to bf16), with fp32 accumulation; y in `out_dtype` (bf16, default, or fp32).
 
-    w, scales, offsets: from layouts.pack_cpu_dequant_gemm (contiguous CPU tensors; N % 16 == 0,
-    bi even and dividing K). `variant`: one of cpu_lib.dequant_gemm_variants() ("avx2",
-    "avx512", "avx512_bf16", "amx"); None: cpu_lib.dequant_gemm_variant(). Raises ValueError for a
-    non-bf16 x or a shape the kernel does not serve, AttributeError for a variant not in the
-    library, MemoryError when the per-thread buffers cannot be allocated."""
+    `variant`: one of cpu_lib.dequant_gemm_variants() ("avx2", "avx512", "avx512_bf16", "amx");
+    None: cpu_lib.dequant_gemm_variant(). The tensors are that build's layout (contiguous, CPU):
+    the vector builds read layouts.pack_cpu_dequant_gemm's (N % 16 == 0, bi even; bo unused),
+    the AMX build (layouts.DEQUANT_GEMM_ROW_LAYOUT) reads pack_cpu_dequant_gemm_rows' weight and
+    the stored scales / offsets [N/bo, K/bi] widened to fp32 (N % 16 == 0; INT4: K % 64,
+    bi % 32 == 0; INT8: K % 32, bi % 16 == 0). Raises ValueError for a non-bf16 x or a shape the build does not
+    serve, AttributeError for a variant not in the library, MemoryError when the per-thread
+    buffers cannot be allocated."""
     lib = _library("cpu_dequant_gemm")
-    key = (lib, variant, None if variant else os.environ.get(cpu_lib.ISA_ENV))
-    fn = _dequant_gemm_fns.get(key)
+    variant = variant or cpu_lib.dequant_gemm_variant()
+    fn = _dequant_gemm_fns.get((lib, variant))
     if fn is None:
-        fn = _dequant_gemm_fns[key] = getattr(lib, "qahira_cpu_dequant_gemm_"
-                                              + (variant or cpu_lib.dequant_gemm_variant()))
+        fn = _dequant_gemm_fns[(lib, variant)] = getattr(lib, "qahira_cpu_dequant_gemm_"
+                                                         + variant)
     if x.dtype != torch.bfloat16:
         raise ValueError(f"cpu_dequant_gemm: x is {x.dtype}, expected torch.bfloat16")
     out_dtype = out_dtype or torch.bfloat16
     x = x.contiguous()
     m, k = x.shape
-    n = w.shape[0] * w.shape[2]
+    n = w.shape[0] if variant in DEQUANT_GEMM_ROW_LAYOUT else w.shape[0] * w.shape[2]
     y = torch.empty(m, n, dtype=out_dtype)
     rc = fn(x.data_ptr(), m, k, w.data_ptr(), bits, scales.data_ptr(),
             scales.dtype == torch.float32, offsets.data_ptr(), offsets.dtype == torch.float32,
-            n, bi, y.data_ptr(), cpu_lib.DTYPE_CODES[out_dtype])
+            n, bi, bo, y.data_ptr(), cpu_lib.DTYPE_CODES[out_dtype])
     if rc == -1:
-        raise ValueError(f"cpu_dequant_gemm: x {tuple(x.shape)}, w {tuple(w.shape)}, bits={bits}, "
-                         f"bi={bi}: expected N % 16 == 0, bi even and dividing K, 4 or 8 bits")
+        raise ValueError(f"cpu_dequant_gemm[{variant}]: x {tuple(x.shape)}, w {tuple(w.shape)}, "
+                         f"bits={bits}, block {bo}x{bi}: a shape this build does not serve "
+                         "(see the docstring)")
     _check_rc(rc, "cpu_dequant_gemm")
     return y
 
 
 _lib.define("cpu_dequant_gemm(Tensor x, Tensor w, Tensor scales, Tensor offsets, int bits, "
-            "int bi) -> Tensor")
-_lib.impl("cpu_dequant_gemm", cpu_dequant_gemm, "CPU")
+            "int bi, int bo, str variant) -> Tensor")
+_lib.impl("cpu_dequant_gemm", lambda x, w, scales, offsets, bits, bi, bo, variant:
+          cpu_dequant_gemm(x, w, scales, offsets, bits, bi, bo, variant), "CPU")
 
 
 @torch.library.register_fake("qahira::cpu_dequant_gemm")
-def _cpu_dequant_gemm_fake(x, w, scales, offsets, bits, bi):
-    return x.new_empty(x.shape[0], w.shape[0] * w.shape[2])
+def _cpu_dequant_gemm_fake(x, w, scales, offsets, bits, bi, bo, variant):
+    n = w.shape[0] if variant in DEQUANT_GEMM_ROW_LAYOUT else w.shape[0] * w.shape[2]
+    return x.new_empty(x.shape[0], n)
 
 
 def check_cpu_blockwise_stored(qweight: torch.Tensor, scales: torch.Tensor,

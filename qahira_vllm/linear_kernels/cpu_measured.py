@@ -105,7 +105,7 @@ def candidates(spec: LinearSpec) -> dict[str, Callable[[], LinearKernel]]:
         if not kernel_cls.can_implement(spec)[0]:
             continue
         if kernel_cls is CpuDequantGemmKernel and not os.environ.get(cpu_lib.ISA_ENV):
-            for v in cpu_lib.dequant_gemm_variants():
+            for v in CpuDequantGemmKernel.variants(spec):
                 out[f"{kernel_cls.name}[{v}]"] = (lambda v=v: CpuDequantGemmKernel(spec, v))
         else:
             out[kernel_cls.name] = (lambda k=kernel_cls: k(spec))

@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from qahira_kernels import cpu_lib, ops
-from qahira_kernels.layouts import pack_cpu_dequant_gemm
+from qahira_kernels.layouts import (DEQUANT_GEMM_ROW_LAYOUT, pack_cpu_dequant_gemm,
+                                    pack_cpu_dequant_gemm_rows)
 
 VARIANTS = ("avx2", "avx512", "avx512_bf16", "amx")
 
@@ -62,6 +63,17 @@ def _layer(bits, n, k, block, seed, s_dtype=torch.float16, o_dtype=torch.float16
     return q, scales, offsets
 
 
+def _packed(q, scales, offsets, bits, block, variant):
+    """(w, scales, offsets) in `variant`'s layout."""
+    if variant in DEQUANT_GEMM_ROW_LAYOUT:
+        return pack_cpu_dequant_gemm_rows(q, bits), scales.float(), offsets.float()
+    return pack_cpu_dequant_gemm(q, scales, offsets, bits, block[0])
+
+
+def _amx_serves(bits, k, block):
+    return k % (64 if bits == 4 else 32) == 0 and block[1] % (32 if bits == 4 else 16) == 0
+
+
 def _dense_bf16(q, scales, offsets, block):
     """W bf16 [N, K]: fp32 product, fp32 sum, bf16 rounding (the format's rule), by index."""
     bo, bi = block
@@ -86,19 +98,22 @@ CASES = [(4, 16, 64, (1, 32)), (4, 80, 320, (1, 64)), (4, 48, 384, (2, 128)),
                                              (torch.float32, torch.float32)])
 def test_matches_dense_bf16_weight_within_fp32_summation(dq_variant, bits, n, k, block, s_dtype,
                                                          o_dtype):
+    if dq_variant in DEQUANT_GEMM_ROW_LAYOUT and not _amx_serves(bits, k, block):
+        pytest.skip(f"{dq_variant} build does not serve in={k}, block {block} (refused: "
+                    "test_bad_input_is_refused_with_what_was_expected)")
     q, scales, offsets = _layer(bits, n, k, block, seed=n + k, s_dtype=s_dtype, o_dtype=o_dtype)
     w_ref = _dense_bf16(q, scales, offsets, block).double()
-    packed = pack_cpu_dequant_gemm(q, scales, offsets, bits, block[0])
+    packed = _packed(q, scales, offsets, bits, block, dq_variant)
     for m in (1, 5, 6, 7, 13, 31, 33, 70):
         x = (torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 2).bfloat16()
         ref = x.double() @ w_ref.t()
         bound = k * 2.0 ** -24 * (x.double().abs() @ w_ref.abs().t())
-        y32 = ops.cpu_dequant_gemm(x, *packed, bits, block[1], variant=dq_variant,
+        y32 = ops.cpu_dequant_gemm(x, *packed, bits, block[1], block[0], variant=dq_variant,
                                    out_dtype=torch.float32)
         assert y32.dtype == torch.float32 and y32.shape == (m, n)
         err = (y32.double() - ref).abs()
         assert (err <= bound).all(), (m, (err / bound).max().item())
-        y = ops.cpu_dequant_gemm(x, *packed, bits, block[1], variant=dq_variant)
+        y = ops.cpu_dequant_gemm(x, *packed, bits, block[1], block[0], variant=dq_variant)
         assert y.dtype == torch.bfloat16 and torch.equal(y, y32.to(torch.bfloat16))
 
 
@@ -116,7 +131,7 @@ def test_builds_agree_bit_for_bit(bits):
         q, scales, offsets = _layer(bits, n, k, block, seed=k)
         packed = pack_cpu_dequant_gemm(q, scales, offsets, bits, block[0])
         x = torch.randn(9, k, generator=torch.Generator().manual_seed(1)).bfloat16()
-        ys = [ops.cpu_dequant_gemm(x, *packed, bits, block[1], variant=v,
+        ys = [ops.cpu_dequant_gemm(x, *packed, bits, block[1], block[0], variant=v,
                                    out_dtype=torch.float32) for v in runs]
         for v, y in zip(runs[1:], ys[1:]):
             assert torch.equal(y, ys[0]), (v, runs[0], (n, k, block))
@@ -137,26 +152,54 @@ def test_layout_holds_the_values_by_index():
     w8, _, _ = pack_cpu_dequant_gemm(q8, s8, o8, 8, 1)
     assert w8.shape == (1, 2, 16, 2)
     assert torch.equal(w8[0, 1, 5], q8[5, 2:4])
+    # the AMX build's rows: per 64 columns, column i in the low nibble of byte i and column
+    # 32 + i in its high nibble; each panel of 64 rows chunk after chunk of 256 columns
+    q4, _, _ = _layer(4, 80, 384, (1, 64), seed=2)
+    flat = pack_cpu_dequant_gemm_rows(q4, 4).reshape(-1)
+    assert flat.numel() == 80 * 192
+
+    def at(n, k):  # byte holding column k (k % 64 < 32) of row n
+        p0, r = n // 64 * 64, n % 64
+        rows = min(64, 80 - p0)
+        c0 = k // 256 * 256
+        width = (min(c0 + 256, 384) - c0) // 2
+        return flat[p0 * 192 + c0 // 2 * rows + r * width + (k - c0) // 64 * 32 + k % 32]
+
+    for n in (0, 7, 63, 64, 79):
+        for k in (0, 5, 64 + 31, 256, 320 + 7):
+            assert at(n, k) == q4[n, k] | (q4[n, k + 32] << 4), (n, k)
+    q8b, _, _ = _layer(8, 16, 512, (1, 16), seed=3)
+    flat8 = pack_cpu_dequant_gemm_rows(q8b, 8).reshape(-1)
+    assert flat8[256 * 16 + 3 * 256 + 10] == q8b[3, 256 + 10]  # second chunk, row 3
 
 
 def test_bad_input_is_refused_with_what_was_expected():
     q, scales, offsets = _layer(4, 16, 64, (1, 32), seed=0)
     packed = pack_cpu_dequant_gemm(q, scales, offsets, 4, 1)
     with pytest.raises(ValueError, match="x is torch.float16, expected torch.bfloat16"):
-        ops.cpu_dequant_gemm(torch.zeros(1, 64, dtype=torch.float16), *packed, 4, 32)
-    with pytest.raises(ValueError, match="bi even and dividing K"):
-        ops.cpu_dequant_gemm(torch.zeros(1, 64, dtype=torch.bfloat16), *packed, 4, 24)
-    y = ops.cpu_dequant_gemm(torch.zeros(0, 64, dtype=torch.bfloat16), *packed, 4, 32)
+        ops.cpu_dequant_gemm(torch.zeros(1, 64, dtype=torch.float16), *packed, 4, 32,
+                             variant="avx2")
+    with pytest.raises(ValueError, match=r"cpu_dequant_gemm\[avx2\].*block 1x24: a shape"):
+        ops.cpu_dequant_gemm(torch.zeros(1, 64, dtype=torch.bfloat16), *packed, 4, 24,
+                             variant="avx2")
+    y = ops.cpu_dequant_gemm(torch.zeros(0, 64, dtype=torch.bfloat16), *packed, 4, 32,
+                             variant="avx2")
     assert y.shape == (0, 16)
+    if "amx" in cpu_lib.dequant_gemm_variants():  # in % 64 for INT4
+        q, scales, offsets = _layer(4, 16, 96, (1, 32), seed=0)
+        with pytest.raises(ValueError, match=r"cpu_dequant_gemm\[amx\]"):
+            ops.cpu_dequant_gemm(torch.zeros(1, 96, dtype=torch.bfloat16),
+                                 torch.zeros(16, 48, dtype=torch.uint8), scales.float(),
+                                 offsets.float(), 4, 32, variant="amx")
 
 
 def test_is_a_torch_op_traced_by_compile():
     q, scales, offsets = _layer(8, 32, 64, (1, 32), seed=2)
     packed = pack_cpu_dequant_gemm(q, scales, offsets, 8, 1)
     x = torch.randn(3, 64).bfloat16()
-    f = torch.compile(lambda t: torch.ops.qahira.cpu_dequant_gemm(t, *packed, 8, 32) + 1,
-                      backend="aot_eager", fullgraph=True)
-    assert torch.equal(f(x), ops.cpu_dequant_gemm(x, *packed, 8, 32) + 1)
+    f = torch.compile(lambda t: torch.ops.qahira.cpu_dequant_gemm(t, *packed, 8, 32, 1, "avx2")
+                      + 1, backend="aot_eager", fullgraph=True)
+    assert torch.equal(f(x), ops.cpu_dequant_gemm(x, *packed, 8, 32, 1, "avx2") + 1)
 
 
 def test_amx_build_leaves_other_libraries_tiles_configured():
@@ -174,8 +217,8 @@ def test_amx_build_leaves_other_libraries_tiles_configured():
     x = torch.randn(40, 576, generator=g).bfloat16()
     before = vllm_ops.onednn_mm(handle, x, None)
     q, scales, offsets = _layer(4, 960, 576, (1, 32), seed=6)
-    packed = pack_cpu_dequant_gemm(q, scales, offsets, 4, 1)
-    ops.cpu_dequant_gemm(x, *packed, 4, 32, variant="amx")
+    ops.cpu_dequant_gemm(x, pack_cpu_dequant_gemm_rows(q, 4), scales.float(), offsets.float(),
+                         4, 32, variant="amx")
     assert torch.equal(vllm_ops.onednn_mm(handle, x, None), before)
 
 

@@ -30,15 +30,19 @@ def _spec(**kw):
 
 
 @pytest.mark.parametrize("bits,block,out_f,in_f", [(4, (1, 32), 64, 192), (8, (1, 64), 48, 320),
-                                                   (4, (8, 4), 80, 96), (8, (2, 16), 32, 64)])
+                                                   (4, (8, 4), 80, 96), (8, (2, 16), 32, 64),
+                                                   (4, (2, 64), 80, 320)])
 def test_prepare_apply_with_bias_and_3d_input(dq_variant, bits, block, out_f, in_f):
     spec = _spec(bits=bits, block_size=block, out_features=out_f, in_features=in_f)
     assert CpuDequantGemmKernel.can_implement(spec) == (True, None)
+    if why := CpuDequantGemmKernel.variant_refuses(spec, dq_variant):
+        assert dq_variant not in CpuDequantGemmKernel.variants(spec)
+        pytest.skip(f"{dq_variant} build refuses this shape: {why}")
     layer, w_ref = layer_and_fp64_weight(out_f, in_f, bits, block, seed=bits + in_f)
     kernel = CpuDequantGemmKernel(spec, dq_variant)
     kernel.prepare(layer)
     assert not hasattr(layer, "qweight") and list(layer.parameters()) == []
-    assert layer.dq_weight.dtype == torch.uint8 and layer.dq_scales.shape[0] == out_f // 16
+    assert layer.dq_weight.dtype == torch.uint8 and layer.dq_weight.numel() == out_f * in_f * bits // 8
     g = torch.Generator().manual_seed(4)
     x = torch.randn(2, 7, in_f, generator=g).bfloat16()
     bias = (torch.randn(out_f, generator=g) * 0.5).bfloat16()

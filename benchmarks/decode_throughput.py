@@ -66,10 +66,10 @@ def write_gptq_checkpoint(src: Path, out: Path, group: int = 128) -> Path:
             q = q.reshape(n_in // 8, 8, n_out)
             word = sum(q[:, j] << (4 * j) for j in range(8))           # [in/8, out]
             base = name[: -len(".weight")]
-            tensors[base + ".qweight"] = word.to(torch.uint32).view(torch.int32)
+            tensors[base + ".qweight"] = word.to(torch.uint32).view(torch.int32).contiguous()
             tensors[base + ".qzeros"] = torch.full((n_in // group, n_out // 8), 0x77777777,
                                                    dtype=torch.int32)
-            tensors[base + ".scales"] = scale
+            tensors[base + ".scales"] = scale.contiguous()
             tensors[base + ".g_idx"] = torch.arange(n_in, dtype=torch.int32) // group
     save_file(tensors, str(tmp / "model.safetensors"))
     for f in src.iterdir():

@@ -93,8 +93,13 @@ class CpuDequantGemmKernel(LinearKernel):
         set_buffer(layer, "dq_offsets", o)
 
     def apply(self, layer, x, bias=None):
+        """x [..., in] -> y [..., out] in x's dtype (the kernel reads bf16: other activations
+        are rounded to it, and an fp32 x gets the fp32 accumulator as its output)."""
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
+        out_dtype = torch.float32 if x.dtype == torch.float32 else torch.bfloat16
+        if x2.dtype != torch.bfloat16:
+            x2 = x2.to(torch.bfloat16)
         bo, bi = self.spec.block_size
         if torch.compiler.is_compiling():
             y = torch.ops.qahira.cpu_dequant_gemm(x2, layer.dq_weight, layer.dq_scales,
@@ -102,7 +107,9 @@ class CpuDequantGemmKernel(LinearKernel):
                                                   self.variant)
         else:
             y = ops.cpu_dequant_gemm(x2, layer.dq_weight, layer.dq_scales, layer.dq_offsets,
-                                     self.spec.bits, bi, bo, self.variant)
+                                     self.spec.bits, bi, bo, self.variant, out_dtype)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
         if bias is not None:
             y = y + bias
         return y.reshape(*shape[:-1], y.shape[-1])

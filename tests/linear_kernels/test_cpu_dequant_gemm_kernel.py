@@ -54,6 +54,22 @@ def test_prepare_apply_with_bias_and_3d_input(dq_variant, bits, block, out_f, in
     assert ((y.double() - ref).abs() <= tol).all()
 
 
+def test_other_activation_dtypes_are_read_as_bf16():
+    """The interface's contract, y in x's dtype: fp32 x is rounded to bf16 and gets the fp32
+    accumulator back; the result equals the bf16 call's (fp32 output) exactly."""
+    layer, _ = layer_and_fp64_weight(32, 64, 4, (1, 32), seed=6)
+    kernel = CpuDequantGemmKernel(_spec(out_features=32, in_features=64))
+    kernel.prepare(layer)
+    x = torch.randn(3, 64)
+    y = kernel.apply(layer, x)
+    assert y.dtype == torch.float32
+    from qahira_kernels import ops
+
+    assert torch.equal(y, ops.cpu_dequant_gemm(x.bfloat16(), layer.dq_weight, layer.dq_scales,
+                                               layer.dq_offsets, 4, 32, 1, kernel.variant,
+                                               torch.float32))
+
+
 def test_traced_by_torch_compile_as_one_op():
     layer, _ = layer_and_fp64_weight(48, 128, 4, (1, 32), seed=5)
     kernel = CpuDequantGemmKernel(_spec(out_features=48, in_features=128))

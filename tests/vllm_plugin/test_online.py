@@ -189,8 +189,8 @@ def test_layer_is_quantized_once_all_shards_arrived(plugin, vllm_tp1):
     layer.weight.weight_loader(layer.weight, shards[-1], len(parts) - 1)
 
     assert not hasattr(layer, "weight")  # the float copy is gone
-    assert layer.qahira_kernel.name in ("cpu_blockwise", "dequant_torch", "cpu_int4pack",
-                                        "cpu_int4")
+    assert layer.qahira_kernel.name in ("cpu_measured", "cpu_blockwise", "dequant_torch",
+                                        "cpu_int4pack", "cpu_int4")
     full = torch.cat(shards).float()
     if layer.qahira_kernel.name == "cpu_blockwise":  # keeps the stored layout
         assert layer.qweight.shape == (256, in_f // 8) and layer.qweight.dtype == torch.int32

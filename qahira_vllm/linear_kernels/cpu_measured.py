@@ -154,9 +154,9 @@ def measure(spec: LinearSpec, factories: dict[str, Callable[[], LinearKernel]]) 
                 t0 = time.perf_counter()
                 kernel.apply(layer, x)
                 runs.append(time.perf_counter() - t0)
-            times[label] = min(runs) * 1e3
-        best = min(times, key=times.get)
-        choice[m], ms[m] = best, {k: round(v, 4) for k, v in times.items()}
+            times[label] = round(min(runs) * 1e3, 6)  # as cached: the choice is its argmin
+        best = min(times, key=lambda lb: (times[lb], lb))  # a tie goes to the first name
+        choice[m], ms[m] = best, dict(times)
         # A kernel's time never falls as M grows and the best one's at most grows linearly, so
         # one slower than the best by more than the remaining growth cannot win later.
         limit = times[best] * min(DROP_FACTOR, M_BUCKETS[-1] / m)

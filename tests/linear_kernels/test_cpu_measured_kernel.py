@@ -62,7 +62,7 @@ def test_measures_once_caches_and_logs(cache, caplog, monkeypatch):
     assert key == cm.shape_key(spec, labels) and "cpu_int4" in labels
     assert set(entry["choice"]) == {str(m) for m in cm.M_BUCKETS}
     for m, row in entry["ms"].items():  # each bucket took its fastest timed candidate
-        assert entry["choice"][m] == min(row, key=row.get)
+        assert entry["choice"][m] == min(row, key=lambda lb: (row[lb], lb))
     assert set(entry["ms"]["1"]) == set(labels)  # all timed at the first bucket
     assert not hasattr(layer, "qweight")
     winners = sorted(set(entry["choice"].values()))

@@ -1,7 +1,7 @@
 """Training throughput and peak memory: `qahira train` (Q-BaRA, QA-HiRA on the packed INT4 base)
 vs PEFT's LoRA on the same model dequantized to float (CPU).
 
-    .venv/bin/python benchmarks/train_throughput.py [--profile]  # ~12 min (2 rounds), +10 with --profile
+    .venv/bin/python benchmarks/train_throughput.py [--profile]  # ~15 min, +10 with --profile
     .venv/bin/python benchmarks/train_throughput.py --smoke      # tiny model, one process, < 1 min
 
 Model: a randomly initialised Llama (default hidden 1024, 12 layers, intermediate 2816, 16 heads /
@@ -35,6 +35,13 @@ for PEFT the peak RSS of the training phase only (the high-water mark is reset a
 is loaded, which biases the comparison towards PEFT), its load peak recorded beside it. A short
 per-layer timing of the base's dequantization (the trainer's QuantLinear rebuilds W in forward
 and in backward) says how much of a step it takes; --profile adds torch.profiler's top ops.
+
+Then, per dtype, the interleaved phase (`interleaved`): all three models in this one process,
+their steps alternated (`--interleaved-rounds`, default 6 rounds of 2 steps per method, the
+order rotated each round): the same step as above under the same drift of the VM's speed,
+so its ratios are the ones to quote (the separate processes give peak memory and the trainer's
+own step times). On this project's VMs, per-process medians of the same method differed by up
+to 1.4x between rounds minutes apart.
 
 Writes train_throughput.json and .png to benchmarks/results/ (or $OUT, or --out);
 --smoke writes train_throughput_smoke.*.
@@ -247,11 +254,11 @@ def _peft_model(spec: dict, cfg):
                                             bias="none", task_type="CAUSAL_LM"))
 
 
-def _step_loop(model, cfg, model_dir: str, steps: int) -> tuple[list, list, list, float]:
-    """`steps` training steps done as the trainer's (qahira_vllm.training.trainer._train) on one
-    process: the same data stream, token-summed NLL / target tokens, AdamW, warmup + constant
-    schedule, clipping, autocast. Returns (wall seconds, CPU seconds and target tokens per step,
-    last loss)."""
+def _stepper(model, cfg, model_dir: str):
+    """A function doing one training step as the trainer's (qahira_vllm.training.trainer._train)
+    on one process: the same data stream, token-summed NLL / target tokens, AdamW, warmup +
+    constant schedule, clipping, autocast. Each call returns (wall seconds, CPU seconds, target
+    tokens, loss) of its step; the optimizer and data stream persist between calls."""
     import torch
     from transformers import AutoTokenizer, get_scheduler
 
@@ -269,8 +276,8 @@ def _step_loop(model, cfg, model_dir: str, steps: int) -> tuple[list, list, list
                               num_training_steps=cfg.max_steps)
     stream = BatchStream(train_set, cfg.batch_size, cfg.seed, pad_id)
     model.train()
-    times, cpu, tokens, loss = [], [], [], None
-    for _ in range(steps):
+
+    def step():
         t, c = time.perf_counter(), time.process_time()
         batch = stream.next_batch()
         n_tokens = target_tokens(batch)
@@ -284,10 +291,72 @@ def _step_loop(model, cfg, model_dir: str, steps: int) -> tuple[list, list, list
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         loss = nll.item() / max(n_tokens, 1)
-        times.append(time.perf_counter() - t)
-        cpu.append(time.process_time() - c)
-        tokens.append(n_tokens)
+        return time.perf_counter() - t, time.process_time() - c, n_tokens, loss
+
+    return step
+
+
+def _step_loop(model, cfg, model_dir: str, steps: int) -> tuple[list, list, list, float]:
+    """`steps` steps of _stepper. Returns (wall seconds, CPU seconds and target tokens per step,
+    last loss)."""
+    step = _stepper(model, cfg, model_dir)
+    times, cpu, tokens, loss = [], [], [], None
+    for _ in range(steps):
+        t, c, n, loss = step()
+        times.append(t)
+        cpu.append(c)
+        tokens.append(n)
     return times, cpu, tokens, loss
+
+
+def interleaved(spec: dict, rounds: int, steps: int) -> dict:
+    """Every method's model in this one process, their steps alternated: `rounds` rounds of
+    `steps` steps per method, the order rotated each round, after one untimed step each. The
+    VM's speed drifts over seconds to minutes (by up to 1.5x here), so methods timed in separate
+    processes minutes apart can compare different speeds; alternating steps exposes every method
+    to the same drift. Per method: step times, median, tokens/s; `round_ratio_vs_peft` is each
+    round's PEFT median step / the method's (paired, same minute)."""
+    import statistics
+
+    import torch
+
+    from qahira_vllm.training.model import build_training_model
+
+    torch.set_num_threads(spec["threads"])
+    steppers = {}
+    for method in METHODS:
+        cfg = _train_config(spec, method)
+        torch.manual_seed(cfg.seed)
+        if method == "peft":
+            model, model_dir = _peft_model(spec, cfg), spec["float_model"]
+        else:
+            model, _ = build_training_model(cfg.base, cfg.spec(), seed=cfg.seed)
+            model_dir = cfg.base
+        steppers[method] = _stepper(model, cfg, model_dir)
+        steppers[method]()  # untimed: first-call allocations, AdamW state
+    times = {m: [] for m in METHODS}
+    tokens = {m: [] for m in METHODS}
+    per_round = {m: [] for m in METHODS}
+    for r in range(rounds):
+        order = METHODS[r % len(METHODS):] + METHODS[:r % len(METHODS)]
+        for method in order:
+            ts = []
+            for _ in range(steps):
+                t, _, n, _ = steppers[method]()
+                ts.append(t)
+                tokens[method].append(n)
+            times[method] += ts
+            per_round[method].append(statistics.median(ts))
+    out = {}
+    for m in METHODS:
+        med = statistics.median(times[m])
+        out[m] = {"step_s": times[m], "median_step_s": med,
+                  "tok_per_s": statistics.mean(tokens[m]) / med,
+                  "round_median_step_s": per_round[m]}
+    for m in METHODS:
+        out[m]["tok_per_s_vs_peft"] = out[m]["tok_per_s"] / out["peft"]["tok_per_s"]
+        out[m]["round_ratio_vs_peft"] = [p / q for p, q in zip(per_round["peft"], per_round[m])]
+    return {"rounds": rounds, "steps_per_round": steps, "methods": out}
 
 
 def _run_peft(spec: dict) -> dict:
@@ -349,6 +418,10 @@ def child(spec_path: str, method: str, out_path: str) -> None:
     import torch
 
     torch.set_num_threads(spec["threads"])
+    if method == "interleaved":
+        Path(out_path).write_text(json.dumps(
+            interleaved(spec, spec["interleaved_rounds"], spec["interleaved_steps"])))
+        return
     result = _run_peft(spec) if method == "peft" else _run_trainer(spec, method)
     result["torch_threads_seen"] = torch.get_num_threads()
     Path(out_path).write_text(json.dumps(result))
@@ -363,6 +436,15 @@ def run_method(spec: dict, method: str, work: Path, in_process: bool) -> dict:
         torch.set_num_threads(spec["threads"])
         return _run_peft(spec) if method == "peft" else _run_trainer(spec, method)
     return run_child(spec, method, work)
+
+
+def run_interleaved(spec: dict, work: Path, in_process: bool) -> dict:
+    """The interleaved phase in its own child process (or this one with --in-process): its three
+    models would otherwise stay in this process's peak RSS, which Linux carries into the
+    children started after it (exec keeps the parent's high-water mark in ru_maxrss)."""
+    if in_process:
+        return interleaved(spec, spec["interleaved_rounds"], spec["interleaved_steps"])
+    return run_child(spec, "interleaved", work)
 
 
 def run_child(spec: dict, method: str, work: Path) -> dict:
@@ -458,15 +540,19 @@ def plot(res: dict, path: Path) -> None:
     except ImportError:
         return
     dtypes = list(res["runs"])
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4))
     width = 0.8 / len(METHODS)
-    panels = (("tok_per_s", 1, "training tokens / s (median step)"),
+    panels = (("tok_per_s", 1, "tokens / s, each method in its own process"),
               ("tok_per_cpu_s", 1, "training tokens / CPU second"),
               ("peak_rss_mb", 1024, "peak RSS (GiB)"))
     for k, m in enumerate(METHODS):
         xs = [i + k * width for i in range(len(dtypes))]
         for ax, (key, div, _) in zip(axes, panels):
             ax.bar(xs, [res["runs"][d][m][key] / div for d in dtypes], width, label=LABELS[m])
+        inter = res.get("interleaved", {})
+        axes[3].bar(xs, [inter[d]["methods"][m]["tok_per_s"] if d in inter else 0
+                         for d in dtypes], width, label=LABELS[m])
+    panels = (*panels, (None, 1, "tokens / s, steps interleaved in one process"))
     for ax, (_, _, ylabel) in zip(axes, panels):
         ax.set_xticks([i + width * (len(METHODS) - 1) / 2 for i in range(len(dtypes))])
         ax.set_xticklabels([{"fp32": "fp32", "bf16": "bf16 autocast"}[d] for d in dtypes])
@@ -497,6 +583,9 @@ def main(argv=None) -> int:
     ap.add_argument("--in-process", action=argparse.BooleanOptionalAction, default=None,
                     help="run the methods in this process (default with --smoke; peak RSS is "
                     "then not per method)")
+    ap.add_argument("--interleaved-rounds", type=int, default=None,
+                    help="rounds of the in-process phase with the methods' steps alternated "
+                         "(default 6, 2 steps each; smoke 1; 0 skips it)")
     ap.add_argument("--profile", action="store_true",
                     help="also profile 2 steps of each method per dtype (torch.profiler, in this "
                     "process, after the timed runs): the top ops by self CPU time")
@@ -520,6 +609,8 @@ def main(argv=None) -> int:
     steps = args.steps or (2 if smoke else 8)
     warmup = args.warmup if args.warmup is not None else (1 if smoke else 2)
     rounds = args.rounds if args.rounds is not None else (1 if smoke else 2)
+    inter_rounds = (args.interleaved_rounds if args.interleaved_rounds is not None
+                    else (1 if smoke else 6))
     if rounds < 1:
         ap.error(f"--rounds {rounds}: expected at least 1")
     batch = args.batch_size or (2 if smoke else 4)
@@ -572,6 +663,13 @@ def main(argv=None) -> int:
                           f"{r['trainable_params']} trainable, median step "
                           f"{sorted(r['step_s'])[len(r['step_s']) // 2]:.3f} s, peak RSS "
                           f"{r['peak_rss_mb']:.0f} MiB", flush=True)
+            if inter_rounds > 0:
+                res.setdefault("interleaved", {})[dtype] = run_interleaved(
+                    {**spec, "interleaved_rounds": inter_rounds,
+                     "interleaved_steps": 1 if smoke else 2}, Path(tmp), args.in_process)
+                print(f"{dtype} interleaved: " + ", ".join(
+                    f"{m} {r['tok_per_s']:.1f} tok/s ({r['tok_per_s_vs_peft']:.2f}x)"
+                    for m, r in res["interleaved"][dtype]["methods"].items()), flush=True)
         if args.profile:
             res["profile"] = {d: {m: profile_method({**spec, "dtype": d}, m) for m in METHODS}
                               for d in dtypes}
@@ -587,6 +685,10 @@ def main(argv=None) -> int:
                   f"PEFT)  {r['tok_per_cpu_s']:8.1f} tok/CPU-s "
                   f"({r['tok_per_cpu_s_vs_peft']:.2f}x)  peak {r['peak_rss_mb']:7.0f} MiB "
                   f"({r['peak_rss_vs_peft']:.2f}x)  {r['trainable_params']} params")
+    for dtype, inter in res.get("interleaved", {}).items():
+        for m, r in inter["methods"].items():
+            print(f"{dtype:5s} {m:7s} {r['tok_per_s']:8.1f} tok/s ({r['tok_per_s_vs_peft']:.2f}x "
+                  f"PEFT), steps interleaved in one process")
     print(f"wrote {stem}.json/.png in {res['wall_s']} s")
     return 0
 

@@ -53,7 +53,7 @@ def pack_cpu_dequant_gemm(q: torch.Tensor, scales: torch.Tensor, offsets: torch.
 
 DEQUANT_GEMM_ROW_LAYOUT = ("amx",)  # cpu_dequant_gemm builds that read pack_cpu_dequant_gemm_rows
 # cpu_dequant_gemm.c's AMX build: rows per panel (PANEL) and columns per chunk (KCA)
-CPU_DEQUANT_GEMM_PANEL, CPU_DEQUANT_GEMM_AMX_CHUNK = 64, 256
+CPU_DEQUANT_GEMM_PANEL, CPU_DEQUANT_GEMM_AMX_CHUNK = 64, 1024
 
 
 def pack_cpu_dequant_gemm_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
@@ -61,7 +61,8 @@ def pack_cpu_dequant_gemm_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
     [N, K * bits / 8]: each row's bytes (4-bit, K % 64 == 0: per 64 columns, byte i = q[64c + i]
     | q[64c + 32 + i] << 4, so 32 bytes widened to 16-bit words hold 32 consecutive columns in
     their low nibbles and the next 32 in their high ones; 8-bit: q), reordered so that each
-    panel of 64 rows (the last may be shorter) holds its rows chunk after chunk of 256 columns:
+    panel of 64 rows (the last may be shorter) holds its rows chunk after chunk of 1024 columns
+    (CPU_DEQUANT_GEMM_AMX_CHUNK):
     one contiguous block per (panel, chunk). The scales and offsets that build reads are the
     stored ones in fp32 (an exact widening)."""
     q = q.to(torch.uint8)

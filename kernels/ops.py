@@ -34,6 +34,7 @@ one returns int, 0 = success; cpu_lib.load_library() applies them):
     qahira_cpu_dequant_gemm_avx512_bf16  cpu_dequant_gemm.c (AVX512-BF16 build, where compiled)
     qahira_cpu_dequant_gemm_amx    cpu_dequant_gemm.c (AMX build, where compiled)
     qahira_cpu_amx_ok              cpu_dequant_gemm.c (CPUID + OS permission for AMX tiles)
+    qahira_cpu_dequant_gemm_amx_chunks_outside  cpu_dequant_gemm.c (AMX build: its loop order)
     qahira_cpu_blockwise           cpu_blockwise.c
     qahira_cpu_blockwise_dequant   cpu_blockwise.c
     qahira_qbara_layer_avx2        cpu_qbara.c   (AVX2 build; called by cpu_qbara.CpuQbaraLayer)
@@ -70,6 +71,7 @@ C_FUNCTIONS: dict[str, list] = {
     **{f"qahira_cpu_dequant_gemm_{v}": [_p, _i, _i, _p, _i, _p, _i, _p, _i, _i, _i, _i, _p, _i]
        for v in ("avx2", "avx512", "avx512_bf16", "amx")},
     "qahira_cpu_amx_ok": [],
+    "qahira_cpu_dequant_gemm_amx_chunks_outside": [_i, _i],  # K, M
     # x, x_dtype, M, K, qweight, bits, scales, scales_f32, offsets, offsets_f32, N, bo, bi, y
     "qahira_cpu_blockwise": [_p, _i, _i, _i, _p, _i, _p, _i, _p, _i, _i, _i, _i, _p],
     # qweight, bits, scales, offsets, offsets_f32, N, K, bo, bi, w, w_dtype
@@ -190,13 +192,17 @@ def cpu_dequant_gemm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor,
     the vector builds read layouts.pack_cpu_dequant_gemm's (N % 16 == 0, bi even; bo unused),
     the AMX build (layouts.DEQUANT_GEMM_ROW_LAYOUT) reads pack_cpu_dequant_gemm_rows' weight and
     the stored scales / offsets [N/bo, K/bi] widened to fp32 (N % 16 == 0; INT4: K % 64,
-    bi % 32 == 0; INT8: K % 32, bi % 16 == 0). Raises ValueError for a non-bf16 x or a shape the build does not
-    serve, AttributeError for a variant not in the library, MemoryError when the per-thread
+    bi % 32 == 0; INT8: K % 32, bi % 16 == 0). Raises ValueError for a non-bf16 x, a shape the build does not
+    serve or a variant this CPU does not run, MemoryError when the per-thread
     buffers cannot be allocated."""
     lib = _library("cpu_dequant_gemm")
     variant = variant or cpu_lib.dequant_gemm_variant()
     fn = _dequant_gemm_fns.get((lib, variant))
     if fn is None:
+        # also what asks the OS for the AMX tile state: an AMX instruction without it is SIGILL
+        runs = cpu_lib.dequant_gemm_variants()
+        if variant not in runs:
+            raise ValueError(f"cpu_dequant_gemm: variant {variant!r}: this CPU runs only {runs}")
         fn = _dequant_gemm_fns[(lib, variant)] = getattr(lib, "qahira_cpu_dequant_gemm_"
                                                          + variant)
     if x.dtype != torch.bfloat16:
@@ -215,6 +221,17 @@ def cpu_dequant_gemm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor,
                          "(see the docstring)")
     _check_rc(rc, "cpu_dequant_gemm")
     return y
+
+
+def cpu_dequant_gemm_amx_chunks_outside(k: int, m: int) -> bool:
+    """Whether the AMX build runs a call with these in_features k and rows m chunk-first (its
+    activations, k / 2 x m 32-bit words with m padded to 16, exceed half of this CPU's L2:
+    cpu_dequant_gemm.c, "Loop order") rather than panel-first. RuntimeError when the library
+    has no AMX build."""
+    lib = _library("cpu_dequant_gemm")
+    if not hasattr(lib, cpu_lib.AMX_LOOP_ORDER_FUNCTION):
+        raise RuntimeError("cpu_dequant_gemm_amx_chunks_outside: the library has no AMX build")
+    return bool(getattr(lib, cpu_lib.AMX_LOOP_ORDER_FUNCTION)(k, m))
 
 
 _lib.define("cpu_dequant_gemm(Tensor x, Tensor w, Tensor scales, Tensor offsets, int bits, "
@@ -412,6 +429,7 @@ def _cpu_blockwise_fake(x, qweight, scales, offsets, bits, bo, bi):
 
 
 __all__ = ["C_FUNCTIONS", "check_cpu_blockwise_stored", "cpu_int4", "cpu_blockwise",
+           "cpu_dequant_gemm_amx_chunks_outside",
            "cpu_dequant_gemm",
            "cpu_blockwise_dequant", "cpu_blockwise_prechecked", "cpu_blockwise_stored_ok",
            "cpu_int8", "cpu_quantize", "cpu_all_finite", "NotStorableError", "triton_blockwise"]

@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from qahira_kernels import cpu_lib, ops
-from qahira_kernels.layouts import (DEQUANT_GEMM_ROW_LAYOUT, pack_cpu_dequant_gemm,
-                                    pack_cpu_dequant_gemm_rows)
+from qahira_kernels.layouts import (CPU_DEQUANT_GEMM_AMX_CHUNK, DEQUANT_GEMM_ROW_LAYOUT,
+                                    pack_cpu_dequant_gemm, pack_cpu_dequant_gemm_rows)
 
 VARIANTS = ("avx2", "avx512", "avx512_bf16", "amx")
 
@@ -85,11 +85,12 @@ def _dense_bf16(q, scales, offsets, block):
 
 
 # N: one partial panel (16, 48), several panels with a partial last (80, 144); K: below, at and
-# above the 128/256-column chunks, not a multiple of AMX's 32 (36, 260), odd pair counts per
-# block (bi = 6); M across the register tiles (5 or 6 rows; AMX 32) and their remainders.
+# above the vector builds' 128-column chunks and AMX's 1024 (1088, 1056: a short last chunk),
+# not a multiple of AMX's 32 (36, 260), odd pair counts per block (bi = 6); M across the
+# register tiles (5 or 6 rows; AMX 32) and their remainders.
 CASES = [(4, 16, 64, (1, 32)), (4, 80, 320, (1, 64)), (4, 48, 384, (2, 128)),
          (8, 144, 96, (1, 32)), (8, 64, 192, (4, 16)), (4, 32, 36, (1, 6)),
-         (8, 16, 260, (16, 130))]
+         (8, 16, 260, (16, 130)), (4, 80, 1088, (1, 64)), (8, 48, 1056, (2, 32))]
 
 
 @pytest.mark.parametrize("bits,n,k,block", CASES)
@@ -115,6 +116,28 @@ def test_matches_dense_bf16_weight_within_fp32_summation(dq_variant, bits, n, k,
         assert (err <= bound).all(), (m, (err / bound).max().item())
         y = ops.cpu_dequant_gemm(x, *packed, bits, block[1], block[0], variant=dq_variant)
         assert y.dtype == torch.bfloat16 and torch.equal(y, y32.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("bits,block", [(4, (1, 64)), (8, (2, 32))])
+def test_amx_chunk_first_loop_order_within_fp32_summation(bits, block):
+    """The AMX build's other loop order (chunks outside, panels inside: taken when the
+    activations exceed half of L2), on a shape that takes it on any CPU (k / 2 x m words of
+    4 bytes = 8 MiB), several chunks with a short last one, a partial last panel."""
+    if "amx" not in cpu_lib.dequant_gemm_variants():
+        pytest.skip(f"amx build not run: this CPU runs only {cpu_lib.dequant_gemm_variants()}")
+    n, k, m = 80, 8256, 512
+    assert ops.cpu_dequant_gemm_amx_chunks_outside(k, m)
+    assert not ops.cpu_dequant_gemm_amx_chunks_outside(k, 16)  # 264 KiB: panels outside
+    q, scales, offsets = _layer(bits, n, k, block, seed=11)
+    w_ref = _dense_bf16(q, scales, offsets, block).double()
+    packed = _packed(q, scales, offsets, bits, block, "amx")
+    x = (torch.randn(m, k, generator=torch.Generator().manual_seed(3)) * 2).bfloat16()
+    ref = x.double() @ w_ref.t()
+    bound = k * 2.0 ** -24 * (x.double().abs() @ w_ref.abs().t())
+    y32 = ops.cpu_dequant_gemm(x, *packed, bits, block[1], block[0], variant="amx",
+                               out_dtype=torch.float32)
+    err = (y32.double() - ref).abs()
+    assert (err <= bound).all(), (err / bound).max().item()
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -153,24 +176,25 @@ def test_layout_holds_the_values_by_index():
     assert w8.shape == (1, 2, 16, 2)
     assert torch.equal(w8[0, 1, 5], q8[5, 2:4])
     # the AMX build's rows: per 64 columns, column i in the low nibble of byte i and column
-    # 32 + i in its high nibble; each panel of 64 rows chunk after chunk of 256 columns
-    q4, _, _ = _layer(4, 80, 384, (1, 64), seed=2)
+    # 32 + i in its high nibble; each panel of 64 rows chunk after chunk of 1024 columns
+    assert CPU_DEQUANT_GEMM_AMX_CHUNK == 1024
+    q4, _, _ = _layer(4, 80, 1280, (1, 64), seed=2)
     flat = pack_cpu_dequant_gemm_rows(q4, 4).reshape(-1)
-    assert flat.numel() == 80 * 192
+    assert flat.numel() == 80 * 640
 
     def at(n, k):  # byte holding column k (k % 64 < 32) of row n
         p0, r = n // 64 * 64, n % 64
         rows = min(64, 80 - p0)
-        c0 = k // 256 * 256
-        width = (min(c0 + 256, 384) - c0) // 2
-        return flat[p0 * 192 + c0 // 2 * rows + r * width + (k - c0) // 64 * 32 + k % 32]
+        c0 = k // 1024 * 1024
+        width = (min(c0 + 1024, 1280) - c0) // 2
+        return flat[p0 * 640 + c0 // 2 * rows + r * width + (k - c0) // 64 * 32 + k % 32]
 
     for n in (0, 7, 63, 64, 79):
-        for k in (0, 5, 64 + 31, 256, 320 + 7):
+        for k in (0, 5, 64 + 31, 1024, 1216 + 7):
             assert at(n, k) == q4[n, k] | (q4[n, k + 32] << 4), (n, k)
-    q8b, _, _ = _layer(8, 16, 512, (1, 16), seed=3)
+    q8b, _, _ = _layer(8, 16, 1536, (1, 16), seed=3)
     flat8 = pack_cpu_dequant_gemm_rows(q8b, 8).reshape(-1)
-    assert flat8[256 * 16 + 3 * 256 + 10] == q8b[3, 256 + 10]  # second chunk, row 3
+    assert flat8[1024 * 16 + 3 * 512 + 10] == q8b[3, 1024 + 10]  # second chunk, row 3
 
 
 def test_bad_input_is_refused_with_what_was_expected():

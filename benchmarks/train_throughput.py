@@ -309,6 +309,21 @@ def _step_loop(model, cfg, model_dir: str, steps: int) -> tuple[list, list, list
     return times, cpu, tokens, loss
 
 
+def _method_model(spec: dict, method: str):
+    """(model, TrainConfig, model folder) of one method, seeded as the trainer seeds: the
+    trainer's model (build_training_model) for qbara / qahira, PEFT's on the float model."""
+    import torch
+
+    from qahira_vllm.training.model import build_training_model
+
+    cfg = _train_config(spec, method)
+    torch.manual_seed(cfg.seed)
+    if method == "peft":
+        return _peft_model(spec, cfg), cfg, spec["float_model"]
+    model, _ = build_training_model(cfg.base, cfg.spec(), seed=cfg.seed)
+    return model, cfg, cfg.base
+
+
 def interleaved(spec: dict, rounds: int, steps: int) -> dict:
     """Every method's model in this one process, their steps alternated: `rounds` rounds of
     `steps` steps per method, the order rotated each round, after one untimed step each. The
@@ -320,18 +335,10 @@ def interleaved(spec: dict, rounds: int, steps: int) -> dict:
 
     import torch
 
-    from qahira_vllm.training.model import build_training_model
-
     torch.set_num_threads(spec["threads"])
     steppers = {}
     for method in METHODS:
-        cfg = _train_config(spec, method)
-        torch.manual_seed(cfg.seed)
-        if method == "peft":
-            model, model_dir = _peft_model(spec, cfg), spec["float_model"]
-        else:
-            model, _ = build_training_model(cfg.base, cfg.spec(), seed=cfg.seed)
-            model_dir = cfg.base
+        model, cfg, model_dir = _method_model(spec, method)
         steppers[method] = _stepper(model, cfg, model_dir)
         steppers[method]()  # untimed: first-call allocations, AdamW state
     times = {m: [] for m in METHODS}
@@ -393,16 +400,8 @@ def profile_method(spec: dict, method: str, steps: int = 2, top: int = 15) -> li
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from qahira_vllm.training.model import build_training_model
-
-    cfg = _train_config(spec, method)
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    if method == "peft":
-        model, model_dir = _peft_model(spec, cfg), spec["float_model"]
-    else:
-        model, _ = build_training_model(cfg.base, cfg.spec(), seed=cfg.seed)
-        model_dir = cfg.base
+    torch.set_num_threads(spec["threads"])
+    model, cfg, model_dir = _method_model(spec, method)
     _step_loop(model, cfg, model_dir, 1)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         times, _, _, _ = _step_loop(model, cfg, model_dir, steps)

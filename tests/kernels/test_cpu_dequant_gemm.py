@@ -209,6 +209,9 @@ def test_bad_input_is_refused_with_what_was_expected():
     y = ops.cpu_dequant_gemm(torch.zeros(0, 64, dtype=torch.bfloat16), *packed, 4, 32,
                              variant="avx2")
     assert y.shape == (0, 16)
+    with pytest.raises(ValueError, match=r"variant 'avx10': this CPU runs only \("):
+        ops.cpu_dequant_gemm(torch.zeros(1, 64, dtype=torch.bfloat16), *packed, 4, 32,
+                             variant="avx10")
     if "amx" in cpu_lib.dequant_gemm_variants():  # in % 64 for INT4
         q, scales, offsets = _layer(4, 16, 96, (1, 32), seed=0)
         with pytest.raises(ValueError, match=r"cpu_dequant_gemm\[amx\]"):

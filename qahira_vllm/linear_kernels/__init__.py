@@ -15,13 +15,16 @@ run time. Each kernel has one name, used for its module here, its op in qahira_k
 | name               | class                  | serves                                            |
 | triton_blockwise   | TritonBlockwiseKernel  | CUDA, fp16/bf16, INT4/INT8, any block             |
 | cpu_measured       | CpuMeasuredKernel      | CPU bf16/fp16: of cpu_int4, cpu_int8,             |
-|                    |                        | cpu_dequant_gemm, cpu_int4pack, the one timed     |
-|                    |                        | fastest here, per M bucket (2+ must apply)        |
+|                    |                        | cpu_dequant_gemm, cpu_int4pack, cpu_dequant_dense |
+|                    |                        | the one timed fastest here, per M bucket (2+      |
+|                    |                        | must apply)                                       |
 | cpu_int4           | CpuInt4Kernel          | CPU AVX2/AVX-512, INT4, bi % 32 == 0, bf16/fp16   |
 | cpu_int8           | CpuInt8Kernel          | CPU AVX2/AVX-512, INT8, bi % 32 == 0, bf16/fp16   |
 | cpu_dequant_gemm   | CpuDequantGemmKernel   | CPU, INT4/INT8, bi even, out % 16 == 0, bf16      |
 | cpu_int4pack       | CpuInt4PackKernel      | CPU, torch's int4 GEMM, bi in 32..256, bf16/fp16  |
 | cpu_blockwise      | CpuBlockwiseKernel     | CPU AVX2, every format case, exact                |
+| cpu_dequant_dense  | CpuDequantDenseKernel  | CPU, INT4/INT8: the weight dequantized per call   |
+|                    |                        | into a reused buffer, then torch's dense GEMM     |
 | dequant_torch      | DequantTorchKernel     | anything: dequantize + dense GEMM (last resort)   |
 
 Nothing here imports vLLM or Triton: the same kernels serve the plugin, the trainer and tests.
@@ -33,6 +36,7 @@ import os
 
 from .cpu_int4 import CpuInt4Kernel
 from .cpu_blockwise import CpuBlockwiseKernel
+from .cpu_dequant_dense import CpuDequantDenseKernel
 from .cpu_dequant_gemm import CpuDequantGemmKernel
 from .cpu_measured import CpuMeasuredKernel
 from .cpu_int4pack import CpuInt4PackKernel
@@ -50,6 +54,7 @@ KERNELS: tuple[type[LinearKernel], ...] = (
     CpuDequantGemmKernel,
     CpuInt4PackKernel,
     CpuBlockwiseKernel,
+    CpuDequantDenseKernel,   # for large batches: cpu_measured picks it where it wins
     DequantTorchKernel,
 )
 
@@ -97,6 +102,6 @@ def choose_kernel(spec: LinearSpec) -> tuple[type[LinearKernel], list[str]]:
 
 
 __all__ = ["ADAPTER_KERNEL_NAMES", "DISABLE_ENV", "KERNELS", "CpuBlockwiseKernel",
-           "CpuDequantGemmKernel", "CpuInt4Kernel", "CpuInt4PackKernel", "CpuInt8Kernel",
+           "CpuDequantDenseKernel", "CpuDequantGemmKernel", "CpuInt4Kernel", "CpuInt4PackKernel", "CpuInt8Kernel",
            "CpuMeasuredKernel", "DequantTorchKernel", "LinearKernel", "LinearSpec",
            "TritonBlockwiseKernel", "choose_kernel", "disabled_kernels", "set_buffer"]

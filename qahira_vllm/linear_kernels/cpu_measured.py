@@ -3,8 +3,9 @@ on the machine that serves.
 
 Which CPU kernel is fastest depends on the CPU (AVX2 or AVX-512, VNNI, BF16, AMX, cache and
 memory bandwidth) and on M, the rows of the call: the integer-dot kernels (cpu_int4, cpu_int8)
-win at decode batch sizes, the dequantize + GEMM kernel (cpu_dequant_gemm) as M grows, and
-where the crossover lies differs several-fold between machines of one kind. So nothing is
+win at decode batch sizes, the dequantize + GEMM kernel (cpu_dequant_gemm) as M grows, the
+whole weight dequantized + oneDNN (cpu_dequant_dense) at prefill sizes, and where the crossovers
+lie differs several-fold between machines of one kind. So nothing is
 hard-coded: for each layer shape class (bits, block, out x in, scale dtype, activation dtype,
 threads) every kernel of `MEASURED_KERNELS` that can serve it is timed once at each M bucket in
 `M_BUCKETS` (with two or more such kernels; otherwise that one is chosen directly), on
@@ -48,11 +49,12 @@ from .interface import LinearKernel, LinearSpec
 
 logger = logging.getLogger("vllm.qahira")
 
-M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 # The fast CPU kernels, for bf16 / fp16 models. cpu_blockwise and dequant_torch, the general
 # paths (fp32 models, blocks the fast kernels refuse), are not timed: they stay the fixed
 # order's answer where none of these applies.
-MEASURED_KERNELS = ("cpu_int4", "cpu_int8", "cpu_dequant_gemm", "cpu_int4pack")
+MEASURED_KERNELS = ("cpu_int4", "cpu_int8", "cpu_dequant_gemm", "cpu_int4pack",
+                    "cpu_dequant_dense")
 TIMED_CALLS = 5        # per candidate and bucket after a warm-up call (fewer past TIME_BUDGET_S);
 TIME_BUDGET_S = 0.05   # the fastest counts (a shared machine's noise only ever adds time)
 DROP_FACTOR = 16.0     # a candidate this many times slower than a bucket's best is not timed at

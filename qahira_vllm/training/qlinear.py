@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import threading
 
 import torch
 import torch.nn.functional as F
@@ -61,26 +60,6 @@ def _has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-_buffers = threading.local()
-
-
-def _weight_buffer(shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-    """This thread's reused CPU buffer for one rebuilt W of `shape` and `dtype`.
-
-    A fresh W per call costs more than rebuilding it: the allocator maps new pages for each
-    one, and the kernel zero-fills them on first touch (~2 ms per 1024 x 2816 fp32 layer, three
-    times the dequantization itself). One buffer per (shape, dtype) and thread is live at a time,
-    so the trainer's memory stays at one W per distinct layer shape."""
-    cache = getattr(_buffers, "by_key", None)
-    if cache is None:
-        cache = _buffers.by_key = {}
-    key = (tuple(shape), dtype)
-    buf = cache.get(key)
-    if buf is None:
-        buf = cache[key] = torch.empty(shape, dtype=dtype)
-    return buf
-
-
 def _dequantize(qweight, scales, offsets, cfg: QahiraQuantConfig,
                 dtype: torch.dtype = torch.float32, reuse: bool = False) -> torch.Tensor:
     """W in `dtype`, the same bits on every path (fp32 math, rounded once to `dtype`).
@@ -89,7 +68,7 @@ def _dequantize(qweight, scales, offsets, cfg: QahiraQuantConfig,
     compiled kernel (qahira_kernels.ops.cpu_blockwise_dequant, ~7x faster than torch here),
     which writes `dtype` directly, when it is available and the buffers still have their
     stored dtypes (a `model.to(dtype)` also casts them), else quant_math.dequantize.
-    reuse: write into this thread's buffer for the shape (_weight_buffer); the result is then
+    reuse: write into this thread's buffer for the shape (ops.reused_buffer); the result is then
     valid only until the next reuse call of the same shape, so only for a W that is consumed
     at once and not saved (the autograd functions below)."""
     if qweight.device.type == "cuda" and scales.dtype == torch.float16 and _has_triton():
@@ -100,7 +79,7 @@ def _dequantize(qweight, scales, offsets, cfg: QahiraQuantConfig,
         if (cpu_lib.load_library() is not None and dtype in cpu_lib.DTYPE_CODES
                 and ops.cpu_blockwise_stored_ok(qweight, scales, offsets, cfg.bits)):
             in_features = scales.shape[1] * cfg.block_size[1]
-            out = _weight_buffer((qweight.shape[0], in_features), dtype) if reuse else None
+            out = ops.reused_buffer((qweight.shape[0], in_features), dtype) if reuse else None
             return ops.cpu_blockwise_dequant(qweight, scales, offsets, cfg.bits,
                                              *cfg.block_size, in_features, dtype, out)
     return dequantize(qweight, scales, offsets, cfg).to(dtype)
@@ -214,7 +193,7 @@ class _QBaRALinear(torch.autograd.Function):
         grad_h = g B'     grad_x = g W + grad_h A' (one addmm)
         grad_A = sum over each p columns of (grad_h^T x) / p     grad_B = s * sum over each q
         rows of (g^T h)
-    with W written into the thread's reused buffer (_weight_buffer), forward and backward, and
+    with W written into the thread's reused buffer (ops.reused_buffer), forward and backward, and
     only x and h = x A'^T [T, R] kept. x [..., in] fp32/bf16/fp16, matmuls in the autocast dtype
     when autocast is on (as PEFT's LoRA under autocast); A [R, in/p], B [out/q, R] parameters,
     gradients in their dtypes. The same sums as QBaRA.add_delta on QuantLinear's output in

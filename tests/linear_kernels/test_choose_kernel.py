@@ -27,7 +27,8 @@ def test_one_fixed_list_one_name_per_kernel():
     assert not hasattr(lk, "register_kernel") and not hasattr(lk, "select_kernel")
     assert [k.name for k in lk.KERNELS] == ["triton_blockwise", "cpu_measured", "cpu_int4",
                                             "cpu_int8", "cpu_dequant_gemm", "cpu_int4pack",
-                                            "cpu_blockwise", "dequant_torch"]
+                                            "cpu_blockwise", "cpu_dequant_dense",
+                                            "dequant_torch"]
     for k in lk.KERNELS:  # the name is the module's
         assert k.__module__ == f"qahira_vllm.linear_kernels.{k.name}"
     assert lk.KERNELS[0] is lk.TritonBlockwiseKernel and lk.KERNELS[-1] is lk.DequantTorchKernel
@@ -37,7 +38,7 @@ def test_one_fixed_list_one_name_per_kernel():
 def torch_kernels_only(monkeypatch):
     """Only the torch kernels (cpu_int4pack, dequant_torch), through the disable switch."""
     monkeypatch.setenv(ENV, "triton_blockwise, cpu_measured, cpu_int4,cpu_int8,cpu_dequant_gemm,"
-                       "cpu_blockwise")
+                       "cpu_blockwise,cpu_dequant_dense")
 
 
 def test_choose_among_torch_kernels(torch_kernels_only):
@@ -61,7 +62,7 @@ def test_reasons_of_every_earlier_kernel(monkeypatch):
     kernel, reasons = lk.choose_kernel(_spec(block=(8, 4), act=torch.float32))
     assert kernel is lk.CpuBlockwiseKernel
     assert reasons == ["triton_blockwise: CUDA only (layer is on cpu)",
-                       "cpu_measured: nothing to choose between (no CPU kernel)",
+                       "cpu_measured: nothing to choose between (cpu_dequant_dense)",
                        "cpu_int4: bi must be a multiple of 32",
                        "cpu_int8: 8-bit only",
                        "cpu_dequant_gemm: bf16 activations only",
@@ -107,7 +108,9 @@ def test_cpu_blockwise_for_fp32_and_for_shapes_the_fast_kernels_refuse(monkeypat
     ok, why = lk.CpuBlockwiseKernel.can_implement(spec())
     assert not ok and "no C compiler" in why
     kernel, reasons = lk.choose_kernel(spec())
-    assert kernel is lk.DequantTorchKernel and "cpu_blockwise: no C compiler" in reasons[-1]
+    assert kernel is lk.DequantTorchKernel
+    assert "cpu_blockwise: no C compiler" in reasons[-2]
+    assert "cpu_dequant_dense: no C compiler" in reasons[-1]
 
 
 def test_unknown_name_in_switch_is_an_error(monkeypatch):

@@ -15,6 +15,7 @@ import torch
 
 from support.engine import KV_CACHE_BYTES
 from support.server import qahira_server
+from qahira_vllm.linear_kernels.cpu_measured import M_BUCKETS
 
 pytestmark = pytest.mark.vllm
 
@@ -48,9 +49,10 @@ def test_kernel_in_use_is_measured_per_batch_size(int4_server, client):
     assert log.count("kernel per batch size for int4") >= 4  # qkv, o, gate_up, down
     # vLLM's log formatter repeats its prefix on each line of a multi-line message
     chosen = [line.split()[-1] for line in log.splitlines() if " M<=" in line]
-    assert len(chosen) >= 4 * 9 and set(chosen) <= {
-        "cpu_int4", "cpu_int4pack", *(f"cpu_dequant_gemm[{v}]" for v in
-                                      ("avx2", "avx512", "avx512_bf16", "amx"))}
+    assert len(chosen) >= 4 * len(M_BUCKETS) and set(chosen) <= {
+        "cpu_int4", "cpu_int4pack", "cpu_dequant_dense", *(f"cpu_dequant_gemm[{v}]" for v in
+                                                           ("avx2", "avx512", "avx512_bf16",
+                                                            "amx"))}
 
 
 def test_chat_answers_coherently(client):

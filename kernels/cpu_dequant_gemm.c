@@ -397,6 +397,11 @@ int ENTRY(const uint16_t *x, int M, int K, const uint8_t *w, int bits, const voi
  * and C lives in one [N, M] buffer instead (for the 1B shape's 2048 x 8192 layer at M = 128,
  * xp is 2 MiB: 7.4 ms against 9.5 ms panel-first, one thread, this project's Xeon). */
 #define KCA 1024 /* = layouts.CPU_DEQUANT_GEMM_AMX_CHUNK */
+/* Bytes of the weight stream prefetched ahead of the dequantization (the stores of the bf16
+ * rows fill the store buffer, so the loads alone run too little ahead; a (panel, chunk) is
+ * contiguous and, panels outside, so is the next chunk): INT4 13-15% faster at M <= 64 on the
+ * 1B shapes, INT8 20%, one thread, this project's Xeon; no change at M = 128. */
+#define AMX_PREFETCH 2048
 
 struct tile_config {
   uint8_t palette, start_row, reserved[14];
@@ -428,11 +433,14 @@ static void amx_restore(const struct tile_config *saved) {
 }
 
 /* The 16 INT4 weights of one (row, block) as bf16 in the low 16 words: s * j rounded to
- * fp32, plus o rounded (the format's rule; with fp16 scales the product is exact either way). */
+ * fp32, plus o rounded (the format's rule; with fp16 scales the product is exact either way),
+ * then to bf16 by vcvtneps2bf16. That instruction rounds to nearest even as bf16_bits does but
+ * reads a denormal fp32 value as zero: the same here, because tdpbf16ps reads a denormal bf16
+ * weight as zero anyway (AMX-BF16 ignores MXCSR: denormal inputs are zero). */
 ALWAYS_INLINE __m512i int4_table(const float *s, const float *o) {
   const __m512 j = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  return _mm512_castsi256_si512(_mm512_cvtepi32_epi16(
-      bf16_bits(dequant_rule(j, _mm512_set1_ps(*s), _mm512_set1_ps(*o), 1))));
+  return _mm512_castsi256_si512(
+      (__m256i)_mm512_cvtneps_pbh(dequant_rule(j, _mm512_set1_ps(*s), _mm512_set1_ps(*o), 1)));
 }
 
 /* One chunk of one panel to dequantize: rows [n0, n0 + np) of the weight, columns [k0, k1),
@@ -466,6 +474,7 @@ static void dequant_rows(struct chunk_job *j, int r1) {
     if (bits == 4) {
       __m512i t = int4_table(s + b, o + b);
       for (int k = k0; k < k1; k += 64) {
+        _mm_prefetch((const char *)(src + k / 2) + AMX_PREFETCH, _MM_HINT_T0);
         const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(src + k / 2)));
         for (int h = 0; h < 2; h++) {
           if (k + h * sub >= bend) { /* blocks are whole multiples of 32 columns */
@@ -478,18 +487,24 @@ static void dequant_rows(struct chunk_job *j, int r1) {
         }
       }
     } else {
+      /* 32 columns per step (K % 32 == 0), two blocks when bi == 16; two fp32 vectors to 32
+       * bf16 by one vcvtne2ps2bf16 (denormals: as in int4_table) */
       __m512 sv = _mm512_set1_ps(s[b]), ov = _mm512_set1_ps(o[b]);
-      for (int k = k0; k < k1; k += 16) {
-        if (k >= bend) {
-          b++;
-          bend += bi;
-          sv = _mm512_set1_ps(s[b]);
-          ov = _mm512_set1_ps(o[b]);
+      for (int k = k0; k < k1; k += 32) {
+        _mm_prefetch((const char *)(src + k) + AMX_PREFETCH, _MM_HINT_T0);
+        __m512 v[2];
+        for (int h = 0; h < 2; h++) {
+          if (k + 16 * h >= bend) {
+            b++;
+            bend += bi;
+            sv = _mm512_set1_ps(s[b]);
+            ov = _mm512_set1_ps(o[b]);
+          }
+          v[h] = dequant_rule(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+                                  _mm_loadu_si128((const __m128i *)(src + k + 16 * h)))),
+                              sv, ov, 1);
         }
-        const __m512 q = _mm512_cvtepi32_ps(
-            _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(src + k))));
-        _mm256_storeu_si256((__m256i *)(dst + k),
-                            _mm512_cvtepi32_epi16(bf16_bits(dequant_rule(q, sv, ov, 1))));
+        _mm512_storeu_si512(dst + k, (__m512i)_mm512_cvtne2ps_pbh(v[1], v[0]));
       }
     }
   }

@@ -348,6 +348,17 @@ def reused_buffer(shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
     return buf
 
 
+def reused_buffer_keys() -> set[tuple[tuple[int, ...], torch.dtype]]:
+    """The (shape, dtype) keys of this thread's reused buffers (reused_buffer)."""
+    return set(getattr(_buffers, "by_key", {}))
+
+
+def release_reused_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    """Drop this thread's reused buffer of `shape` and `dtype` (its memory is freed once no
+    tensor refers to it; a later reused_buffer call allocates a new one). No-op if absent."""
+    getattr(_buffers, "by_key", {}).pop((tuple(shape), dtype), None)
+
+
 def cpu_blockwise_dequant(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
                           bits: int, bo: int, bi: int, in_features: int,
                           dtype: torch.dtype = torch.float32,
@@ -477,4 +488,5 @@ __all__ = ["C_FUNCTIONS", "check_cpu_blockwise_stored", "cpu_int4", "cpu_blockwi
            "cpu_dequant_gemm", "cpu_dequant_dense",
            "cpu_blockwise_dequant", "cpu_blockwise_prechecked", "cpu_blockwise_stored_ok",
            "cpu_int8", "cpu_quantize", "cpu_all_finite", "NotStorableError", "reused_buffer",
+           "reused_buffer_keys", "release_reused_buffer",
            "triton_blockwise"]

@@ -12,6 +12,13 @@ threads) every kernel of `MEASURED_KERNELS` that can serve it is timed once at e
 random stored tensors of that shape, and each bucket takes the fastest. A call with M rows
 uses the choice of the smallest bucket >= M (the last bucket's beyond it).
 
+The candidates are timed in rounds, one call each per round in a rotated order, and each keeps
+its fastest call: a burst of noise on a shared machine then costs one sample of one candidate
+instead of all of one candidate's samples (timed back to back, a 2048 x 8192 AMX layer at
+M = 128 once measured 17.3 ms against its 7.4 ms, and lost its bucket to a 10.8 ms kernel), and
+no candidate runs with a cache the calls before it left warm for it alone. In serving, too, a
+layer's weights come back after every other layer has run.
+
 The table is cached per machine (CPU model and flags), torch version, kernel library build and
 thread count in `<kernel cache>/kernel_choice.json` (qahira_kernels.cpu_lib.cache_dir(); written
 to a temporary file and renamed), so a machine measures each shape class once. The choice is
@@ -42,7 +49,7 @@ from typing import Callable
 
 import torch
 
-from qahira_kernels import cpu_lib
+from qahira_kernels import cpu_lib, ops
 
 from .cpu_dequant_gemm import CpuDequantGemmKernel
 from .interface import LinearKernel, LinearSpec
@@ -55,12 +62,16 @@ M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 # order's answer where none of these applies.
 MEASURED_KERNELS = ("cpu_int4", "cpu_int8", "cpu_dequant_gemm", "cpu_int4pack",
                     "cpu_dequant_dense")
-TIMED_CALLS = 5        # per candidate and bucket after a warm-up call (fewer past TIME_BUDGET_S);
-TIME_BUDGET_S = 0.05   # the fastest counts (a shared machine's noise only ever adds time)
+TIMED_CALLS = 5        # rounds per bucket after a warm-up call each (a candidate whose calls
+TIME_BUDGET_S = 0.05   # took this long sits out the rest); the fastest counts (noise only
+                       # ever adds time)
 DROP_FACTOR = 16.0     # a candidate this many times slower than a bucket's best is not timed at
                        # larger buckets (the dequantize + GEMM kernels gain on the others as M
                        # grows, but by less than this over M_BUCKETS' range, as measured)
 CACHE_NAME = "kernel_choice.json"
+# Part of the cache key: a table measured another way (before rounds were interleaved) is
+# measured again rather than trusted.
+METHOD = "interleaved-rounds"
 
 
 def _cpu_identity() -> str:
@@ -77,11 +88,11 @@ def _cpu_identity() -> str:
 
 def machine_key() -> str:
     """Hash of what a measurement depends on beyond the layer: CPU model and flags, torch
-    version, the compiled kernel library's build (its file name hashes sources and flags) and
-    torch's thread count."""
+    version, the compiled kernel library's build (its file name hashes sources and flags),
+    torch's thread count and how the timing is done (METHOD)."""
     lib = cpu_lib.load_library()
     parts = (_cpu_identity(), torch.__version__, Path(lib._name).name if lib else "no-library",
-             str(torch.get_num_threads()))
+             str(torch.get_num_threads()), METHOD)
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
@@ -134,9 +145,34 @@ def _holder(qweight, scales, offsets) -> torch.nn.Module:
     return layer
 
 
+def _timed_rounds(calls: dict[str, Callable[[], object]]) -> dict[str, float]:
+    """label -> the fastest of its timed calls, seconds: after one warm-up call each, up to
+    TIMED_CALLS rounds of one call per label in a rotated order; a label sits out the rounds
+    after its timed calls have taken TIME_BUDGET_S (so a slow candidate is timed once and does
+    not cut the fast ones' samples)."""
+    labels = list(calls)
+    for label in labels:
+        calls[label]()
+    best = dict.fromkeys(labels, float("inf"))
+    spent = dict.fromkeys(labels, 0.0)
+    for r in range(TIMED_CALLS):
+        for label in labels[r % len(labels):] + labels[:r % len(labels)]:
+            if r and spent[label] >= TIME_BUDGET_S:
+                continue
+            t0 = time.perf_counter()
+            calls[label]()
+            dt = time.perf_counter() - t0
+            best[label] = min(best[label], dt)
+            spent[label] += dt
+    return best
+
+
 def measure(spec: LinearSpec, factories: dict[str, Callable[[], LinearKernel]]) -> dict:
     """{"choice": {M: label}, "ms": {M: {label: fastest of its timed calls, ms}}} for each M of
-    M_BUCKETS (a label missing from a bucket's "ms" was dropped as too slow)."""
+    M_BUCKETS (a label missing from a bucket's "ms" was dropped as too slow), the candidates
+    timed in interleaved rounds (module docstring). The buffers of ops.reused_buffer that the
+    timing allocated are released after it (a kernel that wins allocates its own again)."""
+    buffers_before = ops.reused_buffer_keys()
     prepared = {}
     for label, make in factories.items():
         kernel, layer = make(), _random_layer(spec)
@@ -146,23 +182,18 @@ def measure(spec: LinearSpec, factories: dict[str, Callable[[], LinearKernel]]) 
     live, choice, ms = list(prepared), {}, {}
     for m in M_BUCKETS:
         x = torch.randn(m, spec.in_features, generator=g).to(spec.act_dtype)
-        times = {}
-        for label in live:
-            kernel, layer = prepared[label]
-            kernel.apply(layer, x)
-            runs, start = [], time.perf_counter()
-            while len(runs) < TIMED_CALLS and (not runs or time.perf_counter() - start
-                                               < TIME_BUDGET_S):
-                t0 = time.perf_counter()
-                kernel.apply(layer, x)
-                runs.append(time.perf_counter() - t0)
-            times[label] = round(min(runs) * 1e3, 6)  # as cached: the choice is its argmin
+        fastest = _timed_rounds({label: (lambda k=prepared[label][0], lay=prepared[label][1]:
+                                         k.apply(lay, x)) for label in live})
+        # rounded as cached: the choice is the argmin of what the cache holds
+        times = {label: round(t * 1e3, 6) for label, t in fastest.items()}
         best = min(times, key=lambda lb: (times[lb], lb))  # a tie goes to the first name
         choice[m], ms[m] = best, dict(times)
         # A kernel's time never falls as M grows and the best one's at most grows linearly, so
         # one slower than the best by more than the remaining growth cannot win later.
         limit = times[best] * min(DROP_FACTOR, M_BUCKETS[-1] / m)
         live = [lb for lb in live if times[lb] <= limit]
+    for key in ops.reused_buffer_keys() - buffers_before:
+        ops.release_reused_buffer(*key)
     return {"choice": choice, "ms": ms}
 
 

@@ -140,6 +140,30 @@ def test_amx_chunk_first_loop_order_within_fp32_summation(bits, block):
     assert (err <= bound).all(), (err / bound).max().item()
 
 
+@pytest.mark.parametrize("bits,block", [(4, (1, 64)), (4, (2, 32)), (8, (1, 16)), (8, (4, 32))])
+@pytest.mark.parametrize("s_dtype", [torch.float16, torch.float32])
+def test_amx_reproduces_every_weight_bit_for_bit(bits, block, s_dtype):
+    """x = one-hot rows: y[m, n] = W[n, m], one exact product, so every dequantized weight is
+    checked against the format's rule bit for bit. A bf16 weight that is denormal counts as
+    zero: tdpbf16ps reads denormal inputs as zero (fp32 offsets near 1e-39 put some here)."""
+    if "amx" not in cpu_lib.dequant_gemm_variants():
+        pytest.skip(f"amx build not run: this CPU runs only {cpu_lib.dequant_gemm_variants()}")
+    n, k = 48, 1088  # a partial last panel; a short last chunk
+    q, scales, offsets = _layer(bits, n, k, block, seed=5, s_dtype=s_dtype,
+                                o_dtype=torch.float32)
+    offsets[0, :4] = 0.0
+    scales[0, :4] = 3e-39 if s_dtype == torch.float32 else scales[0, :4]  # denormal products
+    w_ref = _dense_bf16(q, scales, offsets, block).float()
+    normal = (w_ref == 0) | (w_ref.abs() >= torch.finfo(torch.float32).tiny)
+    if s_dtype == torch.float32:
+        assert not normal.all()  # the case is exercised
+    packed = _packed(q, scales, offsets, bits, block, "amx")
+    x = torch.eye(k).bfloat16()
+    y = ops.cpu_dequant_gemm(x, *packed, bits, block[1], block[0], variant="amx",
+                             out_dtype=torch.float32)
+    assert torch.equal(y.t(), torch.where(normal, w_ref, 0.0))
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_builds_agree_bit_for_bit(bits):
     """Every product exact and the same fp32 adds in the same order (odd column, then even,

@@ -4,19 +4,21 @@ What is checked: a first layer measures its shape class (every candidate timed a
 each bucket choosing its fastest), writes the cache, and logs the table; a second one reads the
 cache without timing anything; a call with M rows runs exactly the kernel its bucket chose
 (bit for bit against that kernel prepared on its own), beyond the last bucket too; the compiled
-path is one op; corrupt caches are measured again; what it refuses. The chosen kernels' numerics
-are their own tests'."""
+path is one op; corrupt caches are measured again; what it refuses; the timing's rounds
+(interleaved, rotated, a slow candidate timed once) and that the dense buffers the timing
+allocated are released. The chosen kernels' numerics are their own tests'."""
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 
 import pytest
 import torch
 
 from support.linear_reference import check_traced_as_one_op, layer_and_fp64_weight
-from qahira_kernels import cpu_lib
+from qahira_kernels import cpu_lib, ops
 from qahira_vllm import linear_kernels as lk
 from qahira_vllm.linear_kernels import cpu_measured as cm
 
@@ -163,3 +165,49 @@ def test_vllm_lora_finds_the_device_of_a_measured_layer(cache):
     assert module._get_lora_device(layer) == torch.device("cpu")
     plain = torch.nn.Linear(4, 4)
     assert module._get_lora_device(plain) == plain.weight.device
+
+
+def test_timed_rounds_interleave_and_keep_each_fastest(monkeypatch):
+    """After a warm-up call each, rounds of one call per candidate in a rotated order; each
+    candidate's result is its fastest timed call; one whose calls used up TIME_BUDGET_S sits
+    out the later rounds."""
+    monkeypatch.setattr(cm, "TIMED_CALLS", 4)
+    monkeypatch.setattr(cm, "TIME_BUDGET_S", 0.05)
+    order = []
+    sleeps = {"a": iter([0, 0.02, 0.001, 0.02, 0.02]), "b": iter([0] + [0.005] * 4),
+              "slow": iter([0, 0.06])}
+
+    def call(label):
+        def run():
+            order.append(label)
+            time.sleep(next(sleeps[label]))
+        return run
+
+    best = cm._timed_rounds({label: call(label) for label in ("a", "b", "slow")})
+    warm, timed = order[:3], order[3:]
+    assert warm == ["a", "b", "slow"]
+    assert timed == ["a", "b", "slow", "b", "a", "a", "b", "a", "b"]  # rotated; slow once
+    assert 0.001 <= best["a"] < 0.02 and 0.005 <= best["b"] < 0.02  # a: its third call
+    assert best["slow"] >= 0.06
+
+
+def test_measuring_releases_the_buffers_it_allocated(cache):
+    """cpu_dequant_dense, timed, allocates a dense buffer for the shape; measure() drops it
+    (about 64 MiB for a 1B model's merged gate_up), and a layer whose table chose it allocates
+    its own on its first call."""
+    spec = lk.LinearSpec(**SHAPE)
+    factories = cm.candidates(spec)
+    assert "cpu_dequant_dense" in factories
+    key = ((spec.out_features, spec.in_features), spec.act_dtype)
+    ops.release_reused_buffer(*key)
+    before = ops.reused_buffer_keys()
+    kept = ops.reused_buffer((7, 3), torch.float32)  # someone else's, allocated before
+    cm.measure(spec, factories)
+    assert ops.reused_buffer_keys() == before | {((7, 3), torch.float32)}
+    assert ops.reused_buffer((7, 3), torch.float32) is kept
+    ops.release_reused_buffer((7, 3), torch.float32)
+    _write_entry(cache, spec, lambda m: "cpu_dequant_dense")
+    kernel, layer = _prepared(spec)
+    x = torch.randn(3, spec.in_features).bfloat16()
+    kernel.apply(layer, x)
+    assert key in ops.reused_buffer_keys()

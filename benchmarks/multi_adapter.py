@@ -305,7 +305,10 @@ def main() -> int:
     llm_kwargs = {"dtype": args.dtype, "enforce_eager": True, "gpu_memory_utilization": 0.3,
                   "max_model_len": 512, "enable_lora": True, "max_lora_rank": args.rank,
                   "max_loras": max(SCENARIOS), "max_num_seqs": args.requests}
+    from decode_throughput import machine_facts  # this directory: lscpu flags, stream GB/s
+
     report = {"model": "SmolLM2-135M INT4 block 1x32 (qahira)", "device": "CPU",
+              "date": time.strftime("%Y-%m-%d"), **machine_facts(),
               "dtype": args.dtype,
               "cpu_count": os.cpu_count(), "VLLM_CPU_NUM_OF_RESERVED_CPU": reserved,
               "requests": args.requests, "tokens": args.tokens, "repeats": args.repeats,

@@ -248,7 +248,12 @@ ALWAYS_INLINE void dot_rows(const int NR, const float *a, long lda, const float 
   for (int j = 0; j < NR; j++) s[j] = _mm512_setzero_ps();
   for (; k + 16 <= n; k += 16) {
     const __m512 bk = _mm512_loadu_ps(b + k);
-    for (int j = 0; j < NR; j++) s[j] = _mm512_fmadd_ps(_mm512_loadu_ps(a + j * lda + k), bk, s[j]);
+    for (int j = 0; j < NR; j++) {
+      /* the next NR rows: each token reads its own slot's A, from DRAM when many adapters are
+       * in the batch, in rows too short for the hardware prefetcher to ramp up */
+      _mm_prefetch((const char *)(a + (j + NR) * lda + k), _MM_HINT_T0);
+      s[j] = _mm512_fmadd_ps(_mm512_loadu_ps(a + j * lda + k), bk, s[j]);
+    }
   }
   for (int j = 0; j < NR; j++) split_halves(s[j], &s0[j], &s1[j]);
 #else
@@ -291,6 +296,8 @@ static void expand_add(void *y, int dt, long col, const float *bt, long ld, cons
     vf d0 = vzero(), d1 = d0, d2 = d0, d3 = d0;
     for (int k = 0; k < r; k++) {
       const float *b = bt + k * ld + o;
+      for (int u = 0; u < 4 * W; u += 16) /* this row's part of the next pass (as in dot_rows) */
+        _mm_prefetch((const char *)(b + 4 * W + u), _MM_HINT_T0);
       const vf hk = vset1(h[k]);
       d0 = vfmadd(hk, vloadu(b), d0);
       d1 = vfmadd(hk, vloadu(b + W), d1);

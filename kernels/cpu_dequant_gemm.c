@@ -434,13 +434,25 @@ static void amx_restore(const struct tile_config *saved) {
 
 /* The 16 INT4 weights of one (row, block) as bf16 in the low 16 words: s * j rounded to
  * fp32, plus o rounded (the format's rule; with fp16 scales the product is exact either way),
- * then to bf16 by vcvtneps2bf16. That instruction rounds to nearest even as bf16_bits does but
- * reads a denormal fp32 value as zero: the same here, because tdpbf16ps reads a denormal bf16
- * weight as zero anyway (AMX-BF16 ignores MXCSR: denormal inputs are zero). */
+ * then to bf16 by the integer rule (once per block: its cost does not show). */
 ALWAYS_INLINE __m512i int4_table(const float *s, const float *o) {
   const __m512 j = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  return _mm512_castsi256_si512(
-      (__m256i)_mm512_cvtneps_pbh(dequant_rule(j, _mm512_set1_ps(*s), _mm512_set1_ps(*o), 1)));
+  return _mm512_castsi256_si512(_mm512_cvtepi32_epi16(
+      bf16_bits(dequant_rule(j, _mm512_set1_ps(*s), _mm512_set1_ps(*o), 1))));
+}
+
+/* 32 fp32 values (lo = the first 16) to bf16 at dst, nearest even as bf16_bits: by one
+ * vcvtne2ps2bf16 unless a lane is denormal. That instruction reads a denormal as zero, where
+ * the format's rule rounds the largest ones (fp32 bits 0x007F8000 and up) to 2^-126, a normal
+ * bf16 that tdpbf16ps uses (it reads only denormal bf16 inputs as zero). */
+ALWAYS_INLINE void store_bf16x32(uint16_t *dst, __m512 lo, __m512 hi) {
+  if (__builtin_expect((_mm512_fpclass_ps_mask(lo, 0x20) | _mm512_fpclass_ps_mask(hi, 0x20)) == 0,
+                       1)) {
+    _mm512_storeu_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    return;
+  }
+  _mm256_storeu_si256((__m256i *)dst, _mm512_cvtepi32_epi16(bf16_bits(lo)));
+  _mm256_storeu_si256((__m256i *)(dst + 16), _mm512_cvtepi32_epi16(bf16_bits(hi)));
 }
 
 /* One chunk of one panel to dequantize: rows [n0, n0 + np) of the weight, columns [k0, k1),
@@ -487,8 +499,7 @@ static void dequant_rows(struct chunk_job *j, int r1) {
         }
       }
     } else {
-      /* 32 columns per step (K % 32 == 0), two blocks when bi == 16; two fp32 vectors to 32
-       * bf16 by one vcvtne2ps2bf16 (denormals: as in int4_table) */
+      /* 32 columns per step (K % 32 == 0), two blocks when bi == 16 */
       __m512 sv = _mm512_set1_ps(s[b]), ov = _mm512_set1_ps(o[b]);
       for (int k = k0; k < k1; k += 32) {
         _mm_prefetch((const char *)(src + k) + AMX_PREFETCH, _MM_HINT_T0);
@@ -504,7 +515,7 @@ static void dequant_rows(struct chunk_job *j, int r1) {
                                   _mm_loadu_si128((const __m128i *)(src + k + 16 * h)))),
                               sv, ov, 1);
         }
-        _mm512_storeu_si512(dst + k, (__m512i)_mm512_cvtne2ps_pbh(v[1], v[0]));
+        store_bf16x32(dst + k, v[0], v[1]);
       }
     }
   }

@@ -173,27 +173,29 @@ def measure(spec: LinearSpec, factories: dict[str, Callable[[], LinearKernel]]) 
     timed in interleaved rounds (module docstring). The buffers of ops.reused_buffer that the
     timing allocated are released after it (a kernel that wins allocates its own again)."""
     buffers_before = ops.reused_buffer_keys()
-    prepared = {}
-    for label, make in factories.items():
-        kernel, layer = make(), _random_layer(spec)
-        kernel.prepare(layer)
-        prepared[label] = (kernel, layer)
-    g = torch.Generator().manual_seed(1)
-    live, choice, ms = list(prepared), {}, {}
-    for m in M_BUCKETS:
-        x = torch.randn(m, spec.in_features, generator=g).to(spec.act_dtype)
-        fastest = _timed_rounds({label: (lambda k=prepared[label][0], lay=prepared[label][1]:
-                                         k.apply(lay, x)) for label in live})
-        # rounded as cached: the choice is the argmin of what the cache holds
-        times = {label: round(t * 1e3, 6) for label, t in fastest.items()}
-        best = min(times, key=lambda lb: (times[lb], lb))  # a tie goes to the first name
-        choice[m], ms[m] = best, dict(times)
-        # A kernel's time never falls as M grows and the best one's at most grows linearly, so
-        # one slower than the best by more than the remaining growth cannot win later.
-        limit = times[best] * min(DROP_FACTOR, M_BUCKETS[-1] / m)
-        live = [lb for lb in live if times[lb] <= limit]
-    for key in ops.reused_buffer_keys() - buffers_before:
-        ops.release_reused_buffer(*key)
+    try:
+        prepared = {}
+        for label, make in factories.items():
+            kernel, layer = make(), _random_layer(spec)
+            kernel.prepare(layer)
+            prepared[label] = (kernel, layer)
+        g = torch.Generator().manual_seed(1)
+        live, choice, ms = list(prepared), {}, {}
+        for m in M_BUCKETS:
+            x = torch.randn(m, spec.in_features, generator=g).to(spec.act_dtype)
+            fastest = _timed_rounds({label: (lambda k=prepared[label][0], lay=prepared[label][1]:
+                                             k.apply(lay, x)) for label in live})
+            # rounded as cached: the choice is the argmin of what the cache holds
+            times = {label: round(t * 1e3, 6) for label, t in fastest.items()}
+            best = min(times, key=lambda lb: (times[lb], lb))  # a tie goes to the first name
+            choice[m], ms[m] = best, dict(times)
+            # A kernel's time never falls as M grows and the best one's at most grows linearly, so
+            # one slower than the best by more than the remaining growth cannot win later.
+            limit = times[best] * min(DROP_FACTOR, M_BUCKETS[-1] / m)
+            live = [lb for lb in live if times[lb] <= limit]
+    finally:
+        for key in ops.reused_buffer_keys() - buffers_before:
+            ops.release_reused_buffer(*key)
     return {"choice": choice, "ms": ms}
 
 

@@ -145,7 +145,9 @@ def test_amx_chunk_first_loop_order_within_fp32_summation(bits, block):
 def test_amx_reproduces_every_weight_bit_for_bit(bits, block, s_dtype):
     """x = one-hot rows: y[m, n] = W[n, m], one exact product, so every dequantized weight is
     checked against the format's rule bit for bit. A bf16 weight that is denormal counts as
-    zero: tdpbf16ps reads denormal inputs as zero (fp32 offsets near 1e-39 put some here)."""
+    zero: tdpbf16ps reads denormal inputs as zero (fp32 scales near 3e-39 put some here). An fp32
+    value just below 2^-126 (bits 0x007FC000: a whole block with scale 0 and that offset) rounds
+    to the normal bf16 2^-126 and must stay: AVX512-BF16's conversion would read it as zero."""
     if "amx" not in cpu_lib.dequant_gemm_variants():
         pytest.skip(f"amx build not run: this CPU runs only {cpu_lib.dequant_gemm_variants()}")
     n, k = 48, 1088  # a partial last panel; a short last chunk
@@ -153,7 +155,11 @@ def test_amx_reproduces_every_weight_bit_for_bit(bits, block, s_dtype):
                                 o_dtype=torch.float32)
     offsets[0, :4] = 0.0
     scales[0, :4] = 3e-39 if s_dtype == torch.float32 else scales[0, :4]  # denormal products
+    scales[1, 1] = 0.0
+    offsets[1, 1] = torch.tensor(0x007FC000, dtype=torch.int32).view(torch.float32)
     w_ref = _dense_bf16(q, scales, offsets, block).float()
+    bo, bi = block
+    assert (w_ref[bo:2 * bo, bi:2 * bi] == 2.0 ** -126).all()
     normal = (w_ref == 0) | (w_ref.abs() >= torch.finfo(torch.float32).tiny)
     if s_dtype == torch.float32:
         assert not normal.all()  # the case is exercised

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -170,25 +170,27 @@ def test_vllm_lora_finds_the_device_of_a_measured_layer(cache):
 def test_timed_rounds_interleave_and_keep_each_fastest(monkeypatch):
     """After a warm-up call each, rounds of one call per candidate in a rotated order; each
     candidate's result is its fastest timed call; one whose calls used up TIME_BUDGET_S sits
-    out the later rounds."""
+    out the later rounds. A fake clock that each call advances by its stated duration keeps
+    the test independent of the machine's load."""
     monkeypatch.setattr(cm, "TIMED_CALLS", 4)
     monkeypatch.setattr(cm, "TIME_BUDGET_S", 0.05)
+    clock = [0.0]
+    monkeypatch.setattr(cm, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     order = []
-    sleeps = {"a": iter([0, 0.02, 0.001, 0.02, 0.02]), "b": iter([0] + [0.005] * 4),
-              "slow": iter([0, 0.06])}
+    durations = {"a": iter([0, 0.02, 0.001, 0.02, 0.02]), "b": iter([0] + [0.005] * 4),
+                 "slow": iter([0, 0.06])}
 
     def call(label):
         def run():
             order.append(label)
-            time.sleep(next(sleeps[label]))
+            clock[0] += next(durations[label])
         return run
 
     best = cm._timed_rounds({label: call(label) for label in ("a", "b", "slow")})
     warm, timed = order[:3], order[3:]
     assert warm == ["a", "b", "slow"]
     assert timed == ["a", "b", "slow", "b", "a", "a", "b", "a", "b"]  # rotated; slow once
-    assert 0.001 <= best["a"] < 0.02 and 0.005 <= best["b"] < 0.02  # a: its third call
-    assert best["slow"] >= 0.06
+    assert best == pytest.approx({"a": 0.001, "b": 0.005, "slow": 0.06})
 
 
 def test_measuring_releases_the_buffers_it_allocated(cache):

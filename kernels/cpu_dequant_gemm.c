@@ -473,7 +473,6 @@ static void dequant_rows(struct chunk_job *j, int r1) {
   const float *s = j->s, *o = j->o;
   const long nb = j->K / bi, row_bytes = (long)(k1 - k0) * bits / 8;
   const uint8_t *chunk = j->w + (long)j->n0 * j->K * bits / 8 + (long)k0 * bits / 8 * j->np;
-  const int sub = bits == 4 ? 32 : 16; /* columns per step that share one block */
   if (r1 > j->np) r1 = j->np;
   for (int r = j->done; r < r1; r++) {
     const int n0 = j->n0, bo = j->bo;
@@ -489,7 +488,7 @@ static void dequant_rows(struct chunk_job *j, int r1) {
         _mm_prefetch((const char *)(src + k / 2) + AMX_PREFETCH, _MM_HINT_T0);
         const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(src + k / 2)));
         for (int h = 0; h < 2; h++) {
-          if (k + h * sub >= bend) { /* blocks are whole multiples of 32 columns */
+          if (k + h * 32 >= bend) { /* blocks are whole multiples of 32 columns */
             b++;
             bend += bi;
             t = int4_table(s + b, o + b);

@@ -338,25 +338,29 @@ def reused_buffer(shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
     one per call costs more than the dequantization, since the allocator maps new pages that
     the kernel zero-fills on first touch (~2 ms per 1024 x 2816 fp32 layer, three times the
     dequantization). Memory: one buffer per (shape, dtype) and thread, shared by every caller."""
-    cache = getattr(_buffers, "by_key", None)
-    if cache is None:
-        cache = _buffers.by_key = {}
-    key = (tuple(shape), dtype)
+    cache, key = _buffer_cache(), (tuple(shape), dtype)
     buf = cache.get(key)
     if buf is None:
         buf = cache[key] = torch.empty(shape, dtype=dtype)
     return buf
 
 
+def _buffer_cache() -> dict:
+    """This thread's (shape, dtype) -> buffer dict of reused_buffer."""
+    if not hasattr(_buffers, "by_key"):
+        _buffers.by_key = {}
+    return _buffers.by_key
+
+
 def reused_buffer_keys() -> set[tuple[tuple[int, ...], torch.dtype]]:
     """The (shape, dtype) keys of this thread's reused buffers (reused_buffer)."""
-    return set(getattr(_buffers, "by_key", {}))
+    return set(_buffer_cache())
 
 
 def release_reused_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> None:
     """Drop this thread's reused buffer of `shape` and `dtype` (its memory is freed once no
     tensor refers to it; a later reused_buffer call allocates a new one). No-op if absent."""
-    getattr(_buffers, "by_key", {}).pop((tuple(shape), dtype), None)
+    _buffer_cache().pop((tuple(shape), dtype), None)
 
 
 def cpu_blockwise_dequant(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
@@ -457,7 +461,9 @@ _lib.impl("cpu_blockwise", cpu_blockwise, "CPU")
 
 
 @torch.library.register_fake("qahira::cpu_blockwise")
-def _cpu_blockwise_fake(x, qweight, scales, offsets, bits, bo, bi):
+def _stored_linear_fake(x, qweight, scales, offsets, bits, bo, bi):
+    """Shape of x W^T for the ops that take a layer's stored tensors (cpu_blockwise,
+    cpu_dequant_dense)."""
     return x.new_empty(x.shape[0], qweight.shape[0])
 
 
@@ -478,9 +484,7 @@ _lib.define("cpu_dequant_dense(Tensor x, Tensor qweight, Tensor scales, Tensor o
 _lib.impl("cpu_dequant_dense", cpu_dequant_dense, "CPU")
 
 
-@torch.library.register_fake("qahira::cpu_dequant_dense")
-def _cpu_dequant_dense_fake(x, qweight, scales, offsets, bits, bo, bi):
-    return x.new_empty(x.shape[0], qweight.shape[0])
+torch.library.register_fake("qahira::cpu_dequant_dense")(_stored_linear_fake)
 
 
 __all__ = ["C_FUNCTIONS", "check_cpu_blockwise_stored", "cpu_int4", "cpu_blockwise",

@@ -43,7 +43,8 @@ class CpuBlockwiseKernel(LinearKernel):
         if spec.bits not in (4, 8):
             return False, "4-bit or 8-bit only"
         if spec.act_dtype not in cpu_lib.DTYPE_CODES:
-            return False, f"{spec.act_dtype} activations: fp32/bf16/fp16 only"
+            return False, (f"activations in {', '.join(map(str, cpu_lib.DTYPE_CODES))} only, "
+                           f"not {spec.act_dtype}")
         if cpu_lib.load_library() is None:
             return False, cpu_lib.library_error()
         return True, None

@@ -11,37 +11,20 @@ from __future__ import annotations
 
 import torch
 
-from qahira_kernels import cpu_lib, ops
+from qahira_kernels import ops
 
-from .interface import LinearKernel, LinearSpec, set_buffer
+from .cpu_blockwise import CpuBlockwiseKernel
 
 
-class CpuDequantDenseKernel(LinearKernel):
-    """INT4 / INT8, any block, fp32 / bf16 / fp16 activations, stored tensors kept as they are.
+class CpuDequantDenseKernel(CpuBlockwiseKernel):
+    """INT4 / INT8, any block, fp32 / bf16 / fp16 activations: what cpu_blockwise serves, from
+    the same stored tensors (its can_implement and prepare), by another computation.
 
     Memory beyond the stored tensors: one dense buffer [out, in] in the activation dtype per
     layer shape and thread (qahira_kernels.ops.reused_buffer), shared by every layer of that
     shape (for a 16384 x 2048 merged gate_up in bf16: 64 MiB)."""
 
     name = "cpu_dequant_dense"
-
-    @classmethod
-    def can_implement(cls, spec: LinearSpec):
-        if spec.device_type != "cpu":
-            return False, "CPU only"
-        if spec.bits not in (4, 8):
-            return False, "4- or 8-bit only"
-        if spec.act_dtype not in cpu_lib.DTYPE_CODES:
-            return False, f"activations in {', '.join(map(str, cpu_lib.DTYPE_CODES))} only"
-        if cpu_lib.load_library() is None:
-            return False, cpu_lib.library_error()
-        return True, None
-
-    def prepare(self, layer):
-        ops.check_cpu_blockwise_stored(layer.qweight.data, layer.scales.data,
-                                       layer.offsets.data, self.spec.bits)
-        for name in ("qweight", "scales", "offsets"):
-            set_buffer(layer, name, getattr(layer, name).data)
 
     def apply(self, layer, x, bias=None):
         """x [..., in] -> y [..., out] = x W^T (+ bias) in x's dtype, W rounded to x's dtype."""

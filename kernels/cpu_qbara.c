@@ -10,10 +10,14 @@
  *   h[k]  = coef * A_c[s, k, :in/p] . xp                      (k < r)
  *   y[row, col_c + o*q + u] += sum_k h[k] * Bt_c[s, k, o]      (o < out_c/q, u < q: R_q)
  *
- * Buffers (fp32, contiguous, owned by the layer; the LoRA layer keeps them current):
+ * Buffers (contiguous, owned by the layer; the LoRA layer keeps them current):
  *   A_c   [slots, R, in]     slot s fills only its [:r, :in/p] corner (the compact A)
  *   Bt_c  [slots, R, out_c]  slot s fills only its [:r, :out_c/q] corner (the compact B, transposed
  *                            so that the expand step streams contiguous rows)
+ *   A_c and Bt_c are fp32, or bf16 when w_bf16 = 1 (widened exactly to fp32 as they are read,
+ *   so the result is the fp32 kernel's on the bf16 values). Each token reads its own slot's A
+ *   and B, so with many distinct adapters in a batch these reads are most of the layer's cost,
+ *   and bf16 halves them.
  *   geo_c [slots, 3] int32   pool, repeat, rank; rank 0 = slot s does not touch slice c
  *   coef_c [slots] fp32      scaling / pool
  * x: fp32/bf16/fp16 [T, in], row stride x_stride; y: fp32/bf16/fp16, row stride y_stride, unit
@@ -61,8 +65,8 @@ typedef struct {
   int in_features;
   int r_max;
   int n_slots;
-  const float *a[MAX_SLICES];
-  const float *bt[MAX_SLICES];
+  const void *a[MAX_SLICES];  /* fp32 or bf16: w_bf16 */
+  const void *bt[MAX_SLICES];
   const int32_t *geo[MAX_SLICES];
   const float *coef[MAX_SLICES];
   long y_col[MAX_SLICES];
@@ -73,6 +77,7 @@ typedef struct {
   const int32_t *m_geo[MAX_SLICES];
   const float *m_coef[MAX_SLICES];
   long m_numel[MAX_SLICES];
+  int w_bf16; /* A_c and Bt_c in bf16 (1) or fp32 (0) */
 } qbara_layer_t; /* mirrored by qahira_kernels.cpu_qbara.QbaraLayer */
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
@@ -101,7 +106,7 @@ typedef __m256 vf;
 #define vadd _mm256_add_ps
 #endif
 
-static inline __m256 load8(const void *p, int dt, long i) {
+ALWAYS_INLINE __m256 load8(const void *p, int dt, long i) {
   if (dt == DT_F32) return _mm256_loadu_ps((const float *)p + i);
   __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
   if (dt == DT_F16) return _mm256_cvtph_ps(h);
@@ -129,7 +134,7 @@ static inline void store8(void *p, int dt, long i, __m256 v) {
 static inline void add8(void *y, int dt, long i, __m256 v) { store8(y, dt, i, _mm256_add_ps(load8(y, dt, i), v)); }
 
 #ifdef QAHIRA_W512
-static inline __m512 loadw(const void *p, int dt, long i) {
+ALWAYS_INLINE __m512 loadw(const void *p, int dt, long i) {
   if (dt == DT_F32) return _mm512_loadu_ps((const float *)p + i);
   const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i));
   if (dt == DT_F16) return _mm512_cvtph_ps(h);
@@ -235,12 +240,17 @@ static void pool_row(float *dst, const float *src, int n_out, int p) {
   }
 }
 
-/* out[j] = coef * (a_j . b) for the NR rows a_j = a + j*lda (n values each), NR rows at once so
- * that their FMA chains overlap. Each row's order is fixed ("Widths" in the header): s0 sums
+/* Address of element i of p (fp32 or, adt DT_BF16, bf16 elements). */
+ALWAYS_INLINE const char *elem_at(const void *p, const int adt, long i) {
+  return (const char *)p + i * (adt == DT_F32 ? 4 : 2);
+}
+
+/* out[j] = coef * (a_j . b) for the NR rows a_j = a + j*lda (n values each, elements fp32 or
+ * bf16 as adt says), NR rows at once so that their FMA chains overlap. Each row's order is fixed ("Widths" in the header): s0 sums
  * columns 16i..16i+7, s1 16i+8..16i+15 (AVX-512: one 16-lane register, halves s0 and s1), then
  * 8 more columns into s0, then s0 + s1 across lanes, then the last n % 8 columns one by one. */
-ALWAYS_INLINE void dot_rows(const int NR, const float *a, long lda, const float *b, int n,
-                            float coef, float *out) {
+ALWAYS_INLINE void dot_rows(const int NR, const void *a, const int adt, long lda, const float *b,
+                            int n, float coef, float *out) {
   __m256 s0[NR], s1[NR];
   int k = 0;
 #ifdef QAHIRA_W512
@@ -251,8 +261,8 @@ ALWAYS_INLINE void dot_rows(const int NR, const float *a, long lda, const float 
     for (int j = 0; j < NR; j++) {
       /* the next NR rows: each token reads its own slot's A, from DRAM when many adapters are
        * in the batch, in rows too short for the hardware prefetcher to ramp up */
-      _mm_prefetch((const char *)(a + (j + NR) * lda + k), _MM_HINT_T0);
-      s[j] = _mm512_fmadd_ps(_mm512_loadu_ps(a + j * lda + k), bk, s[j]);
+      _mm_prefetch(elem_at(a, adt, (j + NR) * lda + k), _MM_HINT_T0);
+      s[j] = _mm512_fmadd_ps(loadw(a, adt, j * lda + k), bk, s[j]);
     }
   }
   for (int j = 0; j < NR; j++) split_halves(s[j], &s0[j], &s1[j]);
@@ -261,48 +271,49 @@ ALWAYS_INLINE void dot_rows(const int NR, const float *a, long lda, const float 
   for (; k + 16 <= n; k += 16) {
     const __m256 b0 = _mm256_loadu_ps(b + k), b1 = _mm256_loadu_ps(b + k + 8);
     for (int j = 0; j < NR; j++) {
-      s0[j] = _mm256_fmadd_ps(_mm256_loadu_ps(a + j * lda + k), b0, s0[j]);
-      s1[j] = _mm256_fmadd_ps(_mm256_loadu_ps(a + j * lda + k + 8), b1, s1[j]);
+      s0[j] = _mm256_fmadd_ps(load8(a, adt, j * lda + k), b0, s0[j]);
+      s1[j] = _mm256_fmadd_ps(load8(a, adt, j * lda + k + 8), b1, s1[j]);
     }
   }
 #endif
   if (k + 8 <= n) {
     for (int j = 0; j < NR; j++)
-      s0[j] = _mm256_fmadd_ps(_mm256_loadu_ps(a + j * lda + k), _mm256_loadu_ps(b + k), s0[j]);
+      s0[j] = _mm256_fmadd_ps(load8(a, adt, j * lda + k), _mm256_loadu_ps(b + k), s0[j]);
     k += 8;
   }
   for (int j = 0; j < NR; j++) {
     float t = hsum(_mm256_add_ps(s0[j], s1[j]));
     /* fmaf, not t += a * b: the compiler contracted that to an FMA in some inlined copies and
      * not in others, which would let the builds' last bits differ. */
-    for (int kk = k; kk < n; kk++) t = fmaf(a[j * lda + kk], b[kk], t);
+    for (int kk = k; kk < n; kk++) t = fmaf(load_elem(a, adt, j * lda + kk), b[kk], t);
     out[j] = coef * t;
   }
 }
 
-/* h[k] = coef * (a_k . v) for k < r, a_k = a + k*lda. */
-static void dots(const float *a, long lda, const float *v, int n, float coef, int r, float *h) {
+/* h[k] = coef * (a_k . v) for k < r, a_k = a + k*lda (elements as adt says). */
+ALWAYS_INLINE void dots(const void *a, const int adt, long lda, const float *v, int n, float coef,
+                        int r, float *h) {
   int k = 0;
-  for (; k + 4 <= r; k += 4) dot_rows(4, a + k * lda, lda, v, n, coef, h + k);
-  for (; k < r; k++) dot_rows(1, a + k * lda, lda, v, n, coef, h + k);
+  for (; k + 4 <= r; k += 4) dot_rows(4, elem_at(a, adt, k * lda), adt, lda, v, n, coef, h + k);
+  for (; k < r; k++) dot_rows(1, elem_at(a, adt, k * lda), adt, lda, v, n, coef, h + k);
 }
 
-/* y[col + o*q + u] += sum_{k<r} h[k] * bt[k*ld + o] for o < out_q: 4W outputs per pass held in
- * registers while the r rows of Bt stream by. */
-static void expand_add(void *y, int dt, long col, const float *bt, long ld, const float *h, int r,
-                       int out_q, int q) {
+/* y[col + o*q + u] += sum_{k<r} h[k] * bt[k*ld + o] for o < out_q (bt fp32 or bf16 as bdt
+ * says): 4W outputs per pass held in registers while the r rows of Bt stream by. */
+ALWAYS_INLINE void expand_add(void *y, int dt, long col, const void *bt, const int bdt, long ld,
+                              const float *h, int r, int out_q, int q) {
   int o = 0;
   for (; o + 4 * W <= out_q; o += 4 * W) {
     vf d0 = vzero(), d1 = d0, d2 = d0, d3 = d0;
     for (int k = 0; k < r; k++) {
-      const float *b = bt + k * ld + o;
+      const long b = k * ld + o;
       for (int u = 0; u < 4 * W; u += 16) /* this row's part of the next pass (as in dot_rows) */
-        _mm_prefetch((const char *)(b + 4 * W + u), _MM_HINT_T0);
+        _mm_prefetch(elem_at(bt, bdt, b + 4 * W + u), _MM_HINT_T0);
       const vf hk = vset1(h[k]);
-      d0 = vfmadd(hk, vloadu(b), d0);
-      d1 = vfmadd(hk, vloadu(b + W), d1);
-      d2 = vfmadd(hk, vloadu(b + 2 * W), d2);
-      d3 = vfmadd(hk, vloadu(b + 3 * W), d3);
+      d0 = vfmadd(hk, loadw(bt, bdt, b), d0);
+      d1 = vfmadd(hk, loadw(bt, bdt, b + W), d1);
+      d2 = vfmadd(hk, loadw(bt, bdt, b + 2 * W), d2);
+      d3 = vfmadd(hk, loadw(bt, bdt, b + 3 * W), d3);
     }
     repeat_addw(y, dt, col + (long)o * q, d0, q);
     repeat_addw(y, dt, col + (long)(o + W) * q, d1, q);
@@ -311,12 +322,12 @@ static void expand_add(void *y, int dt, long col, const float *bt, long ld, cons
   }
   for (; o + W <= out_q; o += W) {
     vf d0 = vzero();
-    for (int k = 0; k < r; k++) d0 = vfmadd(vset1(h[k]), vloadu(bt + k * ld + o), d0);
+    for (int k = 0; k < r; k++) d0 = vfmadd(vset1(h[k]), loadw(bt, bdt, k * ld + o), d0);
     repeat_addw(y, dt, col + (long)o * q, d0, q);
   }
   for (; o < out_q; o++) {
     float d = 0.f;
-    for (int k = 0; k < r; k++) d = fmaf(h[k], bt[k * ld + o], d);
+    for (int k = 0; k < r; k++) d = fmaf(h[k], load_elem(bt, bdt, k * ld + o), d);
     repeat_add1(y, dt, col + (long)o * q, d, q);
   }
 }
@@ -328,12 +339,12 @@ static void matvec_repeat_add(void *y, int dt, long col, const float *m, const f
   int o = 0;
   for (; o + W <= out_q; o += W) {
     float d[W];
-    dots(m + (long)o * in_p, in_p, v, in_p, coef, W, d);
+    dots(m + (long)o * in_p, DT_F32, in_p, v, in_p, coef, W, d);
     repeat_addw(y, dt, col + (long)o * q, vloadu(d), q);
   }
   for (; o < out_q; o++) {
     float d;
-    dot_rows(1, m + (long)o * in_p, in_p, v, in_p, coef, &d);
+    dot_rows(1, m + (long)o * in_p, DT_F32, in_p, v, in_p, coef, &d);
     repeat_add1(y, dt, col + (long)o * q, d, q);
   }
 }
@@ -406,10 +417,16 @@ int ENTRY(const qbara_layer_t *L, const void *x, int x_dt, long x_stride, long n
         const int in_p = in / p, out_q = L->out_size[c] / q;
         const float *v = pooled_x(xf, xp, &pooled, p, in);
         const float coef = L->coef[c][s];
-        const float *a = L->a[c] + s * (long)L->r_max * in;
-        dots(a, in, v, in_p, coef, r, h);
-        expand_add(y, y_dt, y_at, L->bt[c] + s * (long)L->r_max * L->out_size[c],
-                   L->out_size[c], h, r, out_q, q);
+        const long a_at = s * (long)L->r_max * in, bt_at = s * (long)L->r_max * L->out_size[c];
+        if (L->w_bf16) { /* the same code with bf16 loads: two copies, each branch-free inside */
+          dots(elem_at(L->a[c], DT_BF16, a_at), DT_BF16, in, v, in_p, coef, r, h);
+          expand_add(y, y_dt, y_at, elem_at(L->bt[c], DT_BF16, bt_at), DT_BF16, L->out_size[c], h,
+                     r, out_q, q);
+        } else {
+          dots(elem_at(L->a[c], DT_F32, a_at), DT_F32, in, v, in_p, coef, r, h);
+          expand_add(y, y_dt, y_at, elem_at(L->bt[c], DT_F32, bt_at), DT_F32, L->out_size[c], h,
+                     r, out_q, q);
+        }
       }
     }
   }

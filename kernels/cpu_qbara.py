@@ -9,6 +9,9 @@ their addresses, so they are updated in place, never reallocated):
 
     a_stacked[c]   fp32 [slots, R, in]      compact A of slot s in its [:rank, :in/p] corner
     bt_stacked[c]  fp32 [slots, R, out_c]   compact B^T of slot s in its [:rank, :out_c/q] corner
+                   (a_stacked and bt_stacked may both be bf16 instead: each token reads its own
+                   slot's, so with many distinct adapters per batch bf16 halves the layer's
+                   memory traffic; the arithmetic stays fp32 on the exactly widened values)
     geo[c]         int32 [slots, 3]         pool, repeat, rank; rank 0 = slot unused on slice c
     coef[c]        fp32 [slots]             scaling / pool
 
@@ -54,7 +57,7 @@ class QbaraLayer(ctypes.Structure):
                 ("y_col", ctypes.c_long * MAX_SLICES), ("out_size", ctypes.c_int * MAX_SLICES),
                 ("m", ctypes.c_void_p * MAX_SLICES), ("m_offset", ctypes.c_void_p * MAX_SLICES),
                 ("m_geo", ctypes.c_void_p * MAX_SLICES), ("m_coef", ctypes.c_void_p * MAX_SLICES),
-                ("m_numel", ctypes.c_long * MAX_SLICES)]
+                ("m_numel", ctypes.c_long * MAX_SLICES), ("w_bf16", ctypes.c_int)]
 
 
 def _check(t: torch.Tensor, name: str, dtype: torch.dtype, shape: tuple) -> None:
@@ -77,12 +80,17 @@ class CpuQbaraLayer:
         slots, r_max, in_features = a_stacked[0].shape
         if r_max > MAX_RANK:
             raise ValueError(f"CpuQbaraLayer: rank {r_max} above the kernel's limit {MAX_RANK}")
-        s = QbaraLayer(n_slices=n, in_features=in_features, r_max=r_max, n_slots=slots)
+        w_dtype = a_stacked[0].dtype
+        if w_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"CpuQbaraLayer: a_stacked and bt_stacked must be float32 or "
+                             f"bfloat16, got {w_dtype}")
+        s = QbaraLayer(n_slices=n, in_features=in_features, r_max=r_max, n_slots=slots,
+                       w_bf16=int(w_dtype == torch.bfloat16))
         col = 0
         for c in range(n):
             out_c = bt_stacked[c].shape[-1]
-            _check(a_stacked[c], f"a_stacked[{c}]", torch.float32, (slots, r_max, in_features))
-            _check(bt_stacked[c], f"bt_stacked[{c}]", torch.float32, (slots, r_max, out_c))
+            _check(a_stacked[c], f"a_stacked[{c}]", w_dtype, (slots, r_max, in_features))
+            _check(bt_stacked[c], f"bt_stacked[{c}]", w_dtype, (slots, r_max, out_c))
             _check(geo[c], f"geo[{c}]", torch.int32, (slots, 3))
             _check(coef[c], f"coef[{c}]", torch.float32, (slots,))
             s.a[c], s.bt[c] = a_stacked[c].data_ptr(), bt_stacked[c].data_ptr()

@@ -109,13 +109,21 @@ class QbaraSlotsMixin:
                 and cpu_lib.load_library() is not None):
             # The compiled CPU kernel's own copies: B transposed (the expand step streams rows of
             # it) and the per-slot geometry as arrays; kept current in set_lora / reset_lora.
-            self._bt_stacked = tuple(torch.zeros(max_loras, r_max, size, dtype=torch.float32)
+            # With vLLM's lora_dtype bf16 (the model's dtype unless --lora-dtype says otherwise)
+            # A and B^T are held in bf16, as stock vLLM holds LoRA weights: each token reads its
+            # own slot's, so with many distinct adapters in a batch these reads are the layer's
+            # cost (32 Q-BaRA adapters on SmolLM2: 314 MB per decode step in fp32).
+            kernel_dtype = (torch.bfloat16 if lora_config.lora_dtype == torch.bfloat16
+                            else torch.float32)
+            self._a_kernel = self.lora_a_stacked if kernel_dtype == torch.float32 else tuple(
+                torch.zeros(a.shape, dtype=kernel_dtype) for a in self.lora_a_stacked)
+            self._bt_stacked = tuple(torch.zeros(max_loras, r_max, size, dtype=kernel_dtype)
                                      for _, size in self.slice_shard)
             self._geo = tuple(torch.zeros(max_loras, 3, dtype=torch.int32)
                               for _ in self.slice_full)
             self._coef = tuple(torch.zeros(max_loras, dtype=torch.float32)
                                for _ in self.slice_full)
-            self._cpu_kernel = CpuQbaraLayer.create(self.lora_a_stacked, self._bt_stacked,
+            self._cpu_kernel = CpuQbaraLayer.create(self._a_kernel, self._bt_stacked,
                                                     self._geo, self._coef)
 
     def reset_lora(self, index: int) -> None:
@@ -126,6 +134,7 @@ class QbaraSlotsMixin:
             self.qahira_slots[i][index] = None
             self._packed[i].clear()
             if self._cpu_kernel is not None:
+                self._a_kernel[i][index] = 0
                 self._bt_stacked[i][index] = 0
                 self._geo[i][index] = 0
                 self._coef[i][index] = 0
@@ -221,6 +230,8 @@ class QbaraSlotsMixin:
             self.lora_b_stacked[i][index, :b.shape[0], :g.rank].copy_(b, non_blocking=True)
             self.geometry[i][index] = g
             if self._cpu_kernel is not None:
+                if self._a_kernel is not self.lora_a_stacked:
+                    self._a_kernel[i][index, :g.rank, :a.shape[1]].copy_(a)
                 self._bt_stacked[i][index, :g.rank, :b.shape[0]].copy_(b.t())
                 self._geo[i][index] = torch.tensor([g.pool, g.repeat, g.rank], dtype=torch.int32)
                 self._coef[i][index] = g.scaling / g.pool

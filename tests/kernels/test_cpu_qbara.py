@@ -218,6 +218,43 @@ def test_geometry_that_does_not_fit_is_refused(variant):
     assert torch.equal(y, torch.zeros(1, 32))  # slot 0's B is zero
 
 
+@pytest.mark.parametrize("in_features,out_sizes", [(72, (96, 72)), (300, (264, 144, 144))])
+@pytest.mark.parametrize("y_dtype", [torch.float32, torch.bfloat16])
+def test_bf16_buffers_equal_fp32_buffers_holding_the_same_values(variant, in_features, out_sizes,
+                                                                 y_dtype):
+    """A and B^T stored in bf16 are widened exactly: the result is bit for bit the fp32 kernel's
+    on fp32 buffers holding the same (bf16-rounded) values; the reference is the fp32 kernel,
+    itself checked against float64 above. 300 / 264: the vector bodies (4W passes) and tails."""
+    fp32_kernel, _ = _layer(in_features, out_sizes, variant=variant)
+    a_st, bt_st, geo, coef = fp32_kernel._buffers
+    for t in (*a_st, *bt_st):
+        t.copy_(t.bfloat16().float())  # the fp32 kernel now reads bf16-representable values
+    bf16_kernel = CpuQbaraLayer.create([t.bfloat16() for t in a_st],
+                                       [t.bfloat16() for t in bt_st], geo, coef, variant=variant)
+    g = torch.Generator().manual_seed(3)
+    t = 29
+    slot_idx = torch.tensor([(3 * i) % (SLOTS + 1) - 1 for i in range(t)])
+    x = torch.randn(t, in_features, generator=g).bfloat16()
+    base = torch.randn(t, sum(out_sizes), generator=g).to(y_dtype)
+    want, got = base.clone(), base.clone()
+    fp32_kernel.apply(want, x, *_rows_slots(slot_idx))
+    bf16_kernel.apply(got, x, *_rows_slots(slot_idx))
+    assert not torch.equal(want, base)
+    assert torch.equal(got, want)
+
+
+def test_buffers_of_mixed_or_other_dtypes_are_refused(variant):
+    geo, coef = [torch.zeros(2, 3, dtype=torch.int32)], [torch.ones(2)]
+    with pytest.raises(ValueError, match=r"bt_stacked\[0\] must be a contiguous CPU "
+                                         r"torch.bfloat16 tensor"):
+        CpuQbaraLayer.create([torch.zeros(2, 4, 64, dtype=torch.bfloat16)],
+                             [torch.zeros(2, 4, 32)], geo, coef, variant=variant)
+    with pytest.raises(ValueError, match="must be float32 or bfloat16, got torch.float16"):
+        CpuQbaraLayer.create([torch.zeros(2, 4, 64, dtype=torch.float16)],
+                             [torch.zeros(2, 4, 32, dtype=torch.float16)], geo, coef,
+                             variant=variant)
+
+
 def test_buffer_checks_name_the_buffer(variant):
     a = [torch.zeros(2, 4, 64)]
     geo = [torch.zeros(2, 3, dtype=torch.int32)]

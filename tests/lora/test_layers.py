@@ -56,8 +56,8 @@ def math_path(request, monkeypatch):
     return request.param
 
 
-def _create(layer, request_path: str):
-    layer.create_lora_weights(3, LORA_CONFIG)
+def _create(layer, request_path: str, config=None):
+    layer.create_lora_weights(3, config or LORA_CONFIG)
     assert (layer._cpu_kernel is None) == (request_path == "torch_segments")
     return layer
 
@@ -81,12 +81,12 @@ def _qkv(tp_rank, tp_size, path, heads=4, kv_heads=2, head=8):
     return _create(QbaraQKVParallelLinearWithLoRA(base), path), (out_q, out_kv, out_kv)
 
 
-def _row(tp_rank, tp_size, path, out=48):
+def _row(tp_rank, tp_size, path, out=48, config=None):
     from qahira_vllm.lora.layers import QbaraRowParallelLinearWithLoRA
 
     base = _Base(torch.zeros(out, IN // tp_size), input_size=IN, output_size=out,
                  input_size_per_partition=IN // tp_size, tp_size=tp_size, tp_rank=tp_rank)
-    return _create(QbaraRowParallelLinearWithLoRA(base), path)
+    return _create(QbaraRowParallelLinearWithLoRA(base), path, config)
 
 
 def _pair(g, out, seed):
@@ -161,6 +161,35 @@ def test_reset_clears_a_slot(math_path):
     layer.reset_lora(0)
     layer.set_mapping(_Punica([0, 0]))
     x = torch.randn(2, IN)
+    assert torch.equal(layer.apply(x), x @ layer.base_layer.w.t())
+
+
+def test_lora_dtype_bf16_holds_the_kernel_copies_in_bf16(math_path):
+    """vLLM's lora_dtype bf16 (a bf16 model's default): the compiled kernel holds A and B^T in
+    bf16, as stock vLLM holds LoRA weights, so the layer's output is bit for bit the fp32
+    config's on the bf16-rounded adapters; the torch segment path keeps fp32 (the unrounded
+    adapters' output). Reset clears the bf16 copies too."""
+    bf16_config = SimpleNamespace(**{**vars(LORA_CONFIG), "lora_dtype": torch.bfloat16})
+    pairs = [_pair(g, 48, s) for s, g in enumerate(GEOS)]
+    rounded = [(a.bfloat16().float(), b.bfloat16().float()) for a, b in pairs]
+    x = torch.randn(len(SLOTS), IN)
+
+    def run(config, adapters):
+        layer = _row(0, 1, math_path, config=config)
+        for slot, (a, b) in enumerate(adapters):
+            layer.set_lora(slot, a, b)
+        layer.set_mapping(_Punica(SLOTS))
+        return layer, layer.apply(x)
+
+    layer, y = run(bf16_config, pairs)
+    if math_path == "compiled_kernel":
+        assert layer._a_kernel[0].dtype == layer._bt_stacked[0].dtype == torch.bfloat16
+        assert torch.equal(y, run(LORA_CONFIG, rounded)[1])
+        assert not torch.equal(y, run(LORA_CONFIG, pairs)[1])
+    else:
+        assert torch.equal(y, run(LORA_CONFIG, pairs)[1])
+    for slot in range(len(GEOS)):
+        layer.reset_lora(slot)
     assert torch.equal(layer.apply(x), x @ layer.base_layer.w.t())
 
 

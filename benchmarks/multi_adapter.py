@@ -7,7 +7,8 @@ loads every adapter (steady-state serving; the loading time is reported separate
 
     python benchmarks/multi_adapter.py [--requests 32] [--tokens 32] [--quick]
 
-Native: Q-BaRA adapters p = q = 2, R = 16 served by qahira_vllm.lora. Stock: the same adapters
+Native: Q-BaRA adapters p = q = 2, R = 16 served by qahira_vllm.lora, in a bf16 engine twice:
+vLLM's default lora_dtype (the kernel reads A and B^T in bf16) and lora_dtype float32. Stock: the same adapters
 exported to the equivalent rank-16 PEFT LoRA (`qahira export --format peft-lora`), served by
 vLLM's own LoRA layers (QAHIRA_NATIVE_LORA=0). QA-HiRA: pi = 32 (the base's block width, so
 each merges exactly), qo = 8, served per request by the same layers (its parameter count per
@@ -40,7 +41,12 @@ def _engine(spec: dict, out: Path) -> None:
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
-    llm = LLM(spec["model"], **spec["llm_kwargs"])
+    kwargs = dict(spec["llm_kwargs"])
+    if kwargs.get("lora_dtype") == "float32":  # vLLM takes this one only as a torch.dtype
+        import torch
+
+        kwargs["lora_dtype"] = torch.float32
+    llm = LLM(spec["model"], **kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=spec["tokens"], ignore_eos=True)
     prompts = [{"prompt_token_ids": p} for p in spec["prompts"]]
     loras = [LoRARequest(f"a{i}", i + 1, p) for i, p in enumerate(spec["adapters"])]
@@ -239,6 +245,53 @@ def ops_benchmark(rank: int, repeats: int = 20) -> dict:
             "rows": rows}
 
 
+def step_benchmark(rank: int, rounds: int = 4) -> dict:
+    """The compiled kernel over a whole SmolLM2 decode step (30 layers x qkv, o, gate_up, down:
+    120 calls, 32 slots each, 32 tokens, bf16 x and y, tokens listed grouped by slot as the
+    LoRA layers list them), A and B^T in fp32 vs bf16 (vLLM's lora_dtype): every layer's slots
+    are touched once per step, so with many distinct adapters they come from L3 / DRAM as in
+    serving, which one layer timed alone (ops_benchmark) does not show. ms per step, best of
+    `rounds` rounds (each the mean of 5 steps), weight dtypes alternated within each round."""
+    import torch
+
+    from qahira_kernels.cpu_qbara import CpuQbaraLayer
+
+    torch.set_num_threads(1)
+    slots, tokens = 32, 32
+    shapes = [(576, (576, 192, 192)), (576, (576,)), (576, (1536, 1536)), (1536, (576,))] * 30
+    g = torch.Generator().manual_seed(0)
+    layers = {dt: [] for dt in ("float32", "bfloat16")}
+    for in_f, outs in shapes:
+        a = [torch.randn(slots, rank, in_f, generator=g) * 0.05 for _ in outs]
+        bt = [torch.randn(slots, rank, o, generator=g) * 0.05 for o in outs]
+        geo = [torch.tensor([[2, 2, rank]] * slots, dtype=torch.int32) for _ in outs]
+        coef = [torch.full((slots,), 0.5) for _ in outs]
+        for dt in layers:
+            d = getattr(torch, dt)
+            layers[dt].append((CpuQbaraLayer.create([t.to(d) for t in a], [t.to(d) for t in bt],
+                                                    geo, coef), in_f, sum(outs)))
+    xs = {i: torch.randn(tokens, i).bfloat16() for i in (576, 1536)}
+    ys = {o: torch.zeros(tokens, o, dtype=torch.bfloat16) for o in (960, 576, 3072)}
+    result = {}
+    for distinct in (1, 8, 32):
+        slot_of = torch.arange(tokens) % distinct
+        rows = torch.sort(slot_of, stable=True).indices.contiguous()
+        slot_ids = slot_of[rows].contiguous()
+        best = {dt: float("inf") for dt in layers}
+        for _ in range(rounds):
+            for dt, ls in layers.items():
+                t0 = time.perf_counter()
+                for _ in range(5):
+                    for k, in_f, out_f in ls:
+                        k.apply(ys[out_f], xs[in_f], rows, slot_ids)
+                best[dt] = min(best[dt], (time.perf_counter() - t0) / 5 * 1e3)
+        result[str(distinct)] = best
+        print(f"step, {distinct} distinct adapters: {best}", flush=True)
+    return {"what": "ms per SmolLM2 decode step of the compiled adapter kernel alone (120 "
+                    "layer calls, 32 tokens), by A/B^T dtype and distinct adapters",
+            "ms_per_step": result}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=32)
@@ -262,8 +315,9 @@ def main() -> int:
     out_dir = Path(os.environ.get("OUT") or REPO / "benchmarks" / "results")
     if args.ops:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "multi_adapter_ops.json").write_text(
-            json.dumps(ops_benchmark(args.rank), indent=2) + "\n")
+        report = ops_benchmark(args.rank)
+        report["step"] = step_benchmark(args.rank)
+        (out_dir / "multi_adapter_ops.json").write_text(json.dumps(report, indent=2) + "\n")
         return 0
     sys.path.insert(0, str(REPO / "tests"))
     from support import tiny  # random adapters with the format's exact shapes
@@ -321,11 +375,15 @@ def main() -> int:
                                    "native_qahira": _dir_bytes(qahira),
                                    "stock_expanded": _dir_bytes(exported)},
               "engines": {}}
-    for label, adapters, env in (("native-qbara", native, {}),
-                                 ("native-qahira", qahira, {}),
-                                 ("stock-vllm-lora-on-export", exported,
-                                  {"QAHIRA_NATIVE_LORA": "0"})):
-        spec = {"label": label, "model": str(qckpt), "llm_kwargs": llm_kwargs,
+    engines = [("native-qbara", native, {}, {})]
+    if args.dtype != "float32":
+        # The same adapters with vLLM's lora_dtype float32: the CPU kernel then reads A and B^T
+        # in fp32 (twice the bytes per token); in the model dtype otherwise (the default).
+        engines.append(("native-qbara-lora-dtype-fp32", native, {}, {"lora_dtype": "float32"}))
+    engines += [("native-qahira", qahira, {}, {}),
+                ("stock-vllm-lora-on-export", exported, {"QAHIRA_NATIVE_LORA": "0"}, {})]
+    for label, adapters, env, extra_kwargs in engines:
+        spec = {"label": label, "model": str(qckpt), "llm_kwargs": {**llm_kwargs, **extra_kwargs},
                 "prompts": prompts, "tokens": args.tokens, "adapters": adapters,
                 "repeats": args.repeats}
         report["engines"][label] = _run_engine(spec, work, env)
@@ -338,6 +396,11 @@ def main() -> int:
                         "native_32_vs_native_base_only": nat[32] / nat[0],
                         "qahira_vs_stock_at_32": qah[32] / stk[32],
                         "qahira_32_vs_base_only": qah[32] / qah[0]}
+    if "native-qbara-lora-dtype-fp32" in report["engines"]:
+        f32 = {s["adapters"]: s["tok_per_s"]
+               for s in report["engines"]["native-qbara-lora-dtype-fp32"]["scenarios"]}
+        report["ratios"]["native_lora_dtype_fp32_32_vs_its_base_only"] = f32[32] / f32[0]
+        report["ratios"]["native_32_vs_native_lora_dtype_fp32_32"] = nat[32] / f32[32]
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "multi_adapter.json").write_text(json.dumps(report, indent=2) + "\n")
     _plot(report, out_dir / "multi_adapter.png")

@@ -112,7 +112,7 @@ class QbaraSlotsMixin:
             # With vLLM's lora_dtype bf16 (the model's dtype unless --lora-dtype says otherwise)
             # A and B^T are held in bf16, as stock vLLM holds LoRA weights: each token reads its
             # own slot's, so with many distinct adapters in a batch these reads are the layer's
-            # cost (32 Q-BaRA adapters on SmolLM2: 314 MB per decode step in fp32).
+            # cost (32 Q-BaRA adapters on SmolLM2: 313 MB per decode step in fp32).
             kernel_dtype = (torch.bfloat16 if lora_config.lora_dtype == torch.bfloat16
                             else torch.float32)
             self._a_kernel = self.lora_a_stacked if kernel_dtype == torch.float32 else tuple(

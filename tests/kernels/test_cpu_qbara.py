@@ -158,6 +158,32 @@ def test_each_token_is_independent_of_the_batch(variant, qahira):
         assert torch.equal(alone[0], together[i]), f"token {i}"
 
 
+@pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16])
+def test_runs_of_one_slot_give_each_token_its_lone_result(variant, weights):
+    """Consecutive tokens of one slot (a prompt in prefill, requests sharing an adapter, as the
+    LoRA layers list them): runs of 1 to 9 tokens, next to QA-HiRA and base-only tokens, give
+    every token the bits it gets alone, and match the dense reference of their adapter (within
+    the bound of the module docstring)."""
+    kernel, compact, dense = _mixed_layer(300, (264, 144), seed=7, variant=variant)
+    if weights == torch.bfloat16:
+        kernel, compact = _with_bf16_weights(kernel, compact, variant)
+    runs = [(0, 9), (1, 4), (-1, 2), (2, 3), (0, 1), (1, 5), (4, 2), (0, 2), (3, 6)]
+    slot_idx = torch.tensor([s for s, n in runs for _ in range(n)])
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(slot_idx.numel(), 300, generator=g).bfloat16()
+    base = torch.randn(slot_idx.numel(), 408, generator=g).bfloat16()
+    together = base.clone()
+    kernel.apply(together, x, *_rows_slots(slot_idx))
+    for i in range(slot_idx.numel()):
+        alone = base[i:i + 1].clone()
+        if slot_idx[i] >= 0:
+            kernel.apply(alone, x[i:i + 1], torch.tensor([0]), slot_idx[i:i + 1].clone())
+        assert torch.equal(alone[0], together[i]), f"token {i} (slot {int(slot_idx[i])})"
+    _assert_slices_close(together, base, (264, 144),
+                         [_mixed_delta(x, slot_idx, compact, dense, c, o)
+                          for c, o in enumerate((264, 144))], torch.bfloat16, 1e-5 * 300 / 72)
+
+
 def test_threads_do_not_change_results(variant):
     kernel, _ = _layer(72, (96,), variant=variant)
     g = torch.Generator().manual_seed(3)
@@ -308,6 +334,19 @@ def _mixed_layer(in_features, out_sizes, seed=0, variant=None):
     return kernel, compact, dense
 
 
+def _with_bf16_weights(kernel, compact, variant):
+    """The kernel again over bf16 copies of its A and B^T buffers (same geometry, the same
+    QA-HiRA buffers), and the compact A, B rounded to bf16 for the reference."""
+    a_st, bt_st, geo, coef = kernel._buffers
+    bf16 = CpuQbaraLayer.create([t.bfloat16() for t in a_st], [t.bfloat16() for t in bt_st], geo,
+                                coef, variant=variant)
+    for c, bufs in enumerate(kernel._qahira):
+        bf16.set_qahira(c, *bufs) if bufs is not None else bf16.set_qahira(c, None)
+    rounded = {k: (a.bfloat16().float(), b.bfloat16().float(), g)
+               for k, (a, b, g) in compact.items()}
+    return bf16, rounded
+
+
 def _mixed_delta(x, slot_idx, compact, dense, c, out_c):
     delta = _reference(x, slot_idx, compact, c, out_c, MIXED_SLOTS)
     for t, s in enumerate(slot_idx.tolist()):
@@ -406,18 +445,22 @@ BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: 
 
 
 @pytest.mark.parametrize("in_features,out_sizes", [(72, (96, 48)), (300, (264, 144, 144))])
-def test_avx2_and_avx512_builds_bit_identical(in_features, out_sizes):
+@pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16])
+def test_avx2_and_avx512_builds_bit_identical(in_features, out_sizes, weights):
     """Every fp32 step is per output lane or in the AVX2 order (cpu_qbara.c, "Widths"): the two
     builds agree bit for bit on a random mixed batch (Q-BaRA, LoRA, QA-HiRA, empty and base-only
-    tokens, rows in random order), for every x / y dtype; both also match the dense reference.
-    in / pool 150, 100, 300, 75 and out / repeat up to 264 reach the 16- and 64-wide bodies, the
-    8-column step and the scalar tails."""
+    tokens, rows in random order), for every x / y dtype, with A and B^T in fp32 or bf16 (the
+    QA-HiRA M stays fp32); both also match the dense reference (of the bf16-rounded A and B
+    there). in / pool 150, 100, 300, 75 and out / repeat up to 264 reach the 16- and 64-wide
+    bodies, the 8-column step and the scalar tails."""
     runs = cpu_lib.qbara_variants()
     if len(runs) < 2:
         pytest.skip(f"needs both builds; this CPU runs only {runs}")
     kernels, compact, dense = {}, None, None
     for v in runs:
         kernels[v], compact, dense = _mixed_layer(in_features, out_sizes, seed=5, variant=v)
+        if weights == torch.bfloat16:
+            kernels[v], compact = _with_bf16_weights(kernels[v], compact, v)
     g = torch.Generator().manual_seed(11)
     t, out = 61, sum(out_sizes)
     slot_idx = torch.randint(-1, MIXED_SLOTS, (t,), generator=g)

@@ -190,6 +190,8 @@ def test_lora_dtype_bf16_holds_the_kernel_copies_in_bf16(math_path):
         assert torch.equal(y, run(LORA_CONFIG, pairs)[1])
     for slot in range(len(GEOS)):
         layer.reset_lora(slot)
+    if math_path == "compiled_kernel":
+        assert not layer._a_kernel[0].any() and not layer._bt_stacked[0].any()
     assert torch.equal(layer.apply(x), x @ layer.base_layer.w.t())
 
 

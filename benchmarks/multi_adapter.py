@@ -42,10 +42,10 @@ def _engine(spec: dict, out: Path) -> None:
     from vllm.lora.request import LoRARequest
 
     kwargs = dict(spec["llm_kwargs"])
-    if kwargs.get("lora_dtype") == "float32":  # vLLM takes this one only as a torch.dtype
+    if "lora_dtype" in kwargs:  # a name in the JSON spec; vLLM takes float32 only as a dtype
         import torch
 
-        kwargs["lora_dtype"] = torch.float32
+        kwargs["lora_dtype"] = getattr(torch, kwargs["lora_dtype"])
     llm = LLM(spec["model"], **kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=spec["tokens"], ignore_eos=True)
     prompts = [{"prompt_token_ids": p} for p in spec["prompts"]]

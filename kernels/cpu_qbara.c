@@ -332,6 +332,16 @@ ALWAYS_INLINE void expand_add(void *y, int dt, long col, const void *bt, const i
   }
 }
 
+/* One slice of a Q-BaRA / LoRA slot for one token: h = coef * A_s v, then y += R_q(B_s h); A_s and
+ * B^T_s start at element a_at / bt_at of a / bt, whose elements are wdt (inlined once per dtype,
+ * so the loads have no branch). */
+ALWAYS_INLINE void qbara_slice(const int wdt, const void *a, long a_at, const void *bt, long bt_at,
+                               long ld_b, const float *v, int in, int in_p, float coef, int r,
+                               float *h, void *y, int y_dt, long y_at, int out_q, int q) {
+  dots(elem_at(a, wdt, a_at), wdt, in, v, in_p, coef, r, h);
+  expand_add(y, y_dt, y_at, elem_at(bt, wdt, bt_at), wdt, ld_b, h, r, out_q, q);
+}
+
 /* QA-HiRA: y[col + o*q + u] += coef * M[o, :] . v for o < out_q, u < q (M [out_q, in_p]
  * row-major); W outputs per vector add. */
 static void matvec_repeat_add(void *y, int dt, long col, const float *m, const float *v, int in_p,
@@ -418,15 +428,13 @@ int ENTRY(const qbara_layer_t *L, const void *x, int x_dt, long x_stride, long n
         const float *v = pooled_x(xf, xp, &pooled, p, in);
         const float coef = L->coef[c][s];
         const long a_at = s * (long)L->r_max * in, bt_at = s * (long)L->r_max * L->out_size[c];
-        if (L->w_bf16) { /* the same code with bf16 loads: two copies, each branch-free inside */
-          dots(elem_at(L->a[c], DT_BF16, a_at), DT_BF16, in, v, in_p, coef, r, h);
-          expand_add(y, y_dt, y_at, elem_at(L->bt[c], DT_BF16, bt_at), DT_BF16, L->out_size[c], h,
-                     r, out_q, q);
-        } else {
-          dots(elem_at(L->a[c], DT_F32, a_at), DT_F32, in, v, in_p, coef, r, h);
-          expand_add(y, y_dt, y_at, elem_at(L->bt[c], DT_F32, bt_at), DT_F32, L->out_size[c], h,
-                     r, out_q, q);
-        }
+#define SLICE(WDT) qbara_slice(WDT, L->a[c], a_at, L->bt[c], bt_at, L->out_size[c], v, in, in_p, \
+                               coef, r, h, y, y_dt, y_at, out_q, q)
+        if (L->w_bf16)
+          SLICE(DT_BF16);
+        else
+          SLICE(DT_F32);
+#undef SLICE
       }
     }
   }

@@ -11,10 +11,14 @@ block), the same in the fixed kernel order (QAHIRA_DISABLED_KERNELS=cpu_measured
 every batch size), the same with lm_head converted too (`--lm-head`); qahira INT8 1x64.
 Models: SmolLM2-135M (embedded) and a randomly initialised 1B-shaped Llama (hidden 2048,
 16 layers, intermediate 8192, 32 heads / 8 KV heads, SmolLM2's 49152-token vocabulary), where
-decode is weight-bound. Each (model, format) runs in its own engine in a child process, one
-after the other; all ratios come from this one run. Throughput = generated tokens / wall time
+decode is weight-bound. Each (model, format) runs in its own engine in a child process; a
+model's engines are started one after the other and then stay loaded together, and their
+`generate` calls alternate: per batch size, `--repeats` rounds of one call per engine, the order
+rotated each round, so that the VM's speed drifting during the run falls on every format alike.
+A ratio to bf16 is the median of the per-round ratios. Throughput = generated tokens / wall time
 of `LLM.generate` for `batch` prompts of 8 tokens, each decoding `--tokens` tokens
-(ignore_eos). Weight memory = bytes of the checkpoint's tensors (safetensors payload).
+(ignore_eos). An engine that cannot start (stock GPTQ needs AVX-512) is reported with its
+error. Weight memory = bytes of the checkpoint's tensors (safetensors payload).
 Engines run with enforce_eager=True (torch.compile costs minutes per engine on CPU; `--compile`
 runs vLLM's default compiled mode instead, results in decode_throughput_compiled.*) and the
 vLLM CPU default VLLM_CPU_NUM_OF_RESERVED_CPU (unset: one core computes, one serves the front
@@ -27,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -87,8 +92,6 @@ def write_gptq_checkpoint(src: Path, out: Path, group: int = 128) -> Path:
 def machine_facts() -> dict:
     """CPU model and vector flags (lscpu), and stream bandwidth: GB/s of a 512 MiB tensor copy
     (bytes read + written / time, best of 5) with one torch thread and with all cores."""
-    import re
-
     import torch
 
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
@@ -147,43 +150,115 @@ def weight_bytes(model_dir: Path) -> int:
     return total
 
 
-def run_one(model_dir: str, batches: list[int], tokens: int, compile_: bool,
-            repeats: int = 1) -> dict:
-    """Child process: one engine, every batch size."""
+# KV cache per engine: every engine stays resident for the whole run, so it is sized for the
+# run (batch x (8-token prompt + new tokens) fits with room), not as a share of RAM.
+KV_CACHE_BYTES = 1 << 30
+PROMPT = [1, 504, 3458, 5145, 6355, 281, 260, 1029]
+MESSAGE = "QAHIRA_BENCH "   # prefix of the child's protocol lines (vLLM logs to stdout too)
+
+
+def serve_child(model_dir: str, max_batch: int, compile_: bool) -> None:
+    """Child process: one resident engine. Prints READY, then answers `RUN batch tokens` lines
+    on stdin with the tok/s of one `generate` call, until `QUIT`."""
     from vllm import LLM, SamplingParams
 
     t0 = time.time()
-    llm = LLM(model_dir, gpu_memory_utilization=0.3, max_model_len=256,
-              enforce_eager=not compile_,
-              max_num_seqs=max(batches))
+    llm = LLM(model_dir, kv_cache_memory_bytes=KV_CACHE_BYTES, max_model_len=256,
+              enforce_eager=not compile_, max_num_seqs=max_batch)
     startup = time.time() - t0
-    prompt = {"prompt_token_ids": [1, 504, 3458, 5145, 6355, 281, 260, 1029]}
-    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+    prompt = {"prompt_token_ids": PROMPT}
     llm.generate([prompt], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
-    out = {"startup_s": startup, "tok_per_s": {}}
-    out["tok_per_s_all_repeats"] = {}
+    print(MESSAGE + json.dumps({"startup_s": startup}), flush=True)
+    for line in sys.stdin:
+        cmd = line.split()
+        if not cmd or cmd[0] == "QUIT":
+            return
+        batch, tokens = int(cmd[1]), int(cmd[2])
+        params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+        t = time.perf_counter()
+        res = llm.generate([prompt] * batch, params, use_tqdm=False)
+        dt = time.perf_counter() - t
+        out = sum(len(r.outputs[0].token_ids) for r in res)
+        print(MESSAGE + json.dumps({"tok_per_s": out / dt, "seconds": dt}), flush=True)
+
+
+class Engine:
+    """One format's engine in a child process, kept loaded so that every format's calls can
+    alternate. `error` is set (and no calls are made) when the engine failed to start, e.g.
+    stock GPTQ on a CPU without AVX-512."""
+
+    def __init__(self, model_dir: Path, env: dict, max_batch: int, compile_: bool,
+                 log: Path):
+        cmd = [sys.executable, __file__, "--child", str(model_dir),
+               "--batches", str(max_batch)] + ["--compile"] * compile_
+        self.log = log
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=open(log, "w"), text=True,
+                                     env={**os.environ, **env})
+        self.error = None
+        try:
+            self.startup_s = self._reply()["startup_s"]
+        except RuntimeError as e:
+            self.error = str(e)
+
+    def _reply(self) -> dict:
+        with open(self.log.with_suffix(".stdout.log"), "a") as stdout_log:
+            for line in self.proc.stdout:
+                if line.startswith(MESSAGE):
+                    return json.loads(line[len(MESSAGE):])
+                stdout_log.write(line)
+        self.proc.wait()
+        text = self.log.with_suffix(".stdout.log").read_text() + self.log.read_text()
+        # The root cause, not the engine client's "EngineCore encountered an issue".
+        causes = [l.strip() for l in text.splitlines()
+                  if re.search(r"\w(Error|Exception): ", l) and "EngineDeadError" not in l]
+        raise RuntimeError(f"engine exited with {self.proc.returncode}: "
+                           + (causes[-1] if causes else text.strip().splitlines()[-1]))
+
+    def run(self, batch: int, tokens: int) -> float:
+        self.proc.stdin.write(f"RUN {batch} {tokens}\n")
+        self.proc.stdin.flush()
+        return self._reply()["tok_per_s"]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.write("QUIT\n")
+            self.proc.stdin.close()
+            self.proc.wait()
+
+
+def interleaved_runs(engines: dict, batches: list[int], tokens: int, repeats: int) -> dict:
+    """tok/s of every engine at every batch size, in rounds: one `generate` call per engine
+    per round, the order rotated each round, so that a change of the machine's speed during
+    the run falls on every engine alike. Returns {format: {batch: [tok/s per round]}}."""
+    names = [n for n, e in engines.items() if e.error is None]
+    runs = {n: {str(b): [] for b in batches} for n in names}
+    k = 0
     for b in batches:
-        runs = []
         for _ in range(repeats):
-            t = time.perf_counter()
-            res = llm.generate([prompt] * b, params, use_tqdm=False)
-            dt = time.perf_counter() - t
-            runs.append(sum(len(r.outputs[0].token_ids) for r in res) / dt)
-        out["tok_per_s"][str(b)] = sorted(runs)[len(runs) // 2]  # median
-        out["tok_per_s_all_repeats"][str(b)] = runs
+            order = names[k % len(names):] + names[:k % len(names)]
+            k += 1
+            for n in order:
+                runs[n][str(b)].append(engines[n].run(b, tokens))
+    return runs
+
+
+def summarise(runs: dict, baseline: str = "bf16") -> dict:
+    """Per format: median tok/s per batch, and the ratio to the baseline as the median of the
+    per-round ratios (each round's calls ran back to back)."""
+    from statistics import median as med
+
+    out = {}
+    for n, per_b in runs.items():
+        r = {"tok_per_s": {b: med(v) for b, v in per_b.items()},
+             "tok_per_s_all_repeats": per_b}
+        if baseline in runs:
+            r["speedup_vs_bf16"] = {b: med([x / y for x, y in zip(v, runs[baseline][b])])
+                                    for b, v in per_b.items()}
+            r["speedup_vs_bf16_all_repeats"] = {b: [x / y for x, y in zip(v, runs[baseline][b])]
+                                                for b, v in per_b.items()}
+        out[n] = r
     return out
-
-
-def engine_run(model_dir: Path, batches, tokens, compile_: bool, env: dict,
-               repeats: int = 1) -> dict:
-    cmd = [sys.executable, __file__, "--child", str(model_dir), "--batches",
-           ",".join(map(str, batches)), "--tokens", str(tokens), "--repeats", str(repeats)
-           ] + ["--compile"] * compile_
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"engine run failed for {model_dir}:\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
 
 
 def plot(results: dict, path: Path) -> None:
@@ -199,7 +274,7 @@ def plot(results: dict, path: Path) -> None:
         width = 0.8 / len(fmts)
         for k, (fmt, r) in enumerate(fmts.items()):
             xs = [i + k * width for i in range(len(BATCHES))]
-            ax.bar(xs, [r["tok_per_s"].get(str(b), 0) for b in BATCHES], width,
+            ax.bar(xs, [r.get("tok_per_s", {}).get(str(b), 0) for b in BATCHES], width,
                    label=f"{fmt} ({r['weight_gib']:.2f} GiB)")
         ax.set_xticks([i + width * (len(fmts) - 1) / 2 for i in range(len(BATCHES))])
         ax.set_xticklabels([f"batch {b}" for b in BATCHES])
@@ -221,16 +296,16 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true",
                     help="vLLM's default torch.compile mode instead of enforce_eager")
     ap.add_argument("--models", default="smollm2,1b", help="comma list: smollm2, 1b")
-    ap.add_argument("--repeats", type=int, default=1,
-                    help="generate calls per batch size in each engine; the median is reported")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="rounds per batch size (one generate call per engine per round); "
+                         "medians are reported")
     ap.add_argument("--suffix", default="", help="appended to the result file names")
     ap.add_argument("--formats", default="all",
                     help="comma list of format names (e.g. 'bf16,qahira INT4'), or all")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     if args.child:
-        result = run_one(args.child, batches, args.tokens, args.compile, args.repeats)
-        print("RESULT " + json.dumps(result), flush=True)
+        serve_child(args.child, max(batches), args.compile)
         return
 
     from qahira_vllm.models import cache_root, fetch_model
@@ -263,12 +338,18 @@ def main() -> None:
     results = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or
                platform.machine(), "cpus": os.cpu_count(), "tokens_per_request": tokens,
                "enforce_eager": not args.compile, "repeats_per_batch": args.repeats,
+               "method": "every format's engine loaded at once, each in its own process "
+                         f"(KV cache {KV_CACHE_BYTES >> 20} MiB each); per batch size "
+                         "`repeats` rounds of one generate call per engine, the order rotated "
+                         "each round; ratio = median of the per-round ratios",
                "VLLM_CPU_NUM_OF_RESERVED_CPU": os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU"),
                "reserved_cpu_note": "VLLM_CPU_NUM_OF_RESERVED_CPU="
                + os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "unset (1 compute core)"),
                **machine_facts(), "models": {}}
+    logs = Path(args.out) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
     for mname, mdir in models.items():
-        results["models"][mname] = {}
+        paths = {}
         for fmt, (q, env) in formats.items():
             path = mdir
             if q == "gptq":
@@ -280,20 +361,36 @@ def main() -> None:
                 if not (path / "config.json").exists():
                     quantize_model(mdir, path, bits=q[0], block_size=q[1], progress=False,
                                    lm_head=lm_head)
-            r = engine_run(path, batches, tokens, args.compile, env, args.repeats)
-            r["weight_gib"] = weight_bytes(path) / 2**30
+            paths[fmt] = path
+        # Engines start one at a time (a starting engine times its kernels: nothing else may
+        # run), then stay loaded while their calls alternate.
+        engines = {}
+        try:
+            for fmt, (_, env) in formats.items():
+                log = logs / f"{mname.split()[0]}-{fmt.replace(' ', '_')}.log"
+                engines[fmt] = Engine(paths[fmt], env, max(batches), args.compile, log)
+                print(mname, fmt, engines[fmt].error or "started", flush=True)
+            runs = interleaved_runs(engines, batches, tokens, args.repeats)
+        finally:
+            for e in engines.values():
+                e.close()
+        summary = summarise(runs)
+        results["models"][mname] = {}
+        for fmt, e in engines.items():
+            r = {"weight_gib": weight_bytes(paths[fmt]) / 2**30}
+            if e.error is None:
+                r.update(startup_s=e.startup_s, **summary[fmt])
+            else:
+                r["error"] = e.error
             results["models"][mname][fmt] = r
             print(mname, fmt, json.dumps(r), flush=True)
-        base = results["models"][mname]["bf16"]["tok_per_s"]
-        for fmt, r in results["models"][mname].items():
-            r["speedup_vs_bf16"] = {b: r["tok_per_s"][b] / base[b] for b in base}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = "decode_throughput" + ("_quick" if args.quick else "") + ("_compiled" if args.compile
                                                                      else "") + args.suffix
     (out / f"{name}.json").write_text(json.dumps(results, indent=2))
     plot(results, out / f"{name}.png")
-    print(json.dumps({m: {f: r["speedup_vs_bf16"] for f, r in v.items()}
+    print(json.dumps({m: {f: r.get("speedup_vs_bf16", r.get("error")) for f, r in v.items()}
                       for m, v in results["models"].items()}, indent=1))
 
 

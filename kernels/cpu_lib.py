@@ -57,6 +57,9 @@ AVX512_FUNCTIONS = ("qahira_cpu_intdot_avx512", "qahira_qbara_layer_avx512",
 BF16DOT_FUNCTION = "qahira_cpu_dequant_gemm_avx512_bf16"
 AMX_FUNCTION = "qahira_cpu_dequant_gemm_amx"
 AMX_LOOP_ORDER_FUNCTION = "qahira_cpu_dequant_gemm_amx_chunks_outside"  # same object
+# Rows per pass of the AVX-512 and AVX512-BF16 builds (in their objects, absent with them).
+WIDE_BLOCK_ROWS_FUNCTIONS = ("qahira_cpu_dequant_gemm_avx512_block_rows",
+                             "qahira_cpu_dequant_gemm_avx512_bf16_block_rows")
 ISA_ENV = "QAHIRA_CPU_ISA"  # caps the builds used: "avx2" forces the AVX2 ones (ISA_ORDER)
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # cpu_common.h
 
@@ -149,8 +152,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     from .ops import C_FUNCTIONS  # here, not at the top: ops imports this module
 
     for name, argtypes in C_FUNCTIONS.items():
-        if (name in (*AVX512_FUNCTIONS, BF16DOT_FUNCTION, AMX_FUNCTION, AMX_LOOP_ORDER_FUNCTION)
-                and not hasattr(lib, name)):
+        if (name in (*AVX512_FUNCTIONS, BF16DOT_FUNCTION, AMX_FUNCTION, AMX_LOOP_ORDER_FUNCTION,
+                     *WIDE_BLOCK_ROWS_FUNCTIONS) and not hasattr(lib, name)):
             continue  # not built by this compiler (intdot_variants() says why)
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, ctypes.c_int

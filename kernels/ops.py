@@ -33,6 +33,7 @@ one returns int, 0 = success; cpu_lib.load_library() applies them):
     qahira_cpu_dequant_gemm_avx512 cpu_dequant_gemm.c (AVX-512 build, where compiled)
     qahira_cpu_dequant_gemm_avx512_bf16  cpu_dequant_gemm.c (AVX512-BF16 build, where compiled)
     qahira_cpu_dequant_gemm_amx    cpu_dequant_gemm.c (AMX build, where compiled)
+    qahira_cpu_dequant_gemm_{avx2,avx512,avx512_bf16}_block_rows  (those builds: rows per pass)
     qahira_cpu_amx_ok              cpu_dequant_gemm.c (CPUID + OS permission for AMX tiles)
     qahira_cpu_dequant_gemm_amx_chunks_outside  cpu_dequant_gemm.c (AMX build: its loop order)
     qahira_cpu_blockwise           cpu_blockwise.c
@@ -71,6 +72,7 @@ C_FUNCTIONS: dict[str, list] = {
     # x, M, K, w, bits, scales, scales_f32, offsets, offsets_f32, N, bi, bo, y, y_dtype
     **{f"qahira_cpu_dequant_gemm_{v}": [_p, _i, _i, _p, _i, _p, _i, _p, _i, _i, _i, _i, _p, _i]
        for v in ("avx2", "avx512", "avx512_bf16", "amx")},
+    **{f"qahira_cpu_dequant_gemm_{v}_block_rows": [] for v in ("avx2", "avx512", "avx512_bf16")},
     "qahira_cpu_amx_ok": [],
     "qahira_cpu_dequant_gemm_amx_chunks_outside": [_i, _i],  # K, M
     # x, x_dtype, M, K, qweight, bits, scales, scales_f32, offsets, offsets_f32, N, bo, bi, y
@@ -222,6 +224,15 @@ def cpu_dequant_gemm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor,
                          "(see the docstring)")
     _check_rc(rc, "cpu_dequant_gemm")
     return y
+
+
+def cpu_dequant_gemm_block_rows(variant: str) -> int:
+    """The most activation rows one pass over the weight takes in the vector build `variant`
+    ("avx2", "avx512", "avx512_bf16") of cpu_dequant_gemm: a larger call is split into equal
+    blocks of at most this many rows, each dequantizing the weight again, so that a chunk's
+    activations and the fp32 accumulators stay in half of this CPU's L2 (cpu_dequant_gemm.c;
+    bit-identical to one pass). AttributeError for a build the library does not have."""
+    return getattr(_library("cpu_dequant_gemm"), f"qahira_cpu_dequant_gemm_{variant}_block_rows")()
 
 
 def cpu_dequant_gemm_amx_chunks_outside(k: int, m: int) -> bool:
@@ -488,7 +499,7 @@ torch.library.register_fake("qahira::cpu_dequant_dense")(_stored_linear_fake)
 
 
 __all__ = ["C_FUNCTIONS", "check_cpu_blockwise_stored", "cpu_int4", "cpu_blockwise",
-           "cpu_dequant_gemm_amx_chunks_outside",
+           "cpu_dequant_gemm_amx_chunks_outside", "cpu_dequant_gemm_block_rows",
            "cpu_dequant_gemm", "cpu_dequant_dense",
            "cpu_blockwise_dequant", "cpu_blockwise_prechecked", "cpu_blockwise_stored_ok",
            "cpu_int8", "cpu_quantize", "cpu_all_finite", "NotStorableError", "reused_buffer",

@@ -119,6 +119,41 @@ def test_matches_dense_bf16_weight_within_fp32_summation(dq_variant, bits, n, k,
 
 
 @pytest.mark.parametrize("bits,block", [(4, (1, 64)), (8, (2, 32))])
+def test_rows_beyond_one_pass_are_split_into_blocks_with_the_same_bits(dq_variant, bits, block):
+    """The vector builds take at most block_rows() rows per pass over the weight (a chunk's
+    activations and accumulators in half of L2) and split larger calls into equal blocks: the
+    result is each row's lone result bit for bit (rows computed alone, in calls of 1 and 7 rows)
+    and within the fp32 summation bound of the reference, in fp32 and bf16 outputs."""
+    if dq_variant in DEQUANT_GEMM_ROW_LAYOUT:
+        pytest.skip(f"{dq_variant} build passes over all rows once (its loop orders: "
+                    "test_amx_chunk_first_loop_order_within_fp32_summation)")
+    rows = ops.cpu_dequant_gemm_block_rows(dq_variant)
+    n, k = 32, 256
+    assert 5 <= rows <= (64 << 20) // (k * 2)  # one register tile .. 64 MiB of L2
+    m = 2 * rows + 3                            # three blocks, the last one row short
+    q, scales, offsets = _layer(bits, n, k, block, seed=5)
+    w_ref = _dense_bf16(q, scales, offsets, block).double()
+    packed = _packed(q, scales, offsets, bits, block, dq_variant)
+    x = (torch.randn(m, k, generator=torch.Generator().manual_seed(4)) * 2).bfloat16()
+    y32 = ops.cpu_dequant_gemm(x, *packed, bits, block[1], block[0], variant=dq_variant,
+                               out_dtype=torch.float32)
+    ref = x.double() @ w_ref.t()
+    bound = k * 2.0 ** -24 * (x.double().abs() @ w_ref.abs().t())
+    assert ((y32.double() - ref).abs() <= bound).all()
+    picks = [0, rows - 1, rows, rows + 1, 2 * rows - 1, 2 * rows, m - 1]
+    for i in picks:
+        alone = ops.cpu_dequant_gemm(x[i:i + 1], *packed, bits, block[1], block[0],
+                                     variant=dq_variant, out_dtype=torch.float32)
+        assert torch.equal(alone[0], y32[i]), i
+    sevens = torch.cat([ops.cpu_dequant_gemm(x[i:i + 7], *packed, bits, block[1], block[0],
+                                             variant=dq_variant, out_dtype=torch.float32)
+                        for i in range(0, m, 7)])
+    assert torch.equal(sevens, y32)
+    y = ops.cpu_dequant_gemm(x, *packed, bits, block[1], block[0], variant=dq_variant)
+    assert torch.equal(y, y32.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("bits,block", [(4, (1, 64)), (8, (2, 32))])
 def test_amx_chunk_first_loop_order_within_fp32_summation(bits, block):
     """The AMX build's other loop order (chunks outside, panels inside: taken when the
     activations exceed half of L2), on a shape that takes it on any CPU (k / 2 x m words of

@@ -182,9 +182,17 @@ def resolve_device(device: str, dist: DistInfo = DistInfo()) -> torch.device:
 
 def peak_memory_mb(device: torch.device) -> float:
     """Peak memory of this process so far, MiB: CUDA torch.cuda.max_memory_allocated (tensors
-    torch allocated on `device`); CPU the peak resident set size (getrusage ru_maxrss)."""
+    torch allocated on `device`); CPU the peak resident set size: on Linux the kernel's
+    high-water mark of this program's memory (VmHWM, /proc/self/status), elsewhere getrusage's
+    ru_maxrss. Not ru_maxrss on Linux: exec keeps the parent's high-water mark in it, so a
+    trainer started by a large process (a benchmark, a launcher) would report the parent's."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 2**10
+    except (OSError, StopIteration, ValueError):
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, else KiB
 

@@ -1,5 +1,9 @@
 """Device choice, torchrun environment parsing and the peak-memory figure of the trainer."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -46,6 +50,27 @@ def test_cpu_peak_memory_is_the_peak_rss():
     hwm_kib = next(int(line.split()[1]) for line in open("/proc/self/status")
                    if line.startswith("VmHWM:"))
     assert peak_memory_mb(torch.device("cpu")) == pytest.approx(hwm_kib / 1024, abs=2.0)
+
+
+def test_cpu_peak_memory_of_a_child_is_its_own_not_its_parents():
+    """A trainer started from a large process reports its own peak: exec carries the parent's
+    high-water mark into getrusage's ru_maxrss (shown here, the reference), not into the
+    reported peak. Parent: 1 GiB touched; child: a Python process with torch imported."""
+    if not Path("/proc/self/status").exists():
+        pytest.skip("Linux /proc only: elsewhere the peak is ru_maxrss")
+    held = bytearray(1 << 30)
+    for i in range(0, len(held), 4096):
+        held[i] = 1
+    code = ("import resource, torch\n"
+            "from qahira_vllm.training.trainer import peak_memory_mb\n"
+            "print(peak_memory_mb(torch.device('cpu')), "
+            "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    reported, ru_maxrss = float(out[0]), float(out[1])
+    assert ru_maxrss >= 1024              # the inherited mark the trainer must not report
+    assert 20 < reported < 900, reported  # torch's own import: a few hundred MiB
+    del held
 
 
 def test_identity_keeps_the_device_kind_not_its_index():

@@ -35,7 +35,8 @@
  * panel is dequantized to bf16 pairs in the VNNI order [KC/2, 64] (32 KiB, L1/L2 resident),
  * then every activation row is multiplied by it in register tiles of MT rows x 64 (or 16) rows,
  * accumulating into an fp32 [M, 64] buffer. Each output's summation order is the same at every
- * M (row n, columns in order), so batching does not change a request's result.
+ * M (row n, columns in order), so batching does not change a request's result. Calls with more
+ * rows than BLOCK_ROWS() (their working set in half of L2) run as equal row blocks.
  */
 #include <stdlib.h>
 #include <sys/syscall.h>
@@ -266,13 +267,19 @@ ALWAYS_INLINE void tile(const int MT, const wword *xp, long ldx, int npairs, con
 
 #endif
 
-/* This CPU's L2 cache per core in bytes (glibc's sysconf), 1 MiB where it is not known. */
+/* This CPU's L2 cache per core in bytes (glibc's sysconf), 1 MiB where it is not known; asked
+ * once per process (sysconf runs CPUID, which a VM may trap). */
 static size_t l2_bytes(void) {
+  static size_t known;
+  if (!known) {
+    size_t v = (size_t)1 << 20;
 #ifdef _SC_LEVEL2_CACHE_SIZE
-  const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
-  if (v > 0) return (size_t)v;
+    const long c = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    if (c > 0) v = (size_t)c;
 #endif
-  return (size_t)1 << 20;
+    known = v; /* every caller computes the same value: a race is harmless */
+  }
+  return known;
 }
 
 /* n fp32 values -> y (fp32, or bf16 to nearest even; the FMA's default NaN stays NaN). */

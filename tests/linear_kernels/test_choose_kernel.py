@@ -9,6 +9,7 @@ import torch
 from support.linear_reference import run_kernel
 from qahira_kernels import cpu_lib
 from qahira_vllm import linear_kernels as lk
+from qahira_vllm.linear_kernels.cpu_measured import candidates
 
 ENV = "QAHIRA_DISABLED_KERNELS"
 
@@ -84,20 +85,23 @@ def test_triton_first_for_cuda_only():
 
 def test_cpu_blockwise_for_fp32_and_for_shapes_the_fast_kernels_refuse(monkeypatch):
     """fp32 layers and fp16 odd blocks get cpu_blockwise; bf16 2-D blocks the integer-dot
-    kernels refuse get cpu_dequant_gemm (cpu_measured where this CPU runs two of its builds);
-    INT4 bf16 gets cpu_measured (cpu_int4 in the fixed order); CUDA and no library fall
-    through."""
+    kernels refuse get cpu_measured, choosing between cpu_dequant_dense and each
+    cpu_dequant_gemm build this CPU runs (cpu_dequant_gemm in the fixed order); INT4 bf16 gets
+    cpu_measured (cpu_int4 in the fixed order); CUDA and no library fall through."""
 
     def spec(bits=4, block=(1, 32), act=torch.float32, dev="cpu"):
         return lk.LinearSpec(bits, block, 64, 128, act, dev)
 
     for s in (spec(), spec(bits=8), spec(bits=8, block=(1, 16), act=torch.float16)):
         assert _choose(s) is lk.CpuBlockwiseKernel, s
-    two_builds = len(cpu_lib.dequant_gemm_variants()) >= 2
-    assert _choose(spec(block=(8, 4), act=torch.bfloat16)) is (
-        lk.CpuMeasuredKernel if two_builds else lk.CpuDequantGemmKernel)
+    monkeypatch.delenv(cpu_lib.ISA_ENV, raising=False)  # one candidate per build this CPU runs
+    odd_bf16 = spec(block=(8, 4), act=torch.bfloat16)
+    assert _choose(odd_bf16) is lk.CpuMeasuredKernel
+    assert sorted(candidates(odd_bf16)) == sorted(
+        ["cpu_dequant_dense"] + [f"cpu_dequant_gemm[{v}]" for v in cpu_lib.dequant_gemm_variants()])
     assert _choose(spec(act=torch.bfloat16)) is lk.CpuMeasuredKernel
     monkeypatch.setenv(ENV, "cpu_measured")
+    assert _choose(odd_bf16) is lk.CpuDequantGemmKernel
     assert _choose(spec(act=torch.bfloat16)) is lk.CpuInt4Kernel
     monkeypatch.delenv(ENV)
     assert _choose(spec(dev="cuda")) is lk.DequantTorchKernel

@@ -158,8 +158,9 @@ MESSAGE = "QAHIRA_BENCH "   # prefix of the child's protocol lines (vLLM logs to
 
 
 def serve_child(model_dir: str, max_batch: int, compile_: bool) -> None:
-    """Child process: one resident engine. Prints READY, then answers `RUN batch tokens` lines
-    on stdin with the tok/s of one `generate` call, until `QUIT`."""
+    """Child process: one resident engine. Prints its start-up time once loaded, then answers
+    `RUN batch tokens` lines on stdin with the tok/s of one `generate` call, until `QUIT`
+    (each reply one MESSAGE-prefixed JSON line)."""
     from vllm import LLM, SamplingParams
 
     t0 = time.time()
@@ -253,10 +254,9 @@ def summarise(runs: dict, baseline: str = "bf16") -> dict:
         r = {"tok_per_s": {b: med(v) for b, v in per_b.items()},
              "tok_per_s_all_repeats": per_b}
         if baseline in runs:
-            r["speedup_vs_bf16"] = {b: med([x / y for x, y in zip(v, runs[baseline][b])])
-                                    for b, v in per_b.items()}
-            r["speedup_vs_bf16_all_repeats"] = {b: [x / y for x, y in zip(v, runs[baseline][b])]
-                                                for b, v in per_b.items()}
+            ratios = {b: [x / y for x, y in zip(v, runs[baseline][b])] for b, v in per_b.items()}
+            r["speedup_vs_bf16"] = {b: med(v) for b, v in ratios.items()}
+            r["speedup_vs_bf16_all_repeats"] = ratios
         out[n] = r
     return out
 
